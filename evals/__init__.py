@@ -1,0 +1,1 @@
+"""kvplug's offline long-context evaluations (generated locally, no downloads)."""

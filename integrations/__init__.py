@@ -1,0 +1,1 @@
+"""Engine adapters: vLLM (``kvplug.integrations.vllm``) and HF transformers."""

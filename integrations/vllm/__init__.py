@@ -1,0 +1,47 @@
+"""kvplug for vLLM 0.32: ``vllm serve MODEL --attention-backend kvplug``.
+
+:func:`register` is the ``vllm.general_plugins`` entry point; vLLM calls it
+in every process (CLI, engine core, workers).  When the user does not ask for
+kvplug, every patch here passes straight through to vLLM's own code.
+"""
+
+from __future__ import annotations
+
+from kvplug.integrations.vllm.selection import BACKEND_NAME
+
+
+def register() -> None:
+    """Register the ``KVPLUG`` backend and the hooks it needs (idempotent)."""
+    from kvplug.integrations.vllm import lifecycle, selection
+
+    selection.register_backend_member()
+    selection.patch_cpu_platform()
+    selection.patch_engine_config_validation()
+    lifecycle.patch_model_runner()
+    lifecycle.patch_worker_rpc()
+
+
+def request_states(llm) -> dict[str, int]:
+    """kvplug's per-request state counts, summed over the engine's workers.
+
+    ``llm`` is a ``vllm.LLM``.  ``live`` is the number of states held now (0
+    once the engine has drained); ``created``, ``finished`` (finished or
+    aborted), ``preempted`` and ``resumed`` count events since start.
+    """
+    total: dict[str, int] = {}
+    for counts in llm.collective_rpc("kvplug_request_states"):
+        for key, n in counts.items():
+            total[key] = total.get(key, 0) + n
+    return total
+
+
+def attention_backends(llm) -> dict[str, int]:
+    """Attention layers per backend name across the engine's workers (``KVPLUG`` = ours)."""
+    total: dict[str, int] = {}
+    for counts in llm.collective_rpc("kvplug_attention_backends"):
+        for name, n in counts.items():
+            total[name] = total.get(name, 0) + n
+    return total
+
+
+__all__ = ["BACKEND_NAME", "register", "request_states", "attention_backends"]

@@ -1,0 +1,173 @@
+"""Which request each batch row belongs to, and per-request kvplug state.
+
+vLLM's attention metadata carries no request ids.  The model runner's
+``_update_states`` is where the batch is settled for a step: finished and
+aborted requests are dropped (``finished_req_ids``), preempted ones
+(``preempted_req_ids``) lose their KV, new and resumed ones join, and
+``input_batch.req_ids`` then lists the rows in the order every attention
+builder sees them.  We wrap it once per worker process and publish the rows
+as the current :class:`Step`; the wrapper of ``execute_model`` closes the
+step, so dummy/profiling runs see no step.
+
+Per-request state is created when a request first appears in a batch (its
+first prefill, also after a preemption) and dropped when it finishes, is
+aborted or is preempted.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections import Counter
+from dataclasses import dataclass
+
+from kvplug.config import KVPlugConfig, resolve_config
+from kvplug.integrations.vllm.selection import logger, uses_kvplug
+from kvplug.policies import Policy, RequestState
+
+
+@dataclass(frozen=True)
+class Step:
+    """The rows of one engine step, in the builders' row order."""
+
+    req_ids: tuple[str, ...]
+    states: tuple[RequestState, ...]
+
+
+class RequestTracker:
+    """Per-request policy state of one worker process."""
+
+    def __init__(self, config: KVPlugConfig, kv_bytes_per_token: int) -> None:
+        self.config = config
+        self.policy: Policy = config.build_policy()
+        self.kv_bytes_per_token = kv_bytes_per_token
+        self.states: dict[str, RequestState] = {}
+        self.counts: Counter[str] = Counter()  # created / finished / preempted / resumed
+        self.steps = 0
+        self.current: Step | None = None
+
+    def live(self) -> int:
+        return len(self.states)
+
+    def drop(self, req_id: str, why: str) -> None:
+        state = self.states.pop(req_id, None)
+        if state is None:
+            return
+        self.counts[why] += 1
+        if self.config.log_request_stats:
+            stats = state.stats.as_dict()
+            stats["kv_bytes_stored"] = stats["kv_tokens_stored"] * self.kv_bytes_per_token
+            logger.info("kvplug request %s %s: policy=%s %s", req_id, why,
+                        self.config.policy, " ".join(f"{k}={v}" for k, v in stats.items()))
+
+    def begin_step(self, runner, scheduler_output) -> None:
+        for req_id in scheduler_output.finished_req_ids:
+            self.drop(req_id, "finished")
+        for req_id in scheduler_output.preempted_req_ids or ():
+            self.drop(req_id, "preempted")
+        for req_id in scheduler_output.scheduled_cached_reqs.resumed_req_ids:
+            self.drop(req_id, "resumed")  # recomputed from scratch: fresh state
+
+        batch = runner.input_batch
+        req_ids = tuple(batch.req_ids[: batch.num_reqs])
+        states = []
+        for row, req_id in enumerate(req_ids):
+            request = runner.requests[req_id]
+            state = self.states.get(req_id)
+            if state is None:
+                state = self.states[req_id] = self.policy.new_request_state(
+                    request.num_prompt_tokens)
+                self.counts["created"] += 1
+            computed = int(batch.num_computed_tokens_cpu[row])
+            new = scheduler_output.num_scheduled_tokens[req_id]
+            is_prefill = computed < request.num_prompt_tokens or new > 1
+            self.policy.account_step(state, computed, new, is_prefill)
+            states.append(state)
+        self.current = Step(req_ids, tuple(states))
+
+        self.steps += 1
+        every = self.config.log_every_steps
+        if every and self.steps % every == 0:
+            logger.info("kvplug: %d live request states after %d steps", self.live(), self.steps)
+
+    def end_step(self) -> None:
+        self.current = None
+
+
+_TRACKER: RequestTracker | None = None
+
+
+def tracker() -> RequestTracker | None:
+    """This process's tracker, or None when kvplug is not the engine's backend."""
+    return _TRACKER
+
+
+def _kv_bytes_per_token(runner) -> int:
+    total = 0
+    for group in runner.kv_cache_config.kv_cache_groups:
+        spec = group.kv_cache_spec
+        total += spec.page_size_bytes // spec.block_size * len(group.layer_names)
+    return total
+
+
+def _tracker_for(runner) -> RequestTracker | None:
+    global _TRACKER
+    if _TRACKER is None and uses_kvplug(runner.vllm_config):
+        _TRACKER = RequestTracker(resolve_config(runner.vllm_config.additional_config),
+                                  _kv_bytes_per_token(runner))
+    return _TRACKER
+
+
+def patch_model_runner() -> None:
+    """Wrap the runner's ``_update_states`` and ``execute_model`` (once)."""
+    from vllm.v1.worker.gpu_model_runner import GPUModelRunner
+
+    if getattr(GPUModelRunner._update_states, "_kvplug_wrapped", False):
+        return
+    update_states = GPUModelRunner._update_states
+    execute_model = GPUModelRunner.execute_model
+
+    @functools.wraps(update_states)
+    def _update_states(self, scheduler_output):
+        result = update_states(self, scheduler_output)
+        t = _tracker_for(self)
+        if t is not None:
+            t.begin_step(self, scheduler_output)
+        return result
+
+    @functools.wraps(execute_model)
+    def _execute_model(self, *args, **kwargs):
+        try:
+            return execute_model(self, *args, **kwargs)
+        finally:
+            if _TRACKER is not None:
+                _TRACKER.end_step()
+
+    _update_states._kvplug_wrapped = True
+    GPUModelRunner._update_states = _update_states
+    GPUModelRunner.execute_model = _execute_model
+
+
+def worker_request_states(worker) -> dict[str, int]:
+    """RPC target (``collective_rpc("kvplug_request_states")``): live and lifetime counts."""
+    if _TRACKER is None:
+        return {"live": 0}
+    return {"live": _TRACKER.live(), **_TRACKER.counts}
+
+
+def worker_attention_backends(worker) -> dict[str, int]:
+    """RPC target: how many attention layers run on each backend (by name)."""
+    from vllm.model_executor.layers.attention import Attention
+
+    counts: Counter[str] = Counter()
+    context = worker.model_runner.vllm_config.compilation_config.static_forward_context
+    for layer in context.values():
+        if isinstance(layer, Attention):
+            counts[layer.attn_backend.get_name()] += 1
+    return dict(counts)
+
+
+def patch_worker_rpc() -> None:
+    from vllm.v1.worker.worker_base import WorkerBase
+
+    WorkerBase.kvplug_request_states = worker_request_states
+    WorkerBase.kvplug_attention_backends = worker_attention_backends

@@ -1,0 +1,125 @@
+"""How vLLM comes to pick kvplug: the ``KVPLUG`` enum member, its pickling,
+CPU backend selection and config validation at engine start.
+
+vLLM 0.32 facts this relies on (see ``shared/research/vllm_plugin_memo.md``):
+``--attention-backend`` resolves through ``AttentionBackendEnum[value.upper()]``;
+an enum member added at runtime pickles by value, and spawned engine
+processes unpickle the config before they load plugins; ``CpuPlatform``
+ignores the selected backend and always answers CPU_ATTN.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+
+BACKEND_NAME = "KVPLUG"
+CPU_BACKEND_PATH = "kvplug.integrations.vllm.cpu_backend.KVPlugCPUBackend"
+CUDA_BACKEND_PATH = "kvplug.integrations.vllm.cuda_backend.KVPlugCudaBackend"
+# what to tell users whose model has layers kvplug does not handle
+PER_KIND_HINT = ("""run those layers on vLLM's own backend and only full-attention layers on """
+                 """kvplug: --attention-config '{"backend_per_kind": {"full_attention": "KVPLUG"}}' """
+                 """(and no --attention-backend)""")
+
+# a child of "vllm" so it shares vLLM's log handler and level
+logger = logging.getLogger("vllm.kvplug")
+
+
+def backend_path() -> str:
+    from vllm.platforms import current_platform
+
+    return CPU_BACKEND_PATH if current_platform.is_cpu() else CUDA_BACKEND_PATH
+
+
+def _resolve_member(name: str, value: str):
+    """Unpickle target: register the member first if this process has not yet."""
+    from vllm.v1.attention.backends.registry import AttentionBackendEnum, register_backend
+
+    if name not in AttentionBackendEnum.__members__:
+        register_backend(name, value)
+    return AttentionBackendEnum[name]
+
+
+def register_backend_member():
+    """Add ``AttentionBackendEnum.KVPLUG`` (idempotent) and make it picklable by name."""
+    from vllm.v1.attention.backends.registry import AttentionBackendEnum
+
+    member = _resolve_member(BACKEND_NAME, backend_path())
+    object.__setattr__(member, "__reduce_ex__",
+                       lambda proto, _m=member: (_resolve_member, (_m.name, _m.value)))
+    return member
+
+
+def is_kvplug(backend) -> bool:
+    return backend is not None and getattr(backend, "name", None) == BACKEND_NAME
+
+
+def uses_kvplug(vllm_config) -> bool:
+    """True when the user asked for kvplug, globally or for some layer kind."""
+    attn = vllm_config.attention_config
+    return is_kvplug(attn.backend) or any(is_kvplug(b) for b in attn.backend_per_kind.values())
+
+
+def check_layer_supported(selector_config) -> None:
+    """Refuse layer kinds kvplug does not run, instead of running them wrongly."""
+    from vllm.v1.attention.backend import AttentionType
+
+    unsupported = []
+    if selector_config.use_mla:
+        unsupported.append("MLA")
+    if selector_config.use_sparse:
+        unsupported.append("sparse (indexer) attention")
+    if selector_config.has_sliding_window:
+        unsupported.append("sliding-window attention")
+    if selector_config.has_sink:
+        unsupported.append("attention sinks")
+    if selector_config.attn_type != AttentionType.DECODER:
+        unsupported.append(f"attention type {selector_config.attn_type!r}")
+    if unsupported:
+        raise ValueError(f"kvplug does not handle layers with {', '.join(unsupported)}; "
+                         f"{PER_KIND_HINT}")
+
+
+def patch_cpu_platform() -> None:
+    """Make ``CpuPlatform`` honour ``KVPLUG``; every other choice is left to vLLM."""
+    from vllm.platforms.cpu import CpuPlatform
+
+    original = CpuPlatform.get_attn_backend_cls.__func__
+    if getattr(original, "_kvplug_wrapped", False):
+        return
+
+    @functools.wraps(original)
+    def get_attn_backend_cls(cls, selected_backend, attn_selector_config, num_heads=None):
+        if is_kvplug(selected_backend):
+            check_layer_supported(attn_selector_config)
+            return CPU_BACKEND_PATH
+        return original(cls, selected_backend, attn_selector_config, num_heads)
+
+    get_attn_backend_cls._kvplug_wrapped = True
+    CpuPlatform.get_attn_backend_cls = classmethod(get_attn_backend_cls)
+
+
+def patch_engine_config_validation() -> None:
+    """Validate kvplug's config once, in the process that starts the engine.
+
+    A bad policy then fails ``vllm serve`` / ``LLM(...)`` before any engine
+    process is spawned, with the message naming the valid choices.
+    """
+    from vllm.engine.arg_utils import EngineArgs
+
+    original = EngineArgs.create_engine_config
+    if getattr(original, "_kvplug_wrapped", False):
+        return
+
+    @functools.wraps(original)
+    def create_engine_config(self, *args, **kwargs):
+        vllm_config = original(self, *args, **kwargs)
+        if uses_kvplug(vllm_config):
+            from kvplug.config import resolve_config
+
+            config = resolve_config(vllm_config.additional_config)
+            logger.info(config.describe())
+        return vllm_config
+
+    create_engine_config._kvplug_wrapped = True
+    EngineArgs.create_engine_config = create_engine_config

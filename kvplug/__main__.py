@@ -1,0 +1,3 @@
+from kvplug.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,73 @@
+"""The ``kvplug`` command (also ``python -m kvplug``)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def _cmd_policies(args: argparse.Namespace) -> int:
+    from kvplug.config import ENGINE_KEYS
+    from kvplug.policies import POLICIES
+
+    for name, cls in sorted(POLICIES.items()):
+        print(f"{name}: {cls.summary}")
+        params = cls.parameters()
+        if not params:
+            print("    (no parameters)")
+        for f in params:
+            meta = f.metadata
+            rng = ""
+            if meta.get("choices") is not None:
+                rng = f" choices={list(meta['choices'])}"
+            elif meta.get("min") is not None or meta.get("max") is not None:
+                rng = f" range=[{meta.get('min', '-inf')}, {meta.get('max', 'inf')}]"
+            tp = f.type if isinstance(f.type, str) else f.type.__name__
+            print(f"    {f.name}: {tp} = {f.default!r}{rng}  {meta.get('help', '')}")
+    print("engine-level keys (any policy):")
+    for key, (tp, default, help_) in ENGINE_KEYS.items():
+        print(f"    {key}: {tp.__name__} = {default!r}  {help_}")
+    return 0
+
+
+def _cmd_models(args: argparse.Namespace) -> int:
+    from kvplug import models
+
+    if args.models_cmd == "fetch":
+        path = models.fetch_model(args.dest)
+    else:
+        path = models.model_dir(args.dest)
+    print(path)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="kvplug", description=__doc__)
+    sub = parser.add_subparsers(dest="cmd", required=True)
+
+    p = sub.add_parser("policies", help="list every policy with its parameters and defaults")
+    p.set_defaults(func=_cmd_policies)
+
+    p = sub.add_parser("models", help="provision the default model (SmolLM2-135M-Instruct)")
+    msub = p.add_subparsers(dest="models_cmd", required=True)
+    for name, help_ in (("fetch", "build the HF model directory (idempotent)"),
+                        ("path", "print where the model directory is")):
+        mp = msub.add_parser(name, help=help_)
+        mp.add_argument("--dest", default=None,
+                        help="model directory (default: $KVPLUG_MODEL_DIR or the user cache)")
+    p.set_defaults(func=_cmd_models)
+
+    from kvplug import demo
+    p = sub.add_parser("demo", help="serve the model with kvplug and send one long-context request")
+    demo.add_arguments(p)
+    p.set_defaults(func=demo.run)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (ValueError, FileNotFoundError, RuntimeError) as e:
+        print(f"kvplug: error: {e}", file=sys.stderr)
+        return 2

@@ -1,0 +1,88 @@
+"""Registration and selection, without starting an engine."""
+
+import os
+import pickle
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import kvplug.integrations.vllm as kv_vllm
+from kvplug.integrations.vllm.selection import CPU_BACKEND_PATH
+
+
+@pytest.fixture(scope="module", autouse=True)
+def registered():
+    kv_vllm.register()
+
+
+def _selector(**kw):
+    from vllm.v1.attention.selector import AttentionSelectorConfig
+
+    return AttentionSelectorConfig(head_size=64, dtype=torch.float32, kv_cache_dtype="auto",
+                                   block_size=None, **kw)
+
+
+def test_register_is_idempotent_and_any_case_parses():
+    from vllm.config.attention import AttentionConfig
+    from vllm.v1.attention.backends.registry import AttentionBackendEnum
+
+    kv_vllm.register()
+    for spelling in ("kvplug", "KVPLUG", "KvPlug"):
+        assert AttentionConfig(backend=spelling).backend is AttentionBackendEnum.KVPLUG
+
+
+def test_entry_point_is_declared():
+    from importlib.metadata import entry_points
+
+    eps = entry_points(group="vllm.general_plugins")
+    assert any(ep.value == "kvplug.integrations.vllm:register" for ep in eps)
+
+
+def test_member_unpickles_in_a_process_that_loaded_no_plugin():
+    from vllm.v1.attention.backends.registry import AttentionBackendEnum
+
+    data = pickle.dumps(AttentionBackendEnum.KVPLUG)
+    code = ("import pickle, sys; m = pickle.loads(sys.stdin.buffer.read()); "
+            "print(m.name, m.get_path())")
+    env = dict(os.environ, VLLM_PLUGINS="none-loaded")
+    out = subprocess.run([sys.executable, "-c", code], input=data, capture_output=True,
+                         env=env, check=True, timeout=300)
+    assert out.stdout.decode().split() == ["KVPLUG", CPU_BACKEND_PATH]
+
+
+def test_cpu_platform_honours_kvplug_only_when_asked():
+    from vllm.platforms.cpu import CpuPlatform
+    from vllm.v1.attention.backends.registry import AttentionBackendEnum
+
+    assert CpuPlatform.get_attn_backend_cls(AttentionBackendEnum.KVPLUG,
+                                            _selector()) == CPU_BACKEND_PATH
+    assert CpuPlatform.get_attn_backend_cls(None, _selector()) == \
+        AttentionBackendEnum.CPU_ATTN.get_path()
+
+
+@pytest.mark.parametrize("kind", [dict(has_sliding_window=True), dict(use_mla=True),
+                                  dict(attn_type="encoder_only"), dict(has_sink=True)])
+def test_unsupported_layer_kinds_fail_with_advice(kind):
+    from vllm.platforms.cpu import CpuPlatform
+    from vllm.v1.attention.backends.registry import AttentionBackendEnum
+
+    with pytest.raises(ValueError, match="backend_per_kind"):
+        CpuPlatform.get_attn_backend_cls(AttentionBackendEnum.KVPLUG, _selector(**kind))
+
+
+def test_cuda_backend_passes_vllm_validation_for_llama_layers():
+    from vllm.platforms.interface import DeviceCapability
+
+    from kvplug.integrations.vllm.cuda_backend import KVPlugCudaBackend
+
+    common = dict(head_size=64, dtype=torch.bfloat16, kv_cache_dtype="auto", block_size=None,
+                  use_mla=False, has_sink=False, use_sparse=False, use_mm_prefix=False,
+                  use_per_head_quant_scales=False, device_capability=DeviceCapability(9, 0))
+    assert KVPlugCudaBackend.get_name() == "KVPLUG"
+    assert KVPlugCudaBackend.validate_configuration(attn_type="decoder", **common) == []
+    reasons = KVPlugCudaBackend.validate_configuration(attn_type="decoder",
+                                                       has_sliding_window=True, **common)
+    assert reasons == ["sliding window not supported"]
+    assert KVPlugCudaBackend.validate_configuration(attn_type="encoder_only", **common)

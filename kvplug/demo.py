@@ -32,6 +32,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-model-len", type=int, default=8192)
     p.add_argument("--kv-space-gb", default="2", help="VLLM_CPU_KVCACHE_SPACE (GB)")
     p.add_argument("--port", type=int, default=0, help="server port (default: a free one)")
+    p.add_argument("--compile", action="store_true",
+                   help="let vLLM torch.compile the model (minutes of startup on a small CPU)")
 
 
 def _free_port() -> int:
@@ -109,27 +111,33 @@ def run(args: argparse.Namespace) -> int:
     port = args.port or _free_port()
     url = f"http://127.0.0.1:{port}"
     log = Path(tempfile.mkdtemp(prefix="kvplug-demo-")) / "vllm-serve.log"
-    cmd = [sys.executable, "-m", "vllm.entrypoints.cli.main", "serve", model,
+    vllm_cli = Path(sys.executable).with_name("vllm")  # the `vllm` console script of this env
+    cmd = [str(vllm_cli), "serve", model,
            "--attention-backend", "kvplug", "--host", "127.0.0.1", "--port", str(port),
            "--dtype", "float32", "--max-model-len", str(args.max_model_len),
            "--served-model-name", "kvplug-demo"]
+    if not args.compile:
+        cmd.append("--enforce-eager")
     env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE=str(args.kv_space_gb))
+    # vLLM-cpu keeps one core for the frontend by default: half the cores on a 2-core box.
+    env.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", "0")
     print(f"[kvplug demo] policy={env.get('KVPLUG_POLICY', 'full (default)')} "
           f"model={model} prompt={sample.num_tokens} tokens, needle depth={sample.depth}")
-    print(f"[kvplug demo] starting: {' '.join(cmd)}  (log: {log})", flush=True)
     with open(log, "wb") as out:
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env,
                                 start_new_session=True)
+    print(f"[kvplug demo] started server pid {proc.pid}: {' '.join(cmd)}  (log: {log})",
+          flush=True)
     try:
         t0 = time.monotonic()
         _wait_ready(proc, url, log)
         print(f"[kvplug demo] server ready in {time.monotonic() - t0:.0f}s", flush=True)
         client = OpenAI(base_url=url + "/v1", api_key="unused")
         t0 = time.monotonic()
-        resp = client.chat.completions.create(model="kvplug-demo", messages=sample.messages,
-                                              max_tokens=16, temperature=0.0)
+        resp = client.completions.create(model="kvplug-demo", prompt=sample.prompt,
+                                         max_tokens=12, temperature=0.0)
         latency = time.monotonic() - t0
-        answer = resp.choices[0].message.content or ""
+        answer = resp.choices[0].text
         correct = sample.answer in answer
         print(f"[kvplug demo] answer: {answer.strip()!r}")
         print(f"[kvplug demo] expected passkey {sample.answer}: "

@@ -21,6 +21,7 @@ if [ ! -f "$stamp" ]; then
   .venv/bin/python -m pip install -q -e ".[$extras]"
   # PyPI builds of these break `import transformers` next to torch's CPU wheel.
   .venv/bin/python -m pip uninstall -y -q torchvision torchaudio torchcodec || true
+  .venv/bin/kvplug vllm-alias
   rm -f .venv/.kvplug-install-* && touch "$stamp"
 fi
 .venv/bin/kvplug models fetch >/dev/null

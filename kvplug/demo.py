@@ -65,18 +65,22 @@ def _tail(log: Path, n: int = 30) -> str:
 
 
 def stop_server(proc: subprocess.Popen, timeout: float = 60) -> None:
-    """SIGINT the server's process group, then SIGKILL whatever is left."""
+    """SIGINT the server's process group, then SIGKILL whatever is left of it."""
     if proc.poll() is None:
         os.killpg(proc.pid, signal.SIGINT)
         try:
             proc.wait(timeout)
         except subprocess.TimeoutExpired:
             pass
-    try:
-        os.killpg(proc.pid, signal.SIGKILL)  # engine processes that outlived the API server
-    except ProcessLookupError:
-        pass
-    proc.wait()
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:  # engine processes that outlived the API server
+        proc.poll()  # reap the API server, else its zombie keeps the group alive
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            return
+        time.sleep(0.2)
+    raise RuntimeError(f"processes of the server's group {proc.pid} survived SIGKILL")
 
 
 def request_stats(log: Path, request_id: str, timeout: float = 30) -> str | None:

@@ -1,0 +1,165 @@
+"""HF transformers adapter: ``attn_implementation="kvplug"`` runs a kvplug policy.
+
+Usage::
+
+    from kvplug.integrations import transformers as kvhf
+
+    model = kvhf.load_model("models/SmolLM2-135M", policy="full")
+    # or, step by step:
+    kvhf.register()
+    model = AutoModelForCausalLM.from_pretrained(path, attn_implementation="kvplug")
+    with kvhf.use_policy(model, "full"):
+        model.generate(...)
+
+Every attention layer calls :func:`kvplug_attention_forward`, which takes the
+policy attached to that layer (:func:`attach_policy` / :func:`use_policy`), or
+else the one the environment configures (``KVPLUG_POLICY`` / ``KVPLUG_CONFIG``,
+see :mod:`kvplug.config`), and dispatches to the attention function registered
+for it in :data:`ATTENTION_BY_POLICY`.
+
+``full`` is transformers' own ``sdpa_attention_forward`` behind transformers'
+own SDPA mask, so its outputs are identical to ``attn_implementation="sdpa"``.
+A sparse policy plugs in by adding one entry with the same signature: it gets
+the whole cache for the layer (``key``/``value``, all heads) and its policy
+object, and chooses which KV positions each query reads.
+
+Per-request KV accounting (``Policy.account_step``) is not done here: HF
+``generate`` has no request lifecycle to hook without patching it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import os
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import torch
+from transformers import AttentionInterface, AttentionMaskInterface
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import sdpa_mask
+
+from kvplug.config import resolve_config
+from kvplug.policies import Policy, build_policy
+
+ATTN_IMPLEMENTATION = "kvplug"
+_POLICY_ATTR = "kvplug_policy"  # set on each attention module by attach_policy
+
+
+def _full_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor,
+                    value: torch.Tensor, attention_mask: torch.Tensor | None, *,
+                    policy: Policy, **kwargs: Any) -> tuple[torch.Tensor, None]:
+    """Dense: exactly transformers' SDPA path, so ``full`` is the bit-exact baseline."""
+    return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+
+
+# policy name -> attention function.  Signature: transformers' attention interface,
+#   query (B, H_q, q_len, D), key/value (B, H_kv, kv_len, D), attention_mask from sdpa_mask
+#   (bool (B, 1, q_len, kv_len) or None), plus keyword ``policy``; returns ((B, q_len, H_q, D), None).
+ATTENTION_BY_POLICY: dict[str, Callable[..., tuple[torch.Tensor, torch.Tensor | None]]] = {
+    "full": _full_attention,
+}
+
+
+def register() -> None:
+    """Make ``attn_implementation="kvplug"`` loadable; idempotent.
+
+    The mask function must be registered too: transformers builds no attention
+    mask (so ignores padding) for implementations it has no mask function for.
+    """
+    AttentionInterface.register(ATTN_IMPLEMENTATION, kvplug_attention_forward)
+    AttentionMaskInterface.register(ATTN_IMPLEMENTATION, sdpa_mask)
+
+
+def _check_supported(policy: Policy) -> Policy:
+    if policy.name not in ATTENTION_BY_POLICY:
+        raise ValueError(f"kvplug policy {policy.name!r} is not supported by the HF transformers "
+                         f"adapter; supported policies: {sorted(ATTENTION_BY_POLICY)}")
+    return policy
+
+
+def _as_policy(policy: Policy | str | None, params: dict[str, Any]) -> Policy:
+    if isinstance(policy, Policy):
+        if params:
+            raise ValueError(f"parameters {sorted(params)} given with an already built policy "
+                             f"{policy.name!r}; set them on the policy instead")
+        return _check_supported(policy)
+    if policy is None:
+        if params:
+            raise ValueError(f"parameters {sorted(params)} given without a policy name")
+        return _env_policy(os.environ.get("KVPLUG_POLICY"), os.environ.get("KVPLUG_CONFIG"))
+    return _check_supported(build_policy(policy.lower(), params))
+
+
+@functools.lru_cache(maxsize=8)
+def _env_policy(policy_env: str | None, config_env: str | None) -> Policy:
+    """The environment's policy, built once per distinct setting so every layer shares it."""
+    environ = {k: v for k, v in (("KVPLUG_POLICY", policy_env), ("KVPLUG_CONFIG", config_env)) if v}
+    return _check_supported(resolve_config(environ=environ).build_policy())
+
+
+def _attention_modules(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """The modules that call the attention interface with ``attn_implementation="kvplug"``."""
+    found = [m for m in model.modules() if hasattr(m, "layer_idx")
+             and getattr(getattr(m, "config", None), "_attn_implementation", None) == ATTN_IMPLEMENTATION]
+    if not found:
+        impl = getattr(getattr(model, "config", None), "_attn_implementation", None)
+        raise ValueError(f"model has no attention layer using attn_implementation={ATTN_IMPLEMENTATION!r} "
+                         f"(it uses {impl!r}); call register() and load it with "
+                         f"attn_implementation={ATTN_IMPLEMENTATION!r}")
+    return found
+
+
+def attach_policy(model: torch.nn.Module, policy: Policy | str | None = None,
+                  **params: Any) -> Policy:
+    """Run ``policy`` in every attention layer of ``model``; returns the policy.
+
+    ``policy`` is a built policy, a policy name (with ``params``), or None for the
+    environment's config.  Validated here, so a bad policy fails before any forward.
+    """
+    policy = _as_policy(policy, params)
+    for module in _attention_modules(model):
+        setattr(module, _POLICY_ATTR, policy)
+    return policy
+
+
+@contextlib.contextmanager
+def use_policy(model: torch.nn.Module, policy: Policy | str | None = None,
+               **params: Any) -> Iterator[Policy]:
+    """:func:`attach_policy` for a ``with`` block; the previous policies come back on exit."""
+    modules = _attention_modules(model)
+    previous = [getattr(m, _POLICY_ATTR, None) for m in modules]
+    try:
+        yield attach_policy(model, policy, **params)
+    finally:
+        for module, old in zip(modules, previous):
+            setattr(module, _POLICY_ATTR, old)
+
+
+def kvplug_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor,
+                             value: torch.Tensor, attention_mask: torch.Tensor | None,
+                             **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The function behind ``attn_implementation="kvplug"``: dispatch on the layer's policy."""
+    policy = getattr(module, _POLICY_ATTR, None)
+    if policy is None:
+        policy = _env_policy(os.environ.get("KVPLUG_POLICY"), os.environ.get("KVPLUG_CONFIG"))
+    return ATTENTION_BY_POLICY[policy.name](module, query, key, value, attention_mask,
+                                            policy=policy, **kwargs)
+
+
+def load_model(path: str | os.PathLike, policy: Policy | str | None = None, *,
+               params: dict[str, Any] | None = None, **from_pretrained_kwargs: Any):
+    """``AutoModelForCausalLM.from_pretrained`` with kvplug attention and ``policy`` attached.
+
+    ``policy=None`` takes the environment's config, validated now rather than at
+    the first forward.
+    """
+    from transformers import AutoModelForCausalLM
+
+    policy = _as_policy(policy, dict(params or {}))  # fail before loading weights
+    register()
+    model = AutoModelForCausalLM.from_pretrained(path, attn_implementation=ATTN_IMPLEMENTATION,
+                                                 **from_pretrained_kwargs)
+    attach_policy(model, policy)
+    return model

@@ -1,0 +1,158 @@
+"""HF transformers adapter: ``attn_implementation="kvplug"`` against transformers' SDPA."""
+
+from dataclasses import dataclass
+
+import pytest
+import torch
+from transformers import AttentionInterface, AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
+
+from kvplug.integrations import transformers as kvhf
+from kvplug.policies import Policy
+
+PAD = 0
+
+
+@pytest.fixture(autouse=True)
+def _clean_env(monkeypatch):
+    monkeypatch.delenv("KVPLUG_POLICY", raising=False)
+    monkeypatch.delenv("KVPLUG_CONFIG", raising=False)
+
+
+@pytest.fixture(scope="module")
+def tiny_llama_dir(tmp_path_factory):
+    """A seeded random-init 2-layer GQA Llama (4 query heads, 2 kv heads), saved once."""
+    config = LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                         initializer_range=0.2, pad_token_id=PAD, bos_token_id=1, eos_token_id=2)
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("tiny_llama")
+    LlamaForCausalLM(config).save_pretrained(path)
+    return path
+
+
+def _load(path, attn_implementation):
+    kvhf.register()
+    model = AutoModelForCausalLM.from_pretrained(path, attn_implementation=attn_implementation,
+                                                 dtype=torch.float32)
+    return model.eval()
+
+
+def _left_padded_batch():
+    """Two prompts of different lengths (11 and 5 tokens), left padded."""
+    rows = [[1, 17, 33, 90, 4, 61, 5, 120, 77, 8, 42], [1, 99, 23, 64, 11]]
+    width = max(map(len, rows))
+    input_ids = torch.tensor([[PAD] * (width - len(r)) + r for r in rows])
+    attention_mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows])
+    return input_ids, attention_mask
+
+
+def _greedy(model, input_ids, attention_mask, max_new_tokens):
+    with torch.no_grad():
+        out = model.generate(input_ids=input_ids, attention_mask=attention_mask, do_sample=False,
+                             max_new_tokens=max_new_tokens, min_new_tokens=max_new_tokens,
+                             pad_token_id=PAD, return_dict_in_generate=True, output_logits=True)
+    return out.sequences, torch.stack(out.logits, dim=1)
+
+
+def test_register_is_idempotent():
+    kvhf.register()
+    fn = AttentionInterface()["kvplug"]
+    kvhf.register()
+    assert "kvplug" in AttentionInterface()
+    assert "kvplug" in ALL_MASK_ATTENTION_FUNCTIONS
+    assert AttentionInterface()["kvplug"] is fn is kvhf.kvplug_attention_forward
+    assert list(AttentionInterface()).count("kvplug") == 1
+
+
+def test_full_greedy_equals_sdpa_left_padded_batch(tiny_llama_dir):
+    input_ids, attention_mask = _left_padded_batch()
+    ref_seq, ref_logits = _greedy(_load(tiny_llama_dir, "sdpa"), input_ids, attention_mask, 12)
+    model = _load(tiny_llama_dir, "kvplug")
+    kv_seq, kv_logits = _greedy(model, input_ids, attention_mask, 12)
+
+    assert len(set(ref_seq[:, input_ids.shape[1]:].flatten().tolist())) > 2  # not a degenerate run
+    assert torch.equal(kv_seq, ref_seq)
+    torch.testing.assert_close(kv_logits, ref_logits, rtol=0, atol=0)
+
+
+def test_padding_is_masked(tiny_llama_dir):
+    """The padded row must decode as if it were alone: kvplug honours the attention mask."""
+    input_ids, attention_mask = _left_padded_batch()
+    model = _load(tiny_llama_dir, "kvplug")
+    batch_seq, _ = _greedy(model, input_ids, attention_mask, 8)
+    short = input_ids[1:, attention_mask[1].bool()]
+    alone_seq, _ = _greedy(model, short, torch.ones_like(short), 8)
+    assert torch.equal(batch_seq[1, -8:], alone_seq[0, -8:])
+
+
+def test_attached_policy_overrides_env(tiny_llama_dir, monkeypatch):
+    model = _load(tiny_llama_dir, "kvplug")
+    input_ids, attention_mask = _left_padded_batch()
+    monkeypatch.setenv("KVPLUG_POLICY", "nonsense")
+    with kvhf.use_policy(model, "full") as policy:
+        assert policy.name == "full"
+        assert all(m.kvplug_policy is policy for m in model.model.layers.modules()
+                   if hasattr(m, "layer_idx"))
+        _greedy(model, input_ids, attention_mask, 2)
+    with pytest.raises(ValueError, match="nonsense"):  # env fallback is back after the block
+        _greedy(model, input_ids, attention_mask, 2)
+
+
+def test_unknown_env_policy_fails_at_run(tiny_llama_dir, monkeypatch):
+    model = _load(tiny_llama_dir, "kvplug")
+    input_ids, attention_mask = _left_padded_batch()
+    monkeypatch.setenv("KVPLUG_POLICY", "nonsense")
+    with pytest.raises(ValueError, match=r"unknown kvplug policy 'nonsense'; valid policies: .*'full'"):
+        _greedy(model, input_ids, attention_mask, 2)
+
+
+def test_unknown_env_policy_fails_at_load(tiny_llama_dir, monkeypatch):
+    monkeypatch.setenv("KVPLUG_POLICY", "nonsense")
+    with pytest.raises(ValueError, match=r"unknown kvplug policy 'nonsense'; valid policies: .*'full'"):
+        kvhf.load_model(tiny_llama_dir)
+
+
+def test_load_model_attaches_policy(tiny_llama_dir):
+    model = kvhf.load_model(tiny_llama_dir, "full", dtype=torch.float32)
+    assert model.config._attn_implementation == "kvplug"
+    attn = model.model.layers[0].self_attn
+    assert attn.kvplug_policy.name == "full"
+
+
+def test_unsupported_policy_is_rejected(tiny_llama_dir):
+    @dataclass
+    class Unported(Policy):  # a policy with no HF attention function; deliberately not registered
+        name = "unported"
+
+    model = _load(tiny_llama_dir, "kvplug")
+    with pytest.raises(ValueError, match=r"'unported' is not supported .* supported policies: \['full'\]"):
+        kvhf.attach_policy(model, Unported())
+
+
+def test_attach_to_non_kvplug_model_is_rejected(tiny_llama_dir):
+    with pytest.raises(ValueError, match="attn_implementation='kvplug'"):
+        kvhf.attach_policy(_load(tiny_llama_dir, "sdpa"), "full")
+
+
+def test_bundled_model_full_equals_sdpa(model_dir):
+    """SmolLM2-135M, ~500-token prompt, 20 greedy tokens: kvplug(full) == sdpa."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    text = ("The history of the printing press begins in the fifteenth century, when movable type "
+            "changed how knowledge spread across Europe. Workshops multiplied, books became cheaper, "
+            "and literacy slowly rose in cities and monasteries alike. ") * 20
+    input_ids = tok(text, return_tensors="pt").input_ids[:, :500]
+    assert input_ids.shape[1] == 500
+    attention_mask = torch.ones_like(input_ids)
+    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+
+    def greedy(model):
+        with torch.no_grad():
+            return model.generate(input_ids=input_ids, attention_mask=attention_mask, do_sample=False,
+                                  max_new_tokens=20, min_new_tokens=20, pad_token_id=pad)
+
+    ref = greedy(_load(model_dir, "sdpa"))
+    out = greedy(kvhf.load_model(model_dir, "full", dtype=torch.float32).eval())
+    assert torch.equal(out, ref), (tok.decode(ref[0, 500:]), tok.decode(out[0, 500:]))

@@ -28,9 +28,11 @@ class PasskeySample:
     num_tokens: int      # prompt length in the model's tokens
 
 
-def _text(n_filler: int, depth: float, key: str) -> str:
-    before = round(n_filler * depth)
-    return (INTRO + FILLER * before + NEEDLE.format(key=key) + FILLER * (n_filler - before)
+def _text(n_words: int, depth: float, key: str) -> str:
+    """``n_words`` words of filler with the needle after ``depth`` of them."""
+    words = (FILLER * (n_words // 5 + 1)).split()[:n_words]
+    before = round(n_words * depth)
+    return (INTRO + " ".join(words[:before] + [NEEDLE.format(key=key).strip()] + words[before:])
             + QUESTION)
 
 
@@ -54,7 +56,7 @@ def passkey_sample(tokenizer, target_tokens: int, depth: float = 0.5,
     lo, hi = 0, 1
     while length(hi) <= target_tokens:
         lo, hi = hi, hi * 2
-    while hi - lo > 1:  # binary search on the number of filler repeats
+    while hi - lo > 1:  # binary search on the number of filler words
         mid = (lo + hi) // 2
         lo, hi = (mid, hi) if length(mid) <= target_tokens else (lo, mid)
     return PasskeySample(prompt=_text(lo, depth, key), answer=key, depth=depth,

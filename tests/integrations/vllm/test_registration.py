@@ -86,3 +86,15 @@ def test_cuda_backend_passes_vllm_validation_for_llama_layers():
                                                        has_sliding_window=True, **common)
     assert reasons == ["sliding window not supported"]
     assert KVPlugCudaBackend.validate_configuration(attn_type="encoder_only", **common)
+
+
+def test_per_kind_selection_is_validated_at_engine_config(model_dir, monkeypatch):
+    from vllm.engine.arg_utils import EngineArgs
+
+    monkeypatch.setenv("KVPLUG_POLICY", "nonsense")
+    args = EngineArgs(model=str(model_dir), dtype="float32",
+                      attention_config={"backend_per_kind": {"full_attention": "KVPLUG"}})
+    with pytest.raises(ValueError, match=r"valid policies: \['full'\]"):
+        args.create_engine_config()
+    # not asking for kvplug: kvplug's config is not even read
+    EngineArgs(model=str(model_dir), dtype="float32").create_engine_config()

@@ -13,7 +13,7 @@ import kvplug.integrations.vllm as kv_vllm
 from kvplug.evals.passkey import passkey_sample
 
 pytestmark = pytest.mark.engine
-NUM_REQUESTS, PROMPT_TOKENS, NEW_TOKENS = 6, 200, 150
+NUM_REQUESTS, PROMPT_TOKENS, NEW_TOKENS = 6, 250, 100
 ABORTED = {"1", "4"}
 
 

@@ -1,6 +1,9 @@
 #!/usr/bin/env bash
-# Install and run the test suite (what CI runs).
+# Install and run the test suite (what CI runs).  The Triton kernel tests run
+# first, in their own session under Triton's interpreter (no GPU here); the
+# interpreter must not leak into the vLLM engines of the other tests.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/setup.sh
-exec .venv/bin/python -m pytest -q -rs --durations=15 tests "$@"
+TRITON_INTERPRET=1 .venv/bin/python -m pytest -q -rs tests/kernels
+exec .venv/bin/python -m pytest -q -rs --durations=15 --ignore=tests/kernels tests "$@"

@@ -41,7 +41,8 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import sdpa_mask
 
 from kvplug.config import resolve_config
-from kvplug.policies import Policy, build_policy
+from kvplug.kernels import sparse_paged_decode
+from kvplug.policies import Policy, SelectionPolicy, build_policy
 
 ATTN_IMPLEMENTATION = "kvplug"
 _POLICY_ATTR = "kvplug_policy"  # set on each attention module by attach_policy
@@ -52,6 +53,35 @@ def _full_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Ten
                     policy: Policy, **kwargs: Any) -> tuple[torch.Tensor, None]:
     """Dense: exactly transformers' SDPA path, so ``full`` is the bit-exact baseline."""
     return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+
+
+def _selection_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor,
+                         value: torch.Tensor, attention_mask: torch.Tensor | None, *,
+                         policy: SelectionPolicy, **kwargs: Any) -> tuple[torch.Tensor, None]:
+    """Dense prefill; at each decode step the layer reads only what the policy selects.
+
+    The HF cache is contiguous, so it is handed to the paged kernel as one
+    block per sequence.  Padded batches are refused: the kernel's positions
+    would include the padding.
+    """
+    batch, _, q_len, _ = query.shape
+    kv_len = key.shape[2]
+    if q_len != 1:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+    if attention_mask is not None and not bool(attention_mask[..., -1, :].all()):
+        raise ValueError(f"kvplug policy {policy.name!r} in the HF path needs unpadded batches "
+                         "(batch size 1, or prompts of equal length)")
+    keys = key.transpose(1, 2)                                   # [B, L, H_kv, D]
+    layer = module.layer_idx
+    selection = policy.select(layer, query[:, :, 0], policy.summarize(layer, keys), kv_len)
+    if selection is None:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+    block_table = torch.arange(batch, device=query.device, dtype=torch.int32)[:, None]
+    seq_lens = torch.full((batch,), kv_len, device=query.device, dtype=torch.int32)
+    out = sparse_paged_decode(query[:, :, 0], keys, value.transpose(1, 2), block_table, seq_lens,
+                              selection.chunk_ids, selection.chunk_size, selection.n_sink,
+                              selection.n_recent, scale=kwargs.get("scaling"))
+    return out[:, None], None
 
 
 # policy name -> attention function.  Signature: transformers' attention interface,
@@ -72,10 +102,17 @@ def register() -> None:
     AttentionMaskInterface.register(ATTN_IMPLEMENTATION, sdpa_mask)
 
 
+def _attention_for(policy: Policy) -> Callable[..., tuple[torch.Tensor, torch.Tensor | None]]:
+    if isinstance(policy, SelectionPolicy):
+        return _selection_attention
+    return ATTENTION_BY_POLICY[policy.name]
+
+
 def _check_supported(policy: Policy) -> Policy:
-    if policy.name not in ATTENTION_BY_POLICY:
+    if policy.name not in ATTENTION_BY_POLICY and not isinstance(policy, SelectionPolicy):
         raise ValueError(f"kvplug policy {policy.name!r} is not supported by the HF transformers "
-                         f"adapter; supported policies: {sorted(ATTENTION_BY_POLICY)}")
+                         f"adapter; it runs {sorted(ATTENTION_BY_POLICY)} and every "
+                         "decode-time selection policy")
     return policy
 
 
@@ -144,8 +181,8 @@ def kvplug_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: 
     policy = getattr(module, _POLICY_ATTR, None)
     if policy is None:
         policy = _env_policy(os.environ.get("KVPLUG_POLICY"), os.environ.get("KVPLUG_CONFIG"))
-    return ATTENTION_BY_POLICY[policy.name](module, query, key, value, attention_mask,
-                                            policy=policy, **kwargs)
+    return _attention_for(policy)(module, query, key, value, attention_mask, policy=policy,
+                                  **kwargs)
 
 
 def load_model(path: str | os.PathLike, policy: Policy | str | None = None, *,

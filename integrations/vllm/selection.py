@@ -16,6 +16,8 @@ import logging
 BACKEND_NAME = "KVPLUG"
 CPU_BACKEND_PATH = "kvplug.integrations.vllm.cpu_backend.KVPlugCPUBackend"
 CUDA_BACKEND_PATH = "kvplug.integrations.vllm.cuda_backend.KVPlugCudaBackend"
+# policies the vLLM backend runs today; the others run in the HF transformers path
+VLLM_POLICIES = ("full",)
 # what to tell users whose model has layers kvplug does not handle
 PER_KIND_HINT = ("""run those layers on vLLM's own backend and only full-attention layers on """
                  """kvplug: --attention-config '{"backend_per_kind": {"full_attention": "KVPLUG"}}' """
@@ -118,6 +120,10 @@ def patch_engine_config_validation() -> None:
             from kvplug.config import resolve_config
 
             config = resolve_config(vllm_config.additional_config)
+            if config.policy not in VLLM_POLICIES:
+                raise ValueError(f"kvplug policy {config.policy!r} does not run in the vLLM backend "
+                                 f"yet (it runs: {list(VLLM_POLICIES)}); use it through HF "
+                                 "transformers with attn_implementation='kvplug'")
             logger.info(config.describe())
         return vllm_config
 

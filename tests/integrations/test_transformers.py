@@ -126,7 +126,7 @@ def test_unsupported_policy_is_rejected(tiny_llama_dir):
         name = "unported"
 
     model = _load(tiny_llama_dir, "kvplug")
-    with pytest.raises(ValueError, match=r"'unported' is not supported .* supported policies: \['full'\]"):
+    with pytest.raises(ValueError, match=r"'unported' is not supported .* it runs \['full'\] and every decode-time selection"):
         kvhf.attach_policy(model, Unported())
 
 
@@ -156,3 +156,37 @@ def test_bundled_model_full_equals_sdpa(model_dir):
     ref = greedy(_load(model_dir, "sdpa"))
     out = greedy(kvhf.load_model(model_dir, "full", dtype=torch.float32).eval())
     assert torch.equal(out, ref), (tok.decode(ref[0, 500:]), tok.decode(out[0, 500:]))
+
+
+@pytest.mark.parametrize("policy", ["streamingllm", "quest"])
+def test_selection_policy_with_budget_over_context_equals_sdpa(tiny_llama_dir, policy):
+    input_ids = torch.randint(0, 128, (1, 20), generator=torch.Generator().manual_seed(3))
+    mask = torch.ones_like(input_ids)
+    ref = _greedy(_load(tiny_llama_dir, "sdpa"), input_ids, mask, 10)
+    model = _load(tiny_llama_dir, "kvplug")
+    kvhf.attach_policy(model, policy, budget=1000)
+    tokens, logits = _greedy(model, input_ids, mask, 10)
+    assert torch.equal(tokens, ref[0]) and torch.equal(logits, ref[1])
+
+
+def test_streamingllm_decode_attends_to_sink_and_recent_only():
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    torch.manual_seed(0)
+    module = torch.nn.Module()
+    module.layer_idx, module.num_key_value_groups, module.is_causal = 0, 2, True
+    q, k, v = torch.randn(2, 4, 1, 16), torch.randn(2, 2, 50, 16), torch.randn(2, 2, 50, 16)
+    policy = kvhf.build_policy("streamingllm", {"budget": 12, "n_sink": 4})
+    out, _ = kvhf._selection_attention(module, q, k, v, None, policy=policy, scaling=0.25)
+    keep = list(range(4)) + list(range(42, 50))
+    want, _ = sdpa_attention_forward(module, q, k[:, :, keep], v[:, :, keep], None, scaling=0.25,
+                                     is_causal=False)
+    torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-5)
+
+
+def test_selection_policy_refuses_padded_batches(tiny_llama_dir):
+    input_ids, mask = _left_padded_batch()
+    model = _load(tiny_llama_dir, "kvplug")
+    kvhf.attach_policy(model, "streamingllm", budget=4)
+    with pytest.raises(ValueError, match="needs unpadded batches"):
+        _greedy(model, input_ids, mask, 4)

@@ -94,7 +94,16 @@ def test_per_kind_selection_is_validated_at_engine_config(model_dir, monkeypatch
     monkeypatch.setenv("KVPLUG_POLICY", "nonsense")
     args = EngineArgs(model=str(model_dir), dtype="float32",
                       attention_config={"backend_per_kind": {"full_attention": "KVPLUG"}})
-    with pytest.raises(ValueError, match=r"valid policies: \['full'\]"):
+    with pytest.raises(ValueError, match=r"valid policies: \['full', 'quest', 'streamingllm'\]"):
         args.create_engine_config()
     # not asking for kvplug: kvplug's config is not even read
     EngineArgs(model=str(model_dir), dtype="float32").create_engine_config()
+
+
+def test_policies_the_backend_cannot_run_are_refused_at_start(model_dir, monkeypatch):
+    from vllm.engine.arg_utils import EngineArgs
+
+    monkeypatch.setenv("KVPLUG_CONFIG", '{"policy": "streamingllm", "budget": 256}')
+    args = EngineArgs(model=str(model_dir), dtype="float32", attention_backend="kvplug")
+    with pytest.raises(ValueError, match=r"'streamingllm' does not run in the vLLM backend yet"):
+        args.create_engine_config()

@@ -35,7 +35,7 @@ def test_unknown_policy_fails_serve_at_start(model_dir):
     out = subprocess.run([VLLM, "serve", str(model_dir), "--attention-backend", "kvplug",
                           "--port", "1"], capture_output=True, text=True, env=env, timeout=300)
     assert out.returncode != 0
-    assert "unknown kvplug policy 'nonsense'; valid policies: ['full']" in out.stdout + out.stderr
+    assert "unknown kvplug policy 'nonsense'; valid policies: ['full', 'quest', 'streamingllm']" in out.stdout + out.stderr
 
 
 def test_demo_retrieves_the_passkey_and_leaves_no_process(model_dir):

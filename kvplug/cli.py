@@ -69,6 +69,16 @@ def build_parser() -> argparse.ArgumentParser:
                        "'vllm' (needed by `vllm serve` and lm-eval)")
     p.set_defaults(func=_cmd_vllm_alias)
 
+    from kvplug import eval as eval_cmd
+    p = sub.add_parser("eval", help="the offline RULER suite over policy x budget x length")
+    eval_cmd.add_arguments(p)
+    p.set_defaults(func=eval_cmd.run)
+
+    from kvplug import lm_eval_cli
+    p = sub.add_parser("lm-eval", help="lm_eval with kvplug's tasks and HF attention registered")
+    lm_eval_cli.add_arguments(p)
+    p.set_defaults(func=lm_eval_cli.run)
+
     from kvplug import demo
     p = sub.add_parser("demo", help="serve the model with kvplug and send one long-context request")
     demo.add_arguments(p)
@@ -77,7 +87,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["lm-eval"]:  # everything after it is lm_eval's, flags included
+        from kvplug import lm_eval_cli
+        args = argparse.Namespace(func=lm_eval_cli.run, lm_eval_args=argv[1:])
+    else:
+        args = build_parser().parse_args(argv)
     try:
         return args.func(args)
     except (ValueError, FileNotFoundError, RuntimeError) as e:

@@ -1,0 +1,266 @@
+"""``kvplug eval``: the offline RULER suite over a policy × budget × length matrix.
+
+Each cell (one policy config at one context length) is one lm-eval run of the
+``kvplug_ruler`` tasks (``kvplug.evals.ruler``) with the chat template applied,
+as the suite sizes its prompts.  Cells are written as they finish and skipped
+when their file exists, so an interrupted run resumes.  The dense reference
+runs in the same matrix: vLLM's default backend on the vLLM engine, ``full``
+(= transformers' SDPA) on the HF engine.
+
+Outputs in ``--out``: ``cells/*.json`` (scores and per-sample needle depths),
+``results.json`` / ``results.csv`` / ``results.md`` (RULER per-length means,
+Avg, wAvg), ``score_vs_budget.png`` and ``depth_heatmap.png``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import shlex
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+BASELINE = "vllm-default"
+GROUPS = {"query_aware": "kvplug_ruler", "query_agnostic": "kvplug_ruler_query_agnostic"}
+
+
+@dataclass(frozen=True)
+class CellConfig:
+    """One row of the matrix: a policy with its budget (None = no budget)."""
+
+    policy: str
+    budget_ratio: float | None = None
+
+    @property
+    def label(self) -> str:
+        return self.policy if self.budget_ratio is None else f"{self.policy}@{self.budget_ratio:g}"
+
+    def kvplug_config(self) -> dict:
+        config = {"policy": self.policy}
+        if self.budget_ratio is not None:
+            config["budget_ratio"] = self.budget_ratio
+        return config
+
+
+def _csv(kind):
+    def parse(text: str) -> list:
+        try:
+            values = [kind(v) for v in text.split(",") if v.strip()]
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected comma-separated {kind.__name__}s, "
+                                             f"got {text!r}") from None
+        if not values:
+            raise argparse.ArgumentTypeError(f"expected at least one value, got {text!r}")
+        return values
+    return parse
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default=None, help="HF model directory (default: kvplug models path)")
+    p.add_argument("--engine", choices=("vllm", "hf"), default="vllm")
+    p.add_argument("--policies", type=_csv(str), default=["full"],
+                   help="comma-separated policies (see `kvplug policies`)")
+    p.add_argument("--budgets", type=_csv(float), default=[0.25, 0.125, 0.0625],
+                   help="budget_ratio values for policies that take a budget")
+    p.add_argument("--lengths", type=_csv(int), default=[4096, 8192])
+    p.add_argument("--num-samples", type=int, default=20, help="samples per task and length")
+    p.add_argument("--protocol", choices=tuple(GROUPS), default="query_aware")
+    p.add_argument("--tasks", type=_csv(str), default=None,
+                   help="lm-eval task names (default: the protocol's whole group)")
+    p.add_argument("--no-baseline", action="store_true",
+                   help="skip vLLM's default backend (vllm engine only)")
+    p.add_argument("--kv-space-gb", default="4", help="VLLM_CPU_KVCACHE_SPACE (GB)")
+    p.add_argument("--out", default="evals/results/eval", help="output directory")
+
+
+def matrix(policies: list[str], budgets: list[float], engine: str,
+           baseline: bool) -> list[CellConfig]:
+    """Every policy config of the run, validated before anything starts."""
+    from kvplug.policies import POLICIES, SelectionPolicy, build_policy
+
+    configs = [CellConfig(BASELINE)] if engine == "vllm" and baseline else []
+    for name in policies:
+        if name not in POLICIES:
+            raise ValueError(f"unknown kvplug policy {name!r}; valid policies: {sorted(POLICIES)}")
+        if issubclass(POLICIES[name], SelectionPolicy):
+            configs += [CellConfig(name, b) for b in budgets]
+        else:
+            configs.append(CellConfig(name))
+    for config in configs:
+        if config.policy != BASELINE:
+            build_policy(config.policy, {k: v for k, v in config.kvplug_config().items()
+                                         if k != "policy"})
+    return configs
+
+
+def _make_lm(config: CellConfig, engine: str, model: str, max_len: int):
+    if engine == "hf":
+        from lm_eval.models.huggingface import HFLM
+
+        from kvplug.integrations import transformers as kvhf
+
+        params = {k: v for k, v in config.kvplug_config().items() if k != "policy"}
+        hf_model = kvhf.load_model(model, config.policy, params=params, dtype="float32")
+        return HFLM(pretrained=hf_model, tokenizer=model, batch_size=1, max_length=max_len)
+    from lm_eval.models.vllm_causallms import VLLM
+
+    kwargs = dict(pretrained=model, dtype="float32", max_model_len=max_len, enforce_eager=True,
+                  enable_prefix_caching=False)
+    if config.policy != BASELINE:
+        kwargs |= dict(attention_backend="kvplug",
+                       additional_config={"kvplug": config.kvplug_config()})
+    return VLLM(**kwargs)
+
+
+def _release(lm) -> None:
+    engine = getattr(getattr(lm, "model", None), "llm_engine", None)
+    if engine is not None:
+        engine.engine_core.shutdown()
+
+
+def run_cell(lm, tasks: list[str], model: str, length: int, num_samples: int) -> dict:
+    """One lm-eval run at one length: per-task scores and per-sample depths."""
+    from lm_eval import simple_evaluate
+    from lm_eval.tasks import TaskManager
+
+    from kvplug.evals.ruler import LM_EVAL_TASKS_DIR
+    from kvplug.evals.ruler.scoring import scores_from_lm_eval
+
+    metadata = {"tokenizer": model, "max_seq_lengths": [length], "num_samples": num_samples}
+    manager = TaskManager(include_path=str(LM_EVAL_TASKS_DIR), metadata=metadata)
+    out = simple_evaluate(model=lm, tasks=tasks, apply_chat_template=True, log_samples=True,
+                          task_manager=manager)
+    scores = {task: per_len[length] for task, per_len in scores_from_lm_eval(out).items()}
+    samples = [{"task": task, "depths": s["doc"]["depths"], "score": s[str(length)]}
+               for task, rows in out["samples"].items() for s in rows]
+    return {"scores": scores, "samples": samples}
+
+
+def summarize_cells(cells: dict[str, dict[int, dict]]) -> list[dict]:
+    """One row per config: RULER per-length means, Avg and wAvg."""
+    from kvplug.evals.ruler.scoring import summarize
+
+    rows = []
+    for label, per_length in cells.items():
+        by_task: dict[str, dict[int, float]] = {}
+        for length, cell in per_length.items():
+            for task, score in cell["scores"].items():
+                by_task.setdefault(task, {})[length] = score
+        s = summarize(by_task)
+        rows.append({"config": label, **{str(k): v for k, v in s.per_length.items()},
+                     "avg": s.avg, "wavg_inc": s.wavg_inc, "wavg_dec": s.wavg_dec})
+    return rows
+
+
+def write_tables(rows: list[dict], out: Path, header: str) -> None:
+    keys = list(rows[0])
+    with open(out / "results.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=keys)
+        writer.writeheader()
+        writer.writerows(rows)
+    lines = [header, "", "| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
+    for row in rows:
+        lines.append("| " + " | ".join(v if isinstance(v, str) else f"{v:.1f}"
+                                       for v in row.values()) + " |")
+    (out / "results.md").write_text("\n".join(lines) + "\n")
+
+
+def plot(rows: list[dict], cells: dict[str, dict[int, dict]], configs: list[CellConfig],
+         out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    by_label = {r["config"]: r for r in rows}
+    dense = next((by_label[c] for c in (BASELINE, "full") if c in by_label), None)
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for policy in sorted({c.policy for c in configs if c.budget_ratio is not None}):
+        pts = sorted((c.budget_ratio, by_label[c.label]["avg"]) for c in configs
+                     if c.policy == policy and c.label in by_label)
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=policy)
+    if dense is not None:
+        ax.axhline(dense["avg"], color="k", linestyle="--", label=f"dense ({dense['config']})")
+    ax.set_xscale("log", base=2)
+    ax.set(xlabel="budget (fraction of context)", ylabel="RULER Avg", ylim=(0, 100))
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out / "score_vs_budget.png", dpi=120)
+    plt.close(fig)
+
+    labels = list(cells)
+    lengths = sorted({length for per in cells.values() for length in per})
+    bins = [0, 20, 40, 60, 80, 101]
+    fig, axes = plt.subplots(1, len(labels), figsize=(3 * len(labels), 3), squeeze=False)
+    for ax, label in zip(axes[0], labels):
+        grid = [[float("nan")] * len(lengths) for _ in bins[:-1]]
+        for j, length in enumerate(lengths):
+            samples = cells[label].get(length, {}).get("samples", [])
+            for i in range(len(bins) - 1):
+                hits = [s["score"] for s in samples if len(s["depths"]) == 1
+                        and bins[i] <= s["depths"][0] < bins[i + 1]]
+                if hits:
+                    grid[i][j] = sum(hits) / len(hits)
+        ax.imshow(grid, vmin=0, vmax=100, cmap="RdYlGn", aspect="auto", origin="lower")
+        ax.set(title=label, xticks=range(len(lengths)), xticklabels=lengths,
+               yticks=range(len(bins) - 1), yticklabels=[f"{b}%" for b in bins[:-1]],
+               xlabel="context length", ylabel="needle depth")
+    fig.tight_layout()
+    fig.savefig(out / "depth_heatmap.png", dpi=120)
+    plt.close(fig)
+
+
+def run(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from kvplug import models
+
+    model = args.model or str(models.model_dir(None))
+    if not Path(model).is_dir():
+        raise FileNotFoundError(f"model directory {model!r} does not exist; run "
+                                "`kvplug models fetch` or pass --model DIR")
+    if args.num_samples < 1:
+        raise ValueError(f"--num-samples must be >= 1, got {args.num_samples}")
+    configs = matrix(args.policies, args.budgets, args.engine, not args.no_baseline)
+    tasks = args.tasks or [GROUPS[args.protocol]]
+    os.environ.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", "0")
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(args.kv_space_gb))
+    out = Path(args.out)
+    (out / "cells").mkdir(parents=True, exist_ok=True)
+    max_len = max(args.lengths) + 256  # room for the chat template's and the answer's tokens
+
+    cells: dict[str, dict[int, dict]] = {}
+    bar = tqdm(total=len(configs) * len(args.lengths), desc="kvplug eval", unit="cell")
+    for config in configs:
+        lm = None
+        for length in args.lengths:
+            path = out / "cells" / f"{config.label}-{args.protocol}-{length}.json"
+            if not path.exists():
+                lm = lm or _make_lm(config, args.engine, model, max_len)
+                t0 = time.monotonic()
+                cell = run_cell(lm, tasks, model, length, args.num_samples)
+                cell["seconds"] = round(time.monotonic() - t0, 1)
+                path.write_text(json.dumps(cell))
+            cells.setdefault(config.label, {})[length] = json.loads(path.read_text())
+            bar.update()
+        if lm is not None:
+            _release(lm)
+    bar.close()
+
+    rows = summarize_cells(cells)
+    command = "kvplug eval " + shlex.join(sys.argv[2:] if sys.argv[1:2] == ["eval"] else sys.argv[1:])
+    header = (f"RULER-style suite ({args.protocol}), {args.num_samples} samples per task and "
+              f"length, engine {args.engine}, model {Path(model).name}, float32.\n"
+              f"Command: `{command}`")
+    (out / "results.json").write_text(json.dumps({"command": command, "engine": args.engine,
+                                                  "protocol": args.protocol, "tasks": tasks,
+                                                  "num_samples": args.num_samples,
+                                                  "rows": rows}, indent=1))
+    write_tables(rows, out, header)
+    plot(rows, cells, configs, out)
+    print((out / "results.md").read_text())
+    return 0

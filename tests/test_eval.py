@@ -1,0 +1,64 @@
+"""``kvplug eval``: the matrix, the tables and plots on hand-made cells, and one
+real cell through lm-eval's vLLM model with the kvplug backend."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from kvplug.eval import BASELINE, CellConfig, matrix, plot, summarize_cells, write_tables
+
+
+def test_matrix_expands_budgets_only_for_budgeted_policies():
+    configs = matrix(["full", "quest"], [0.25, 0.125], "vllm", baseline=True)
+    assert [c.label for c in configs] == [BASELINE, "full", "quest@0.25", "quest@0.125"]
+    assert configs[2].kvplug_config() == {"policy": "quest", "budget_ratio": 0.25}
+    assert [c.label for c in matrix(["full"], [0.5], "hf", baseline=True)] == ["full"]
+
+
+def test_matrix_rejects_bad_policies_and_budgets_before_running():
+    with pytest.raises(ValueError, match=r"unknown kvplug policy 'nope'"):
+        matrix(["nope"], [0.5], "vllm", baseline=False)
+    with pytest.raises(ValueError, match=r"'budget_ratio'=1.5 is out of range"):
+        matrix(["quest"], [1.5], "hf", baseline=False)
+
+
+def _cell(scores, depth_scores):
+    return {"scores": scores,
+            "samples": [{"task": "t", "depths": [d], "score": s} for d, s in depth_scores]}
+
+
+def test_tables_and_plots_from_cells(tmp_path):
+    cells = {
+        "full": {1024: _cell({"a": 100.0, "b": 50.0}, [(10, 100.0)]),
+                 4096: _cell({"a": 80.0, "b": 40.0}, [(90, 0.0)])},
+        "quest@0.25": {1024: _cell({"a": 90.0, "b": 50.0}, [(10, 100.0)]),
+                       4096: _cell({"a": 60.0, "b": 20.0}, [(90, 0.0)])},
+    }
+    rows = summarize_cells(cells)
+    assert rows[0] == {"config": "full", "1024": 75.0, "4096": 60.0, "avg": 67.5,
+                       "wavg_inc": 65.0, "wavg_dec": 70.0}
+    assert rows[1]["avg"] == 55.0
+    write_tables(rows, tmp_path, "header")
+    md = (tmp_path / "results.md").read_text()
+    assert "| quest@0.25 | 70.0 | 40.0 | 55.0 |" in md
+    assert (tmp_path / "results.csv").read_text().splitlines()[0] == \
+        "config,1024,4096,avg,wavg_inc,wavg_dec"
+    plot(rows, cells, [CellConfig("full"), CellConfig("quest", 0.25)], tmp_path)
+    assert (tmp_path / "score_vs_budget.png").stat().st_size > 0
+    assert (tmp_path / "depth_heatmap.png").stat().st_size > 0
+
+
+@pytest.mark.engine
+def test_one_cell_through_lm_eval_vllm_with_kvplug(model_dir, tmp_path):
+    out = subprocess.run([sys.executable, "-m", "kvplug", "eval", "--model", str(model_dir),
+                          "--no-baseline", "--tasks", "kvplug_ruler_passkey", "--lengths", "1024",
+                          "--num-samples", "2", "--kv-space-gb", "1", "--out", str(tmp_path)],
+                         capture_output=True, text=True, timeout=900)
+    assert out.returncode == 0, (out.stdout + out.stderr)[-3000:]
+    assert "kvplug config: policy=full" in out.stdout + out.stderr   # the kvplug backend ran it
+    cell = json.loads((tmp_path / "cells" / "full-query_aware-1024.json").read_text())
+    assert set(cell["scores"]) == {"kvplug_ruler_passkey"} and len(cell["samples"]) == 2
+    rows = json.loads((tmp_path / "results.json").read_text())["rows"]
+    assert rows[0]["config"] == "full" and 0.0 <= rows[0]["avg"] <= 100.0

@@ -83,6 +83,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="serve the model with kvplug and send one long-context request")
     demo.add_arguments(p)
     p.set_defaults(func=demo.run)
+
+    from kvplug import bench
+    p = sub.add_parser("bench", help="decode speed, TTFT and KV memory: a policy vs vLLM's default")
+    bench.add_arguments(p)
+    p.set_defaults(func=bench.run)
     return parser
 
 

@@ -69,25 +69,17 @@ def build_parser() -> argparse.ArgumentParser:
                        "'vllm' (needed by `vllm serve` and lm-eval)")
     p.set_defaults(func=_cmd_vllm_alias)
 
+    # commands that live in their own module: add_arguments(parser) + run(args)
+    from kvplug import bench, demo, lm_eval_cli
     from kvplug import eval as eval_cmd
-    p = sub.add_parser("eval", help="the offline RULER suite over policy x budget x length")
-    eval_cmd.add_arguments(p)
-    p.set_defaults(func=eval_cmd.run)
-
-    from kvplug import lm_eval_cli
-    p = sub.add_parser("lm-eval", help="lm_eval with kvplug's tasks and HF attention registered")
-    lm_eval_cli.add_arguments(p)
-    p.set_defaults(func=lm_eval_cli.run)
-
-    from kvplug import demo
-    p = sub.add_parser("demo", help="serve the model with kvplug and send one long-context request")
-    demo.add_arguments(p)
-    p.set_defaults(func=demo.run)
-
-    from kvplug import bench
-    p = sub.add_parser("bench", help="decode speed, TTFT and KV memory: a policy vs vLLM's default")
-    bench.add_arguments(p)
-    p.set_defaults(func=bench.run)
+    for name, module, help_ in (
+            ("eval", eval_cmd, "the offline RULER suite over policy x budget x length"),
+            ("lm-eval", lm_eval_cli, "lm_eval with kvplug's tasks and HF attention registered"),
+            ("demo", demo, "serve the model with kvplug and send one long-context request"),
+            ("bench", bench, "decode speed, TTFT and KV memory: a policy vs vLLM's default")):
+        p = sub.add_parser(name, help=help_)
+        module.add_arguments(p)
+        p.set_defaults(func=module.run)
     return parser
 
 

@@ -368,7 +368,9 @@ def run(args: argparse.Namespace) -> int:
         "machine": _machine(),
         "versions": {"kvplug": version("kvplug"), **default["versions"]},
         "settings": {"policy": config.policy, "policy_params": policy.params(),
-                     "kvplug_config": kvplug_config, "model": model, "batches": args.batch,
+                     "kvplug_config": kvplug_config,
+                     "model": Path(model).name,  # a name, not this machine's path
+                     "batches": args.batch,
                      "contexts": args.context, "decode_tokens": n, "repeats": args.repeats,
                      "seed": args.seed, "kv_space_gb": args.kv_space_gb, "engine": engine,
                      "engine_resolved": default["engine"], "long_max_model_len": long_len,

@@ -3,7 +3,8 @@ the same signature.  The reference is also the CPU execution path: launchers
 fall back to it on CPU tensors unless Triton runs in interpreter mode.
 
 * :func:`chunk_scores` / :func:`chunk_topk`: landmark (ShadowKV) and Quest
-  min/max chunk scoring with GQA reduction and top-k per (sequence, kv-head).
+  min/max chunk scoring with GQA reduction and top-k per (sequence, kv-head);
+  :func:`chunk_summaries` / :func:`landmarks` build those summaries from keys.
 * :func:`sparse_paged_decode`: decode attention over sink + recent window +
   selected chunks of a paged KV cache (dense and StreamingLLM as special cases);
   :func:`plan_sparse_decode` does its host work once per step (plan/run).
@@ -14,7 +15,7 @@ Shared conventions (GQA order, paged layout, RoPE form, dispatch) are in
 """
 
 from .chunk_select import (chunk_scores, chunk_scores_ref, chunk_summaries, chunk_topk,
-                           chunk_topk_ref, select_topk)
+                           chunk_topk_ref, landmarks, select_topk)
 from .common import (apply_rope, gather_paged, gather_paged_per_head, merge_attention_states,
                      rope_inv_freq)
 from .lowrank_rope import lowrank_rope_keys, lowrank_rope_keys_ref
@@ -23,7 +24,7 @@ from .sparse_decode import (SparseDecodePlan, plan_sparse_decode, selected_posit
 
 __all__ = [
     "SparseDecodePlan", "apply_rope", "chunk_scores", "chunk_scores_ref", "chunk_summaries",
-    "chunk_topk", "chunk_topk_ref", "gather_paged", "gather_paged_per_head",
+    "chunk_topk", "chunk_topk_ref", "gather_paged", "gather_paged_per_head", "landmarks",
     "lowrank_rope_keys", "lowrank_rope_keys_ref", "merge_attention_states",
     "plan_sparse_decode", "rope_inv_freq", "select_topk", "selected_positions",
     "sparse_paged_decode", "sparse_paged_decode_ref",

@@ -328,3 +328,50 @@ def chunk_summaries(keys: Tensor, chunk_size: int,
     kmin = x.nan_to_num(nan=float("inf")).amin(dim=2)
     kmax = x.nan_to_num(nan=float("-inf")).amax(dim=2)
     return mean.to(keys.dtype), kmin.to(keys.dtype), kmax.to(keys.dtype)
+
+
+def landmarks(keys: Tensor, chunk_size: int,
+              seq_lens: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """ShadowKV's per-chunk landmark and outlier score of contiguous keys.
+
+    The landmark is the chunk's mean key; ``min_cos`` is the least cosine
+    similarity between a key of the chunk and that mean.  A low ``min_cos``
+    means one key points away from the rest, so the mean represents it badly:
+    ShadowKV reads such *outlier* chunks exactly instead of by landmark.
+    https://arxiv.org/abs/2410.21465
+
+    Parameters
+    ----------
+    keys : Tensor
+        ``[B, S, H_kv, D]`` post-RoPE keys; ``S`` need not be a multiple of
+        ``chunk_size`` (the last chunk is partial).
+    chunk_size : int
+        Tokens per chunk.
+    seq_lens : Tensor, optional
+        ``[B]`` valid keys per sequence; keys at ``t >= seq_lens[b]`` are ignored.
+
+    Returns
+    -------
+    mean : Tensor
+        ``[B, cdiv(S, chunk_size), H_kv, D]`` in ``keys.dtype`` (averaged in fp32).
+    min_cos : Tensor
+        ``[B, cdiv(S, chunk_size), H_kv]`` fp32.  A partial chunk is summarized
+        over the keys it has; a chunk with no key has mean ``nan`` and
+        ``min_cos`` ``+inf`` (never an outlier).
+    """
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    B, S, H, D = keys.shape
+    C = -(-S // chunk_size)
+    x = torch.cat([keys.float(), keys.new_zeros(B, C * chunk_size - S, H, D, dtype=torch.float32)],
+                  dim=1).view(B, C, chunk_size, H, D)
+    limit = (torch.full((B,), S, device=keys.device) if seq_lens is None
+             else seq_lens.to(keys.device))
+    present = (torch.arange(C * chunk_size, device=keys.device)[None, :]
+               < limit[:, None]).view(B, C, chunk_size)
+    x = x * present[..., None, None]
+    count = present.sum(dim=2)[..., None, None]                              # [B, C, 1, 1]
+    mean = x.sum(dim=2) / count                                              # 0 / 0 = nan
+    cos = torch.nn.functional.cosine_similarity(x, mean[:, :, None], dim=-1)  # [B, C, cs, H]
+    min_cos = cos.masked_fill(~present[..., None], float("inf")).amin(dim=2)
+    return mean.to(keys.dtype), min_cos

@@ -3,7 +3,12 @@
 from kvplug.policies.base import (POLICIES, Policy, RequestState, RequestStats, build_policy,
                                   param, register_policy)
 from kvplug.policies.full import Full
-from kvplug.policies.selection import Quest, Selection, SelectionPolicy, StreamingLLM
+from kvplug.policies.selection import (KeySummary, Quest, Selection, SelectionPolicy,
+                                       StepContext, StreamingLLM, SummarySpec, recent_tokens)
+from kvplug.policies.shadowkv import ShadowKV
+from kvplug.policies.tidaldecode import TidalDecode
 
 __all__ = ["POLICIES", "Policy", "RequestState", "RequestStats", "build_policy", "param",
-           "register_policy", "Full", "Quest", "Selection", "SelectionPolicy", "StreamingLLM"]
+           "register_policy", "Full", "KeySummary", "Quest", "Selection", "SelectionPolicy",
+           "ShadowKV", "StepContext", "StreamingLLM", "SummarySpec", "TidalDecode",
+           "recent_tokens"]

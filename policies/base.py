@@ -103,6 +103,10 @@ class Policy:
             state.stats.kv_tokens_read += self.kv_tokens_read(context)
         state.stats.kv_tokens_stored = self.kv_tokens_kept(context)
 
+    def check_model(self, num_layers: int, num_kv_heads: int, unit: int) -> None:
+        """Bind the policy to a model and an engine read unit (tokens); ValueError if it
+        cannot run there.  Engines call it once per process, before any forward."""
+
     # -- description ---------------------------------------------------------
     @classmethod
     def parameters(cls) -> list[dataclasses.Field]:

@@ -4,19 +4,76 @@ step reads a subset of them (the *select* primitive of docs/design.md).
 One meaning of budget for all of them: KV tokens read per decode step per
 sequence (sink and recent window included), set either as ``budget`` (tokens)
 or as ``budget_ratio`` (fraction of the current context).  Prefill is dense.
+
+An engine reads KV in *units* (``StepContext.unit``): 1 token in the HF path,
+one KV block in vLLM.  Policies pick whole units, so that what they select is
+what the engine reads, and never more than the budget.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from kvplug.kernels import chunk_summaries, chunk_topk
+from kvplug.kernels import chunk_topk
 from kvplug.policies.base import Policy, param, register_policy
+
+SUMMARY_KINDS = ("minmax", "landmarks", "keys")
+
+
+@dataclass(frozen=True)
+class SummarySpec:
+    """What a layer's ``select`` needs the engine to keep about its keys.
+
+    ``kind``: ``"minmax"`` per-chunk key min and max (Quest); ``"landmarks"``
+    per-chunk key mean and the least cosine similarity of a key of the chunk
+    to that mean (ShadowKV's outlier test); ``"keys"`` every key
+    (``chunk_size`` 1).  Keys are post-RoPE, as attention reads them.
+    """
+
+    kind: str
+    chunk_size: int
+
+    def __post_init__(self) -> None:
+        if self.kind not in SUMMARY_KINDS:
+            raise ValueError(f"summary kind {self.kind!r} is not one of {list(SUMMARY_KINDS)}")
+
+
+@dataclass(frozen=True)
+class KeySummary:
+    """Key summaries of a batch, laid out as the engine stores them.
+
+    ``lo`` (min, mean or the keys themselves) and ``hi`` (max, ``minmax`` only)
+    are ``[N, P, H_kv, D]``; ``min_cos`` (``landmarks`` only) is ``[N, P, H_kv]``.
+    With ``table`` (``[B, pages]``) row ``b``'s page
+    ``j`` is ``lo[table[b, j]]`` (paged, as vLLM keeps them per KV block);
+    without it ``N == B`` and each row has one page of ``P`` chunks.  This is
+    the ``summary``/``summary_table`` form of :func:`kvplug.kernels.chunk_topk`.
+    """
+
+    lo: Tensor
+    hi: Tensor | None
+    table: Tensor | None
+    chunk_size: int
+    min_cos: Tensor | None = None
+
+
+@dataclass
+class StepContext:
+    """Per-decode-step facts an engine hands every layer's ``select``.
+
+    ``unit``: tokens the engine reads at a time; ``num_layers``: model depth;
+    ``scratch``: a dict shared by the layers of one step and cleared between
+    steps (TidalDecode keeps the last selection layer's choice there).
+    """
+
+    unit: int = 1
+    num_layers: int = 0
+    scratch: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -24,15 +81,25 @@ class Selection:
     """What one decode step of one layer reads, per (sequence, kv-head).
 
     The key set is the sink ``[0, n_sink)``, the recent window (last
-    ``n_recent`` tokens) and the chunks ``chunk_ids`` (``[B, H_kv, k]``,
-    ascending, ``-1`` unused) of ``chunk_size`` tokens, each token once; this
-    is exactly what :func:`kvplug.kernels.sparse_paged_decode` attends to.
+    ``n_recent`` tokens, an int or a ``[B]`` tensor) and the chunks
+    ``chunk_ids`` (``[B, H_kv, k]``, ascending, ``-1`` unused) of
+    ``chunk_size`` tokens, each token once; this is exactly what
+    :func:`kvplug.kernels.sparse_paged_decode` attends to.  kv-heads flagged in
+    ``dense_kv_heads`` (``[H_kv]`` bool) read the whole context instead.
     """
 
     chunk_ids: Tensor | None
     chunk_size: int
     n_sink: int
-    n_recent: int
+    n_recent: int | Tensor
+    dense_kv_heads: Tensor | None = None
+
+
+def recent_tokens(seq_lens: Tensor, units: Tensor | int, unit: int) -> Tensor:
+    """Tokens in the last ``units`` read units of each sequence (the partial one included)."""
+    tail = seq_lens - (seq_lens - 1) // unit * unit
+    units = torch.as_tensor(units, device=seq_lens.device).clamp_min(1)
+    return torch.minimum((units - 1) * unit + tail, seq_lens)
 
 
 @dataclass
@@ -54,14 +121,26 @@ class SelectionPolicy(Policy):
             return self.budget
         return max(1, math.ceil(self.budget_ratio * context_len))
 
+    def token_budgets(self, seq_lens: Tensor) -> Tensor:
+        """:meth:`token_budget` of each sequence (``[B]``)."""
+        if self.budget > 0:
+            return torch.full_like(seq_lens, self.budget)
+        return torch.ceil(seq_lens.double() * self.budget_ratio).long().clamp_min(1)
+
     def kv_tokens_read(self, context_len: int) -> int:
         return min(context_len, self.token_budget(context_len))
 
-    def summarize(self, layer_idx: int, keys: Tensor) -> Any:
-        """Per-layer key summary the selection needs; ``keys`` ``[B, L, H_kv, D]`` post-RoPE."""
+    def check_model(self, num_layers, num_kv_heads, unit):
+        super().check_model(num_layers, num_kv_heads, unit)
+        for layer in range(num_layers):
+            self.summary_spec(layer, unit)
+
+    def summary_spec(self, layer_idx: int, unit: int) -> SummarySpec | None:
+        """What ``select`` of this layer needs summarized; None: nothing."""
         return None
 
-    def select(self, layer_idx: int, q: Tensor, summary: Any, context_len: int) -> Selection | None:
+    def select(self, layer_idx: int, q: Tensor, summary: KeySummary | None, seq_lens: Tensor,
+               ctx: StepContext) -> Selection | None:
         """The key set of this decode step (``q`` ``[B, H_q, D]``); None = dense."""
         raise NotImplementedError
 
@@ -72,18 +151,23 @@ class StreamingLLM(SelectionPolicy):
     """Attention sinks plus a recent window.
 
     Based on https://arxiv.org/abs/2309.17453 (4 sink tokens).  Here a
-    decode-time read pattern: the cache keeps every token.
+    decode-time read pattern: the cache keeps every token.  In units larger
+    than a token the sink is the first unit.
     """
 
     summary = "reads n_sink first tokens + a recent window per decode step (bandwidth)"
     n_sink: int = param(4, "attention-sink tokens always read", min=0)
 
-    def select(self, layer_idx, q, summary, context_len):
-        budget = self.token_budget(context_len)
-        if budget >= context_len:
+    def select(self, layer_idx, q, summary, seq_lens, ctx):
+        budget = self.token_budgets(seq_lens)
+        fits = budget >= seq_lens
+        if bool(fits.all()):
             return None
-        n_sink = min(self.n_sink, budget)
-        return Selection(None, 1, n_sink, budget - n_sink)
+        unit = ctx.unit
+        sink_units = -(-self.n_sink // unit)
+        n_sink = min(sink_units * unit, int(budget.min()))
+        recent = recent_tokens(seq_lens, budget // unit - sink_units, unit)
+        return Selection(None, 1, n_sink, torch.where(fits, seq_lens, recent))
 
 
 @register_policy("quest")
@@ -95,27 +179,36 @@ class Quest(SelectionPolicy):
     max give ``sum_d max(q_d·min_d, q_d·max_d) >= q·k`` for every key of the
     page; the top pages by that bound are read.  The first ``dense_layers``
     layers stay dense (as in the paper); the current (last) page is always
-    read.  For GQA the bound is maxed over the query heads of a group.
+    read.  For GQA the bound is maxed over the query heads of a group.  A page
+    is at least one engine read unit (vLLM: one KV block).
     """
 
     summary = "reads the top pages by a min/max bound of q·k per decode step (bandwidth)"
-    page_size: int = param(16, "tokens per page", min=1)
+    page_size: int = param(16, "tokens per page (at least the engine's KV block)", min=1)
     dense_layers: int = param(2, "first layers kept dense", min=0)
 
-    def summarize(self, layer_idx, keys):
+    def page(self, unit: int) -> int:
+        if self.page_size <= unit:
+            return unit
+        if self.page_size % unit:
+            raise ValueError(f"policy 'quest': page_size={self.page_size} must be a multiple of "
+                             f"the engine's KV block size {unit} (or at most it)")
+        return self.page_size
+
+    def summary_spec(self, layer_idx, unit):
         if layer_idx < self.dense_layers:
             return None
-        _, kmin, kmax = chunk_summaries(keys, self.page_size)
-        return kmin, kmax
+        return SummarySpec("minmax", self.page(unit))
 
-    def select(self, layer_idx, q, summary, context_len):
-        budget = self.token_budget(context_len)
-        if layer_idx < self.dense_layers or budget >= context_len:
+    def select(self, layer_idx, q, summary, seq_lens, ctx):
+        budget = self.token_budgets(seq_lens)
+        fits = budget >= seq_lens
+        if layer_idx < self.dense_layers or bool(fits.all()):
             return None
-        kmin, kmax = summary
-        last_page_len = context_len - (context_len - 1) // self.page_size * self.page_size
-        num_pages = (context_len - 1) // self.page_size  # full pages before the last one
-        k = max(0, (budget - last_page_len) // self.page_size)
-        num = torch.full((q.shape[0],), num_pages, dtype=torch.int64, device=q.device)
-        ids = chunk_topk(q, kmin, num, k, summary_max=kmax)
-        return Selection(ids, self.page_size, 0, last_page_len)
+        page = self.page(ctx.unit)
+        last_page = recent_tokens(seq_lens, 1, page)
+        k_per_seq = ((budget - last_page) // page).clamp_min(0)
+        ids = chunk_topk(q, summary.lo, (seq_lens - 1) // page, int(k_per_seq.max()),
+                         summary_max=summary.hi, summary_table=summary.table,
+                         k_per_seq=k_per_seq)
+        return Selection(ids, page, 0, torch.where(fits, seq_lens, last_page))

@@ -126,7 +126,8 @@ def test_unsupported_policy_is_rejected(tiny_llama_dir):
         name = "unported"
 
     model = _load(tiny_llama_dir, "kvplug")
-    with pytest.raises(ValueError, match=r"'unported' is not supported .* it runs \['full'\] and every decode-time selection"):
+    with pytest.raises(ValueError, match=r"'unported' is not supported .* it runs "
+                                         r"\['full', 'shadowkv'\] and every decode-time selection"):
         kvhf.attach_policy(model, Unported())
 
 
@@ -158,7 +159,7 @@ def test_bundled_model_full_equals_sdpa(model_dir):
     assert torch.equal(out, ref), (tok.decode(ref[0, 500:]), tok.decode(out[0, 500:]))
 
 
-@pytest.mark.parametrize("policy", ["streamingllm", "quest"])
+@pytest.mark.parametrize("policy", ["streamingllm", "quest", "shadowkv"])
 def test_selection_policy_with_budget_over_context_equals_sdpa(tiny_llama_dir, policy):
     input_ids = torch.randint(0, 128, (1, 20), generator=torch.Generator().manual_seed(3))
     mask = torch.ones_like(input_ids)
@@ -173,8 +174,7 @@ def test_streamingllm_decode_attends_to_sink_and_recent_only():
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     torch.manual_seed(0)
-    module = torch.nn.Module()
-    module.layer_idx, module.num_key_value_groups, module.is_causal = 0, 2, True
+    module = _attention_module()
     q, k, v = torch.randn(2, 4, 1, 16), torch.randn(2, 2, 50, 16), torch.randn(2, 2, 50, 16)
     policy = kvhf.build_policy("streamingllm", {"budget": 12, "n_sink": 4})
     out, _ = kvhf._selection_attention(module, q, k, v, None, policy=policy, scaling=0.25)
@@ -190,3 +190,117 @@ def test_selection_policy_refuses_padded_batches(tiny_llama_dir):
     kvhf.attach_policy(model, "streamingllm", budget=4)
     with pytest.raises(ValueError, match="needs unpadded batches"):
         _greedy(model, input_ids, mask, 4)
+
+
+# -- shadowkv: the low-rank store ------------------------------------------------------------
+def _attention_module(rope_theta=10000.0, num_kv_heads=2, group=2, head_dim=16, layer_idx=0):
+    """What the HF attention interface reads of a Llama attention layer."""
+    config = LlamaConfig(hidden_size=num_kv_heads * group * head_dim,
+                         num_attention_heads=num_kv_heads * group,
+                         num_key_value_heads=num_kv_heads, head_dim=head_dim,
+                         num_hidden_layers=1, rope_theta=rope_theta)
+    module = torch.nn.Module()
+    module.config, module.layer_idx = config, layer_idx
+    module.num_key_value_groups, module.is_causal = group, True
+    return module
+
+
+def _shadowkv_step(policy, prompt_len=96, generated=3, batch=2, seed=0):
+    """Prefill a random prompt through the shadowkv path, then one decode step.
+
+    Returns the decode output, the query, the layer's exact keys and values
+    (``[B, H_kv, L, D]``, post-RoPE) and the prompt's landmarks.
+    """
+    from kvplug.kernels import apply_rope, landmarks, rope_inv_freq
+
+    g = torch.Generator().manual_seed(seed)
+    module = _attention_module()
+    H, G, D = 2, 2, 16
+    kv_len = prompt_len + generated
+    pre = torch.randn(batch, kv_len, H, D, generator=g)
+    keys = apply_rope(pre, torch.arange(kv_len)[:, None], rope_inv_freq(D)).transpose(1, 2)
+    values = torch.randn(batch, H, kv_len, D, generator=g)
+    q = torch.randn(batch, H * G, 1, D, generator=g)
+    prompt_q = torch.randn(batch, H * G, prompt_len, D, generator=g)
+    kvhf._shadowkv_attention(module, prompt_q, keys[:, :, :prompt_len], values[:, :, :prompt_len],
+                             None, policy=policy, scaling=0.25)
+    out, _ = kvhf._shadowkv_attention(module, q, keys, values, None, policy=policy, scaling=0.25)
+    mean, min_cos = landmarks(keys[:, :, :prompt_len].transpose(1, 2), 8)
+    return out, q, keys, values, kvhf.KeySummary(mean, None, None, 8, min_cos)
+
+
+def _attend(q, keys, values, read, scale):
+    """Attention of each query head over the positions its kv-head reads."""
+    B, H_q, _, D = q.shape
+    G = H_q // keys.shape[1]
+    out = torch.empty(B, 1, H_q, D)
+    for b in range(B):
+        for hq in range(H_q):
+            pos = sorted(read[b][hq // G])
+            w = torch.softmax(keys[b, hq // G, pos] @ q[b, hq, 0] * scale, dim=0)
+            out[b, 0, hq] = w @ values[b, hq // G, pos]
+    return out
+
+
+def test_shadowkv_full_rank_reads_exactly_the_selected_keys():
+    """Rank H_kv·D makes the low-rank store lossless: the decode output is
+    attention over the key set (prompt window, generated tokens, outliers, top
+    chunks) with exact keys; a rank-1 store changes it."""
+    prompt_len, generated, budget = 96, 3, 80
+    policy = kvhf.build_policy("shadowkv", {"budget": budget, "rank": 32})
+    out, q, keys, values, summary = _shadowkv_step(policy, prompt_len, generated)
+    B, H = keys.shape[:2]
+    prompt_lens = torch.full((B,), prompt_len)
+    selection, rebuilt = policy.choose(q[:, :, 0], summary, prompt_lens,
+                                       torch.full((B,), budget - generated), 1)
+    n_rebuilt = (rebuilt >= 0).sum(-1)
+    assert (n_rebuilt > 0).all() and ((selection.chunk_ids >= 0).sum(-1) > n_rebuilt).all()
+    window = int(selection.n_recent[0])
+    read = [[set(range(prompt_len - window, prompt_len + generated))
+             | {c * 8 + i for c in selection.chunk_ids[b, h].tolist() if c >= 0 for i in range(8)}
+             for h in range(H)] for b in range(B)]
+    assert all(len(r) <= budget for row in read for r in row)
+    assert all(len(r) < prompt_len for row in read for r in row)
+    want = _attend(q, keys, values, read, 0.25)
+    torch.testing.assert_close(out, want, atol=1e-4, rtol=1e-4)
+
+    low, *_ = _shadowkv_step(kvhf.build_policy("shadowkv", {"budget": budget, "rank": 1}),
+                             prompt_len, generated)
+    assert (low - want).abs().max() > 1e-2
+
+
+def test_shadowkv_budget_over_context_is_dense():
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    policy = kvhf.build_policy("shadowkv", {"budget": 99, "rank": 1})
+    out, q, keys, values, _ = _shadowkv_step(policy, 96, 3)
+    want, _ = sdpa_attention_forward(_attention_module(), q, keys, values, None, scaling=0.25,
+                                     is_causal=False)
+    torch.testing.assert_close(out, want)
+
+
+def test_shadowkv_generate_is_sparse_and_each_prompt_gets_its_own_store(tiny_llama_dir):
+    prompts = [torch.randint(3, 128, (1, 120), generator=torch.Generator().manual_seed(s))
+               for s in (1, 2)]
+    ref = _greedy(_load(tiny_llama_dir, "sdpa"), prompts[0], torch.ones_like(prompts[0]), 6)
+    model = _load(tiny_llama_dir, "kvplug")
+    kvhf.attach_policy(model, "shadowkv", budget=48, rank=4)
+    first = _greedy(model, prompts[0], torch.ones_like(prompts[0]), 6)
+    _greedy(model, prompts[1], torch.ones_like(prompts[1]), 6)
+    again = _greedy(model, prompts[0], torch.ones_like(prompts[0]), 6)
+    assert torch.equal(first[0], again[0]) and torch.equal(first[1], again[1])
+    assert not torch.allclose(first[1], ref[1], atol=1e-3)         # the decode is sparse
+
+
+def test_shadowkv_refusals():
+    policy = kvhf.build_policy("shadowkv", {"budget": 32})
+    module = _attention_module(layer_idx=7)
+    q, kv = torch.randn(1, 4, 1, 16), torch.randn(1, 2, 40, 16)
+    with pytest.raises(ValueError, match="a decode step of layer 7 without the prefill"):
+        kvhf._shadowkv_attention(module, q, kv, kv, None, policy=policy)
+    with pytest.raises(ValueError, match="prompt must come in one forward; got 4 new tokens "
+                                         "after 36 cached"):
+        kvhf._shadowkv_attention(module, torch.randn(1, 4, 4, 16), kv, kv, None, policy=policy)
+    module.config.rope_parameters = {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0}
+    with pytest.raises(ValueError, match="supports plain RoPE only"):
+        kvhf._shadowkv_attention(module, torch.randn(1, 4, 40, 16), kv, kv, None, policy=policy)

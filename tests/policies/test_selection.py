@@ -1,8 +1,12 @@
 import pytest
 import torch
 
-from kvplug.kernels import selected_positions
-from kvplug.policies import build_policy
+from kvplug.kernels import chunk_summaries, selected_positions
+from kvplug.policies import KeySummary, StepContext, build_policy
+
+
+def lens(*values):
+    return torch.tensor(values)
 
 
 @pytest.mark.parametrize("name", ["streamingllm", "quest"])
@@ -17,10 +21,11 @@ def test_exactly_one_budget_form(name):
 
 def test_streamingllm_reads_exactly_sink_and_recent():
     policy = build_policy("streamingllm", {"budget": 20, "n_sink": 4})
-    assert policy.select(0, torch.zeros(1, 3, 8), None, context_len=20) is None  # fits: dense
-    sel = policy.select(5, torch.zeros(2, 3, 8), None, context_len=100)
-    pos, valid = selected_positions(torch.tensor([100, 100]), sel.chunk_ids, sel.chunk_size,
-                                    sel.n_sink, sel.n_recent, num_kv_heads=3, max_len=100)
+    assert policy.select(0, torch.zeros(1, 3, 8), None, lens(20), StepContext()) is None  # fits
+    sel = policy.select(5, torch.zeros(2, 3, 8), None, lens(100, 100), StepContext())
+    assert sel.n_recent.tolist() == [16, 16]
+    pos, valid = selected_positions(lens(100, 100), sel.chunk_ids, sel.chunk_size,
+                                    sel.n_sink, 16, num_kv_heads=3, max_len=100)
     for row in range(2):
         for head in range(3):
             read = set(pos[row, head][valid[row, head]].tolist())
@@ -34,8 +39,11 @@ def test_quest_reads_the_page_whose_bound_is_highest():
     q = torch.randn(1, H_kv * G, D)
     keys[0, 37, 1] = q[0, 2] * 5            # one key of page 2 aligned with kv-head 1's query
     policy = build_policy("quest", {"budget": 2 * page, "page_size": page, "dense_layers": 1})
-    assert policy.summarize(0, keys) is None and policy.select(0, q, None, L) is None
-    sel = policy.select(3, q, policy.summarize(3, keys), L)
-    assert sel.chunk_size == page and sel.n_recent == page       # the last page, always
+    assert policy.summary_spec(0, 1) is None
+    assert policy.select(0, q, None, lens(L), StepContext()) is None
+    assert policy.summary_spec(3, 1).kind == "minmax"
+    _, kmin, kmax = chunk_summaries(keys, page)
+    sel = policy.select(3, q, KeySummary(kmin, kmax, None, page), lens(L), StepContext())
+    assert sel.chunk_size == page and sel.n_recent.tolist() == [page]  # the last page, always
     assert 2 in sel.chunk_ids[0, 1].tolist()
     assert sel.chunk_ids.shape[-1] == 1                          # (32 - 16) // 16 pages

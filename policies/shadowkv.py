@@ -1,0 +1,189 @@
+"""ShadowKV: low-rank pre-RoPE keys plus a few exact chunks, read by landmark.
+
+Based on https://arxiv.org/abs/2410.21465 (bytedance/ShadowKV).  At prefill,
+per layer: one SVD of the prompt's pre-RoPE keys reshaped ``[L, H_kv·D]``
+(all kv-heads together), keeping ``U[:, :rank]`` and ``SV``; per chunk of
+``chunk_size`` post-RoPE keys the landmark (mean key) and the least cosine of
+a key to it.  At each decode step a layer reads
+
+* the **local window**: the last ``local_chunks`` chunks plus the partial
+  current one, exactly;
+* the **outliers**: the chunks before the window whose ``min_cos`` is lowest
+  (a key pointing away from its landmark), exactly;
+* the **top chunks** by ``softmax(q·landmark / sqrt(D))``, maxed over the
+  GQA group, outliers excluded, with keys rebuilt as RoPE(``U[pos] @ SV``).
+
+Budget.  As for every selection policy, ``budget`` counts *all* tokens read
+per step (window, outliers and top chunks); ShadowKV's ``sparse_budget``
+counts the top chunks only.  With ``outlier_chunks=-1`` outliers take 3/16 of
+the budget, in whole chunks: ShadowKV's 48 outlier chunks of 8 tokens per
+2048-token budget (``(budget // 1024) * 24`` chunks at multiples of 1024),
+so never more than a quarter of it (with 8-token chunks the first outlier
+comes at a 43-token budget).  The current chunk is read even when the budget
+is smaller than a chunk.
+
+What is saved, and where:
+
+* **HF transformers (CPU or GPU):** the HF cache stays dense: every K and V
+  is kept, so memory is not reduced (``U``, ``SV`` and the landmarks come on
+  top of it).  The prompt is the compressed part, as in ShadowKV: generated
+  tokens are always read and never compressed, and the budget they leave is
+  spent on the prompt (once they fill it, only the prompt's current chunk is
+  read besides them).  Attention reads exact K/V for the window, the
+  generated tokens and the outliers, and for the top chunks exact values with
+  keys rebuilt from ``U`` (``rank`` numbers per token) and ``SV``; ShadowKV's
+  saving is the KV bytes this spares per decode step.  The path measures
+  accuracy, not speed: to rebuild keys it copies the layer's whole key cache
+  at each step, so it moves more bytes than dense attention.
+* **vLLM:** selection only.  Landmarks come from the KV writes, the selected
+  tokens' exact keys and values are read from vLLM's paged cache, there is
+  no low-rank store, and the window is counted from the end of the sequence
+  (generated tokens are chunked like the prompt).  Memory is not reduced; the
+  saving is the KV blocks read per decode step.
+* **CUDA:** ShadowKV's memory saving (values offloaded to host memory, keys
+  rebuilt on the GPU, so only ``U``, ``SV``, the landmarks and the exact
+  chunks stay there) is not implemented.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from kvplug.kernels import apply_rope, chunk_scores, select_topk
+from kvplug.policies.base import param, register_policy
+from kvplug.policies.selection import (KeySummary, Selection, SelectionPolicy, SummarySpec,
+                                       recent_tokens)
+
+# ShadowKV's settings (test/eval_acc.py): rank 160 for Llama-3-8B's H_kv·D = 8·128,
+# 48 outlier chunks of 8 tokens at a 2048-token sparse budget.
+_PAPER_RANK, _PAPER_KEY_WIDTH = 160, 1024
+_PAPER_OUTLIER_TOKENS, _PAPER_BUDGET = 48 * 8, 2048
+
+
+def undo_rope(keys: Tensor, positions: Tensor, inv_freq: Tensor) -> Tensor:
+    """Pre-RoPE keys (fp32) of post-RoPE ``keys`` ``[*P, D]`` at ``positions`` ``[*P]``.
+
+    RoPE rotates each pair of dimensions by ``position * inv_freq``; its
+    inverse is the rotation by the negated angle.
+    """
+    return apply_rope(keys, -positions, inv_freq)
+
+
+def lowrank_keys(pre_rope_keys: Tensor, rank: int) -> tuple[Tensor, Tensor]:
+    """ShadowKV's low-rank key store: ``U[:, :rank]`` and ``SV`` of one SVD per sequence.
+
+    ``pre_rope_keys`` ``[B, L, H_kv, D]`` is reshaped to ``[B, L, H_kv·D]`` (one
+    SVD for all kv-heads of the layer) and factored in fp32.  Returns ``u``
+    ``[B, L, r]`` and ``sv = diag(s_r) @ Vh_r`` ``[B, r, H_kv·D]``, the layout
+    :func:`kvplug.kernels.lowrank_rope_keys` takes, with ``r = min(rank, L,
+    H_kv·D)`` (an SVD has no more factors; at that rank the store is exact).
+    """
+    B, L, H, D = pre_rope_keys.shape
+    U, s, Vh = torch.linalg.svd(pre_rope_keys.float().reshape(B, L, H * D), full_matrices=False)
+    r = min(rank, s.shape[-1])
+    return U[..., :r], s[..., :r, None] * Vh[..., :r, :]
+
+
+@register_policy("shadowkv")
+@dataclass
+class ShadowKV(SelectionPolicy):
+    summary = ("reads a local window, outlier chunks and the top chunks by landmark per "
+               "decode step, their keys rebuilt from a low-rank store in HF (bandwidth)")
+    rank: int = param(0, "rank of the per-layer SVD of pre-RoPE keys, HF path (0: 160 per "
+                         "1024 of H_kv·head_dim, ShadowKV's Llama-3-8B setting)", min=0)
+    chunk_size: int = param(8, "tokens per chunk (at least the engine's KV block)", min=1)
+    local_chunks: int = param(4, "chunks of the local window, besides the current one", min=0)
+    outlier_chunks: int = param(-1, "outlier chunks read exactly (-1: 3/16 of the budget, "
+                                    "ShadowKV's 48 per 2048 tokens)", min=-1)
+
+    def chunk(self, unit: int) -> int:
+        if self.chunk_size <= unit:
+            return unit
+        if self.chunk_size % unit:
+            raise ValueError(f"policy 'shadowkv': chunk_size={self.chunk_size} must be a "
+                             f"multiple of the engine's KV block size {unit} (or at most it)")
+        return self.chunk_size
+
+    def key_rank(self, num_kv_heads: int, head_dim: int) -> int:
+        """The SVD rank for a layer of ``num_kv_heads`` heads of ``head_dim``."""
+        width = num_kv_heads * head_dim
+        if self.rank > width:
+            raise ValueError(f"policy 'shadowkv': rank={self.rank} exceeds H_kv·head_dim="
+                             f"{width} of this model")
+        return self.rank or max(1, round(_PAPER_RANK * width / _PAPER_KEY_WIDTH))
+
+    def outlier_budget(self, budgets: Tensor, chunk: int) -> Tensor:
+        """Outlier chunks per row (``[B]``) before the budget caps them."""
+        if self.outlier_chunks >= 0:
+            return torch.full_like(budgets, self.outlier_chunks)
+        return budgets * _PAPER_OUTLIER_TOKENS // (_PAPER_BUDGET * chunk)
+
+    def summary_spec(self, layer_idx, unit):
+        return SummarySpec("landmarks", self.chunk(unit))
+
+    def select(self, layer_idx, q, summary, seq_lens, ctx):
+        chosen = self.choose(q, summary, seq_lens, self.token_budgets(seq_lens), ctx.unit)
+        return None if chosen is None else chosen[0]
+
+    def choose(self, q: Tensor, summary: KeySummary, seq_lens: Tensor, budgets: Tensor,
+               unit: int) -> tuple[Selection, Tensor] | None:
+        """The key set of rows of ``seq_lens`` tokens, ``budgets`` (``[B]``) tokens each.
+
+        Returns the selection (window, then outliers and top chunks merged in
+        ``chunk_ids``) and the top chunks alone (``[B, H_kv, k]``, ``-1``
+        padded): those ShadowKV rebuilds from its low-rank store.  None: every
+        row reads its whole context.
+        """
+        chunk = self.chunk(unit)
+        if summary is None or summary.min_cos is None or summary.chunk_size != chunk:
+            raise ValueError(f"policy 'shadowkv' needs landmarks with min_cos over {chunk}-token "
+                             f"chunks; got {summary!r}")
+        window = recent_tokens(seq_lens, (budgets // chunk).clamp(1, self.local_chunks + 1), chunk)
+        window = torch.where(budgets >= seq_lens, seq_lens, window)
+        if bool((window >= seq_lens).all()):
+            return None
+        n_before = (seq_lens - window) // chunk              # full chunks before the window
+        left = (budgets - window).clamp_min(0)
+        n_out = torch.minimum(torch.minimum(self.outlier_budget(budgets, chunk), left // chunk),
+                              n_before)
+        n_top = torch.minimum((left - n_out * chunk) // chunk, n_before - n_out)
+
+        min_cos = _per_row(summary.min_cos, summary.table)   # [B, C, H_kv]
+        B, C, H = min_cos.shape
+        outliers = select_topk(-min_cos.transpose(1, 2), H, n_before, int(n_out.max()),
+                               k_per_seq=n_out, softmax=False)
+        # chunks never scored (+inf, e.g. filled over several vLLM writes) are no outliers
+        never = min_cos.transpose(1, 2).gather(2, outliers.long().clamp_min(0)).isinf()
+        outliers = _ascending(outliers.masked_fill(never, -1))
+
+        picked = torch.zeros(B, H, C + 1, dtype=torch.bool, device=q.device)
+        picked.scatter_(2, torch.where(outliers < 0, C, outliers).long(), True)
+        picked = picked[..., :C]
+        scores = chunk_scores(q, summary.lo, n_before, summary_table=summary.table)
+        G = scores.shape[1] // H
+        scores = scores.masked_fill(picked.repeat_interleave(G, dim=1), float("-inf"))
+        # ShadowKV: softmax over the landmarks per query head, then max over the group
+        probs = torch.softmax(scores, dim=-1).nan_to_num(0.0).view(B, H, G, C).amax(dim=2)
+        probs = probs.masked_fill(picked, float("-inf"))  # below any chunk, even one at p = 0
+        top = select_topk(probs, H, n_before, int(n_top.max()), k_per_seq=n_top, softmax=False)
+        ids = _ascending(torch.cat([outliers, top], dim=-1))
+        return Selection(ids, chunk, 0, window), top
+
+
+def _per_row(x: Tensor, table: Tensor | None) -> Tensor:
+    """Per-chunk values ``[N, P, ...]`` as ``[B, C, ...]`` rows (see :class:`KeySummary`)."""
+    if table is None:
+        return x
+    P = x.shape[1]
+    cols = torch.arange(table.shape[1] * P, device=x.device)
+    return x[table.long()[:, cols // P], cols % P]
+
+
+def _ascending(ids: Tensor) -> Tensor:
+    """Chunk ids sorted ascending along the last axis, ``-1`` (unused) last."""
+    big = torch.iinfo(ids.dtype).max
+    ids = torch.where(ids < 0, big, ids).sort(dim=-1).values
+    return torch.where(ids == big, -1, ids)

@@ -3,30 +3,197 @@
 The builder runs vLLM's own per-step planning and adds which request each
 row is; the dense path is vLLM's CPU attention kernel, unchanged, which is
 what makes the ``full`` policy token-identical to CPU_ATTN.
+
+Decode-time selection policies (plan once per step, run per layer):
+
+* the builder asks vLLM to put decode rows first (``reorder_batch_threshold``)
+  and splits the step into decode rows and the rest, each with its own
+  scheduler metadata;
+* per layer, the impl runs the rest (prefill chunks) densely, asks the policy
+  what each decode row reads, and runs vLLM's own CPU kernel once for the
+  whole decode batch over the cache viewed as ``[num_blocks·H_kv, 1, block,
+  2·D]``: every (row, kv-head) becomes a sequence of its ``G`` query heads with
+  its own gathered block table (:func:`selection_blocks`);
+* the policy's key summaries are kept per physical block beside the cache
+  (:class:`BlockSummaries`), updated in the KV write.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from vllm.v1.attention.backends.cpu_attn import (CPUAttentionBackend, CPUAttentionMetadata,
+import torch
+from vllm import _custom_ops as ops
+from vllm import envs
+from vllm.config import get_current_vllm_config
+from vllm.model_executor.models.utils import extract_layer_index
+from vllm.v1.attention.backends.cpu_attn import (CPUAttentionBackend, CPUAttentionBackendImpl,
+                                                 CPUAttentionMetadata,
                                                  CPUAttentionMetadataBuilder)
 
+from kvplug.integrations.vllm.block_summaries import BlockSummaries, selection_blocks
 from kvplug.integrations.vllm.common import KVPlugBackendMixin, Step, with_rows
+from kvplug.integrations.vllm.lifecycle import tracker, worker_policy
+from kvplug.policies import SelectionPolicy, StepContext
+
+
+@dataclass
+class DecodePlan:
+    """The step's decode rows (the first ``num_rows``) and how the rest runs."""
+
+    num_rows: int
+    seq_lens: torch.Tensor            # [num_rows] int64
+    block_table: torch.Tensor         # [num_rows, max_blocks]
+    dense: CPUAttentionMetadata       # the decode rows, for layers that read everything
+    rest: CPUAttentionMetadata | None  # the other rows (prefill chunks), dense
+    ctx: StepContext
 
 
 @dataclass
 class KVPlugCPUMetadata(CPUAttentionMetadata):
-    rows: Step | None = None  # the step's request of each row; None in dummy runs
+    rows: Step | None = None           # the step's request of each row; None in dummy runs
+    decode: DecodePlan | None = None   # set when a selection policy has decode rows
 
 
 class KVPlugCPUMetadataBuilder(CPUAttentionMetadataBuilder):
+    def __init__(self, kv_cache_spec, layer_names, vllm_config, device):
+        super().__init__(kv_cache_spec, layer_names, vllm_config, device)
+        _, self.policy = worker_policy(vllm_config)
+        self.sparse = isinstance(self.policy, SelectionPolicy)
+        self.num_layers = vllm_config.model_config.get_num_layers(vllm_config.parallel_config)
+        if self.sparse:
+            self._init_reorder_batch_threshold(1)  # decode rows first
+
+    def _schedule(self, seq_lens, query_start_loc, num_heads, num_kv_heads):
+        return ops.cpu_attn_get_scheduler_metadata(
+            num_reqs=seq_lens.shape[0], num_heads=num_heads, num_kv_heads=num_kv_heads,
+            head_dim=self.head_dim, seq_lens=seq_lens, dtype=self.dtype,
+            query_start_loc=query_start_loc, causal=True, sliding_window_size=self.window_size,
+            isa=self.isa, enable_kv_split=envs.VLLM_CPU_ATTN_SPLIT_KV,
+            kv_cache_dtype=self.kv_cache_dtype)
+
+    def _rows(self, md: CPUAttentionMetadata, lo: int, hi: int) -> CPUAttentionMetadata:
+        """vLLM's metadata restricted to rows ``[lo, hi)``."""
+        qsl = md.query_start_loc[lo:hi + 1] - md.query_start_loc[lo]
+        seq_lens = md.seq_lens[lo:hi]
+        return CPUAttentionMetadata(
+            num_actual_tokens=int(qsl[-1]), max_query_len=int((qsl[1:] - qsl[:-1]).max()),
+            query_start_loc=qsl, max_seq_len=int(seq_lens.max()), seq_lens=seq_lens,
+            block_table=md.block_table[lo:hi], slot_mapping=md.slot_mapping,
+            scheduler_metadata=self._schedule(seq_lens, qsl, self.num_heads, self.num_kv_heads),
+            causal=md.causal)
+
     def build(self, common_prefix_len, common_attn_metadata, fast_build=False):
-        metadata = super().build(common_prefix_len, common_attn_metadata, fast_build)
-        return with_rows(KVPlugCPUMetadata, metadata, common_attn_metadata.num_reqs)
+        md = super().build(common_prefix_len, common_attn_metadata, fast_build)
+        md = with_rows(KVPlugCPUMetadata, md, common_attn_metadata.num_reqs)
+        if self.sparse and md.rows is not None:
+            md.decode = self._plan(md, common_attn_metadata)
+        return md
+
+    def _plan(self, md, common) -> DecodePlan | None:
+        query_lens = common.query_start_loc_cpu[1:] - common.query_start_loc_cpu[:-1]
+        is_decode = (query_lens == 1).tolist() + [False]
+        num_rows = is_decode.index(False)
+        if num_rows == 0:
+            return None
+        rest = None if num_rows == common.num_reqs else self._rows(md, num_rows, common.num_reqs)
+        return DecodePlan(
+            num_rows=num_rows, seq_lens=md.seq_lens[:num_rows].long(),
+            block_table=md.block_table[:num_rows],
+            dense=self._rows(md, 0, num_rows), rest=rest,
+            ctx=StepContext(unit=self.block_size, num_layers=self.num_layers))
+
+
+class KVPlugCPUImpl(CPUAttentionBackendImpl):
+    """Dense prefill; the policy's selection for decode rows."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        _, policy = worker_policy(get_current_vllm_config())
+        self.policy = policy if isinstance(policy, SelectionPolicy) else None
+        self.layer_idx: int | None = None
+        self.summaries: BlockSummaries | None = None
+
+    def _bind(self, layer, kv_cache: torch.Tensor) -> None:
+        """Learn the layer index and size the summaries like the real cache."""
+        if self.layer_idx is None:
+            self.layer_idx = extract_layer_index(layer.layer_name)
+        num_blocks, _, block_size, _ = kv_cache.shape
+        if self.summaries is None or self.summaries.lo.shape[0] != num_blocks:
+            spec = self.policy.summary_spec(self.layer_idx, block_size)
+            if spec is not None:
+                self.summaries = BlockSummaries(spec, num_blocks, block_size, self.num_kv_heads,
+                                                self.head_size, kv_cache.dtype)
+
+    def do_kv_cache_update(self, layer, key, value, kv_cache, slot_mapping):
+        super().do_kv_cache_update(layer, key, value, kv_cache, slot_mapping)
+        if self.policy is not None and kv_cache.numel():
+            self._bind(layer, kv_cache)
+            if self.summaries is not None:
+                self.summaries.update(key, slot_mapping)
+
+    def forward(self, layer, query, key, value, kv_cache, attn_metadata, output,
+                output_scale=None, output_block_scale=None):
+        plan = getattr(attn_metadata, "decode", None)
+        if plan is None:
+            return super().forward(layer, query, key, value, kv_cache, attn_metadata, output,
+                                   output_scale, output_block_scale)
+        self._bind(layer, kv_cache)
+        n = plan.num_rows
+        if plan.rest is not None:
+            super().forward(layer, query[n:], key[n:], value[n:], kv_cache, plan.rest, output[n:])
+        summary = None if self.summaries is None else self.summaries.for_rows(plan.block_table)
+        selection = self.policy.select(self.layer_idx, query[:n], summary, plan.seq_lens, plan.ctx)
+        if selection is None:
+            super().forward(layer, query[:n], key[:n], value[:n], kv_cache, plan.dense, output[:n])
+        else:
+            self._sparse_decode(layer, query[:n], kv_cache, plan, selection, output[:n])
+            tracker().counts["sparse_decode_layers"] += 1
+        return output
+
+    def _sparse_decode(self, layer, query, kv_cache, plan, selection, output) -> None:
+        out = sparse_decode(query, kv_cache, selection, plan.seq_lens, plan.block_table,
+                            scale=self.scale, isa=layer.isa, softcap=self.logits_soft_cap,
+                            k_scale=layer._k_scale_float, v_scale=layer._v_scale_float,
+                            kv_cache_dtype=self.kv_cache_dtype)
+        output.copy_(out.view_as(output))
+
+
+def sparse_decode(query: torch.Tensor, kv_cache: torch.Tensor, selection, seq_lens: torch.Tensor,
+                  block_table: torch.Tensor, *, scale: float, isa: str, softcap: float = 0.0,
+                  k_scale: float = 1.0, v_scale: float = 1.0,
+                  kv_cache_dtype: str = "auto") -> torch.Tensor:
+    """vLLM's CPU kernel over the selected blocks, one sequence per (row, kv-head).
+
+    ``query`` ``[B, H_q, D]`` (one decode token per row), ``kv_cache`` one
+    layer's ``[num_blocks, H_kv, block, 2·D]``; returns ``[B·H_kv, G, D]``.
+    """
+    num_blocks, num_kv_heads, block_size, _ = kv_cache.shape
+    B, num_heads, head_dim = query.shape
+    table, lens = selection_blocks(selection, seq_lens, block_table, block_size, num_kv_heads)
+    per_head = kv_cache.view(num_blocks * num_kv_heads, 1, block_size * 2, head_dim)
+    key_cache, value_cache = per_head.chunk(2, dim=2)
+    queries = query.reshape(B * num_kv_heads, num_heads // num_kv_heads, head_dim)
+    out = torch.empty_like(queries)
+    starts = torch.arange(B * num_kv_heads + 1, dtype=torch.int32)
+    schedule = ops.cpu_attn_get_scheduler_metadata(
+        num_reqs=B * num_kv_heads, num_heads=queries.shape[1], num_kv_heads=1,
+        head_dim=head_dim, seq_lens=lens, dtype=query.dtype, query_start_loc=starts,
+        causal=True, sliding_window_size=-1, isa=isa,
+        enable_kv_split=envs.VLLM_CPU_ATTN_SPLIT_KV, kv_cache_dtype=kv_cache_dtype)
+    ops.cpu_attention_with_kv_cache(
+        query=queries, key_cache=key_cache, value_cache=value_cache, output=out,
+        query_start_loc=starts, seq_lens=lens, scale=scale, causal=True, alibi_slopes=None,
+        sliding_window=-1, block_table=table, softcap=softcap, scheduler_metadata=schedule,
+        s_aux=None, k_scale=k_scale, v_scale=v_scale, kv_cache_dtype=kv_cache_dtype)
+    return out
 
 
 class KVPlugCPUBackend(KVPlugBackendMixin, CPUAttentionBackend):
     @staticmethod
     def get_builder_cls():
         return KVPlugCPUMetadataBuilder
+
+    @staticmethod
+    def get_impl_cls():
+        return KVPlugCPUImpl

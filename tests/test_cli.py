@@ -7,7 +7,7 @@ from kvplug.cli import main
 def test_policies_lists_every_policy_and_engine_key(capsys):
     assert main(["policies"]) == 0
     out = capsys.readouterr().out
-    assert out.startswith("full: dense passthrough")
+    assert "\nfull: dense passthrough" in "\n" + out
     assert "log_every_steps: int = 200" in out and "log_request_stats: bool = True" in out
 
 

@@ -1,0 +1,191 @@
+"""DuoAttention: retrieval heads read the whole context, streaming heads sink + recent.
+
+Based on https://arxiv.org/abs/2410.10819 (mit-han-lab/duo-attention).  Each
+(layer, kv-head) has a gate α in [0, 1], optimized offline (``kvplug duo
+calibrate``) so that heads whose long-range attention does not change the
+model's output get α near 0.  At decode, heads with a high α (retrieval heads)
+read every KV token; the others (streaming heads) read the first
+``sink_size`` tokens and the last ``recent_size``.  The cache keeps every
+token: this is the read pattern, not the paper's split cache.
+
+A pattern is the paper's format: ``full_attention_heads.tsv``, the α matrix
+with one row per layer and one tab-separated column per kv-head, next to a
+``config.json`` of the calibration's arguments.  Binarization as the paper's
+``sparsify_attention_heads``: α >= ``threshold``, or the ``sparsity`` quantile
+of α; ties go to the earlier (layer, head) instead of random noise, so a split
+is deterministic.  With a ``budget`` the split follows the context instead:
+the most retrieval heads (top α) whose average read fits the budget.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from kvplug.policies.base import Policy, param, register_policy
+from kvplug.policies.selection import Selection, SelectionPolicy, recent_tokens
+
+PATTERN_FILE = "full_attention_heads.tsv"
+CONFIG_FILE = "config.json"
+BUNDLED = Path(__file__).parent / "patterns" / "SmolLM2-135M-Instruct"
+PAPER_THRESHOLD = 0.5
+
+
+def read_pattern(path: str | Path) -> Tensor:
+    """The α matrix ``[layers, kv_heads]`` (float64, clipped to [0, 1]) of a pattern dir or TSV."""
+    path = Path(path)
+    tsv = path / PATTERN_FILE if path.is_dir() else path
+    if not tsv.is_file():
+        raise FileNotFoundError(f"DuoAttention pattern {str(path)!r} is neither a {PATTERN_FILE} "
+                                f"file nor a directory holding one")
+    try:
+        rows = [[float(x) for x in line.split("\t")]
+                for line in tsv.read_text().splitlines() if line.strip()]
+    except ValueError as e:
+        raise ValueError(f"DuoAttention pattern {str(tsv)!r} is not a tab-separated matrix of "
+                         f"numbers: {e}") from None
+    if not rows or len({len(r) for r in rows}) != 1:
+        raise ValueError(f"DuoAttention pattern {str(tsv)!r} must have one row per layer with "
+                         f"the same number of kv-head columns; got row lengths "
+                         f"{[len(r) for r in rows]}")
+    return torch.tensor(rows, dtype=torch.float64).clamp(0, 1)
+
+
+def write_pattern(out_dir: str | Path, alpha: Tensor, config: dict[str, Any]) -> Path:
+    """Write ``full_attention_heads.tsv`` (as the paper's ``np.savetxt``) and ``config.json``."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    lines = ["\t".join(f"{v:.18e}" for v in row) for row in alpha.double().tolist()]
+    (out / PATTERN_FILE).write_text("\n".join(lines) + "\n")
+    (out / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
+    return out
+
+
+def top_heads(alpha: Tensor, n: int) -> Tensor:
+    """The ``n`` highest-α heads as a retrieval mask ``[layers, kv_heads]``; among equal α,
+    the earlier (layer, head)."""
+    mask = torch.zeros(alpha.numel(), dtype=torch.bool)
+    mask[torch.sort(-alpha.flatten(), stable=True).indices[:n]] = True
+    return mask.view(alpha.shape)
+
+
+def threshold_heads(alpha: Tensor, threshold: float) -> Tensor:
+    """Retrieval heads: α >= threshold."""
+    return alpha >= threshold
+
+
+def sparsity_heads(alpha: Tensor, sparsity: float) -> Tensor:
+    """The paper's ``np.quantile(α, sparsity)`` cut: the ``ceil(sparsity·(N-1))`` lowest
+    heads stream."""
+    n = alpha.numel()
+    streaming = n if sparsity >= 1 else math.ceil(round(sparsity * (n - 1), 9))
+    return top_heads(alpha, n - streaming)
+
+
+def budget_retrieval_count(num_heads: int, context_len: int, window: int, budget: int) -> int:
+    """Most retrieval heads n with ``n·L + (N-n)·min(L, window) <= budget·N``."""
+    if context_len <= window:
+        return num_heads
+    n = num_heads * (budget - window) // (context_len - window)
+    return max(0, min(num_heads, n))
+
+
+@register_policy("duoattention")
+@dataclass
+class DuoAttention(SelectionPolicy):
+    summary = "retrieval heads read all KV, streaming heads sink + recent (bandwidth)"
+    budget: int = param(0, "KV tokens read per decode step per sequence, averaged over layers "
+                           "and kv-heads: sets the split (0: no budget)", min=0)
+    budget_ratio: float = param(0.0, "the same as a fraction of the current context "
+                                     "(0: no budget)", min=0.0, max=1.0)
+    pattern: str = param("bundled", "pattern directory or full_attention_heads.tsv ('bundled': "
+                                    "calibrated for SmolLM2-135M-Instruct)")
+    threshold: float = param(-1.0, "α at or above it: retrieval head (-1: 0.5, the paper's, "
+                                   "unless sparsity or a budget is set)", min=-1.0, max=1.0)
+    sparsity: float = param(-1.0, "fraction of heads made streaming, lowest α first "
+                                  "(-1: unused)", min=-1.0, max=1.0)
+    sink_size: int = param(64, "first tokens a streaming head reads", min=0)
+    recent_size: int = param(256, "last tokens a streaming head reads", min=1)
+
+    def __post_init__(self) -> None:
+        Policy.__post_init__(self)  # the budget is optional here
+        for name in ("threshold", "sparsity"):
+            value = getattr(self, name)
+            if -1 < value < 0:
+                raise ValueError(f"policy 'duoattention': {name}={value} must be in [0, 1], "
+                                 "or -1 for unused")
+        chosen = [f"{k}={getattr(self, k)}" for k, unset in
+                  (("threshold", -1), ("sparsity", -1), ("budget", 0), ("budget_ratio", 0))
+                  if getattr(self, k) != unset]
+        if len(chosen) > 1:
+            raise ValueError(f"policy 'duoattention': set at most one of threshold, sparsity, "
+                             f"budget and budget_ratio; got {', '.join(chosen)}")
+        if 0 < self.budget < self.sink_size + self.recent_size:
+            raise ValueError(f"policy 'duoattention': budget={self.budget} is less than a "
+                             f"streaming head reads, sink_size + recent_size = "
+                             f"{self.sink_size + self.recent_size}")
+        self.alpha = read_pattern(BUNDLED if self.pattern == "bundled" else self.pattern)
+        if self.sparsity >= 0:
+            self.retrieval = sparsity_heads(self.alpha, self.sparsity)
+        else:
+            self.retrieval = threshold_heads(self.alpha, self.threshold if self.threshold >= 0
+                                             else PAPER_THRESHOLD)
+        self.unit = 1
+
+    def check_model(self, num_layers, num_kv_heads, unit):
+        """Refuse a pattern calibrated for another shape of model; remember the read unit."""
+        super().check_model(num_layers, num_kv_heads, unit)
+        layers, heads = self.alpha.shape
+        if (num_layers, num_kv_heads) != (layers, heads):
+            raise ValueError(f"policy 'duoattention': pattern {self.pattern!r} has {layers} "
+                             f"layers x {heads} kv-heads, the model {num_layers} x "
+                             f"{num_kv_heads}; calibrate one for it with `kvplug duo calibrate`")
+        self.unit = unit
+
+    def streaming_reads(self, seq_lens: Tensor, unit: int) -> tuple[int, Tensor]:
+        """(sink, recent) tokens of a streaming head, in whole read units."""
+        n_sink = -(-self.sink_size // unit) * unit
+        return n_sink, recent_tokens(seq_lens, -(-self.recent_size // unit), unit)
+
+    @property
+    def has_budget(self) -> bool:
+        return self.budget > 0 or self.budget_ratio > 0
+
+    def retrieval_count(self, context_len: int, window: int) -> int:
+        """Retrieval heads in the model at ``context_len`` (streaming heads read ``window``)."""
+        if not self.has_budget:
+            return int(self.retrieval.sum())
+        return budget_retrieval_count(self.alpha.numel(), context_len, window,
+                                      self.token_budget(context_len))
+
+    def kv_tokens_read(self, context_len: int) -> float:
+        """Average over layers and kv-heads of the tokens each reads."""
+        n_sink, recent = self.streaming_reads(torch.tensor([context_len]), self.unit)
+        window = min(context_len, n_sink + int(recent))
+        n, total = self.retrieval_count(context_len, window), self.alpha.numel()
+        return (n * context_len + (total - n) * window) / total
+
+    def retrieval_heads(self, seq_lens: Tensor, window: Tensor) -> Tensor:
+        """This step's ``[layers, kv_heads]`` split; a batch shares that of its tightest row."""
+        if not self.has_budget:
+            return self.retrieval
+        n = min(self.retrieval_count(L, W) for L, W in zip(seq_lens.tolist(), window.tolist()))
+        return top_heads(self.alpha, n)
+
+    def select(self, layer_idx, q, summary, seq_lens, ctx):
+        n_sink, recent = self.streaming_reads(seq_lens, ctx.unit)
+        window = torch.minimum(seq_lens, n_sink + recent)
+        if "duoattention" not in ctx.scratch:
+            ctx.scratch["duoattention"] = self.retrieval_heads(seq_lens, window).to(q.device)
+        retrieval = ctx.scratch["duoattention"][layer_idx]
+        fits = window == seq_lens
+        if bool(retrieval.all()) or bool(fits.all()):
+            return None
+        return Selection(None, 1, n_sink, torch.where(fits, seq_lens, recent),
+                         dense_kv_heads=retrieval)

@@ -159,11 +159,16 @@ class StreamingLLM(SelectionPolicy):
     n_sink: int = param(4, "attention-sink tokens always read", min=0)
 
     def select(self, layer_idx, q, summary, seq_lens, ctx):
+        """The same key set at every layer: made once per step (engines reuse its tables)."""
+        if "streamingllm" not in ctx.scratch:
+            ctx.scratch["streamingllm"] = self._window(seq_lens, ctx.unit)
+        return ctx.scratch["streamingllm"]
+
+    def _window(self, seq_lens: Tensor, unit: int) -> Selection | None:
         budget = self.token_budgets(seq_lens)
         fits = budget >= seq_lens
         if bool(fits.all()):
             return None
-        unit = ctx.unit
         sink_units = -(-self.n_sink // unit)
         n_sink = min(sink_units * unit, int(budget.min()))
         recent = recent_tokens(seq_lens, budget // unit - sink_units, unit)

@@ -20,7 +20,7 @@ Decode-time selection policies (plan once per step, run per layer):
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from vllm import _custom_ops as ops
@@ -47,6 +47,16 @@ class DecodePlan:
     dense: CPUAttentionMetadata       # the decode rows, for layers that read everything
     rest: CPUAttentionMetadata | None  # the other rows (prefill chunks), dense
     ctx: StepContext
+    # id(selection) -> (selection, per-head block table, lengths): layers that reuse a
+    # selection object (TidalDecode, StreamingLLM) build its block tables once per step
+    tables: dict = field(default_factory=dict)
+
+    def block_tables(self, selection, block_size: int, num_kv_heads: int):
+        hit = self.tables.get(id(selection))
+        if hit is None:
+            hit = self.tables[id(selection)] = (selection, *selection_blocks(
+                selection, self.seq_lens, self.block_table, block_size, num_kv_heads))
+        return hit[1:]
 
 
 @dataclass
@@ -152,25 +162,26 @@ class KVPlugCPUImpl(CPUAttentionBackendImpl):
         return output
 
     def _sparse_decode(self, layer, query, kv_cache, plan, selection, output) -> None:
-        out = sparse_decode(query, kv_cache, selection, plan.seq_lens, plan.block_table,
-                            scale=self.scale, isa=layer.isa, softcap=self.logits_soft_cap,
+        _, num_kv_heads, block_size, _ = kv_cache.shape
+        table, lens = plan.block_tables(selection, block_size, num_kv_heads)
+        out = sparse_decode(query, kv_cache, table, lens, scale=self.scale, isa=layer.isa, softcap=self.logits_soft_cap,
                             k_scale=layer._k_scale_float, v_scale=layer._v_scale_float,
                             kv_cache_dtype=self.kv_cache_dtype)
         output.copy_(out.view_as(output))
 
 
-def sparse_decode(query: torch.Tensor, kv_cache: torch.Tensor, selection, seq_lens: torch.Tensor,
-                  block_table: torch.Tensor, *, scale: float, isa: str, softcap: float = 0.0,
+def sparse_decode(query: torch.Tensor, kv_cache: torch.Tensor, table: torch.Tensor,
+                  lens: torch.Tensor, *, scale: float, isa: str, softcap: float = 0.0,
                   k_scale: float = 1.0, v_scale: float = 1.0,
                   kv_cache_dtype: str = "auto") -> torch.Tensor:
-    """vLLM's CPU kernel over the selected blocks, one sequence per (row, kv-head).
+    """vLLM's CPU kernel over selected blocks, one sequence per (row, kv-head).
 
     ``query`` ``[B, H_q, D]`` (one decode token per row), ``kv_cache`` one
-    layer's ``[num_blocks, H_kv, block, 2·D]``; returns ``[B·H_kv, G, D]``.
+    layer's ``[num_blocks, H_kv, block, 2·D]``, ``table``/``lens`` from
+    :func:`selection_blocks`; returns ``[B·H_kv, G, D]``.
     """
     num_blocks, num_kv_heads, block_size, _ = kv_cache.shape
     B, num_heads, head_dim = query.shape
-    table, lens = selection_blocks(selection, seq_lens, block_table, block_size, num_kv_heads)
     per_head = kv_cache.view(num_blocks * num_kv_heads, 1, block_size * 2, head_dim)
     key_cache, value_cache = per_head.chunk(2, dim=2)
     queries = query.reshape(B * num_kv_heads, num_heads // num_kv_heads, head_dim)

@@ -82,7 +82,8 @@ def test_sparse_decode_reads_exactly_the_selected_blocks(name):
     q = torch.randn(len(seq_lens), H_KV * GROUP, D)
     selection = SELECTIONS[name](len(seq_lens))
     lens = torch.tensor(seq_lens)
-    got = sparse_decode(q, kv_cache, selection, lens, table, scale=D ** -0.5, isa=ISA)
+    per_head, lengths = selection_blocks(selection, lens, table, BLOCK, H_KV)
+    got = sparse_decode(q, kv_cache, per_head, lengths, scale=D ** -0.5, isa=ISA)
     torch.testing.assert_close(got, _reference(q, keys, values, selection, seq_lens),
                                atol=2e-5, rtol=1e-4)
 

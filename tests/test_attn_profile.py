@@ -1,0 +1,14 @@
+import json
+
+from kvplug.cli import main
+
+
+def test_attn_profile_times_the_sparse_path_against_dense(capsys):
+    assert main(["attn-profile", "--config", '{"policy": "quest", "budget": 64}', "--batch", "2",
+                 "--context", "300", "--layers", "4", "--repeats", "1"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    parts = report["ms_per_decode_step"]
+    # quest: 2 dense layers, then select + block tables + kernel on the other 2
+    assert {"dense kernel (vLLM default path)", "kvplug: policy select", "kvplug: dense layers",
+            "kvplug: block tables", "kvplug: schedule + kernel"} == set(parts)
+    assert report["kvplug_attention_ms"] > 0

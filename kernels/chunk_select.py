@@ -295,6 +295,21 @@ def chunk_topk_ref(q: Tensor, summary: Tensor, num_chunks: Tensor, k: int, *,
                        reduce=reduce)
 
 
+def _chunked(keys: Tensor, chunk_size: int, seq_lens: Tensor | None) -> tuple[Tensor, Tensor]:
+    """Keys ``[B, S, H, D]`` as fp32 chunks ``[B, C, chunk_size, H, D]`` (zero-padded) and
+    which slots hold a key (``[B, C, chunk_size]``)."""
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    B, S, H, D = keys.shape
+    C = -(-S // chunk_size)
+    x = torch.cat([keys.float(), keys.new_zeros(B, C * chunk_size - S, H, D, dtype=torch.float32)],
+                  dim=1).view(B, C, chunk_size, H, D)
+    limit = (torch.full((B,), S, device=keys.device) if seq_lens is None
+             else seq_lens.to(keys.device))
+    present = torch.arange(C * chunk_size, device=keys.device)[None, :] < limit[:, None]
+    return x, present.view(B, C, chunk_size)
+
+
 def chunk_summaries(keys: Tensor, chunk_size: int,
                     seq_lens: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
     """Landmarks and Quest bounds of contiguous keys (a helper for policies and tests).
@@ -316,14 +331,8 @@ def chunk_summaries(keys: Tensor, chunk_size: int,
         partial chunk is summarized over the keys it has; chunks with no key
         are mean ``nan``, min ``+inf``, max ``-inf`` (callers mask them).
     """
-    B, S, H, D = keys.shape
-    C = -(-S // chunk_size)
-    x = torch.cat([keys.float(), keys.new_zeros(B, C * chunk_size - S, H, D, dtype=torch.float32)],
-                  dim=1)
-    limit = (torch.full((B,), S, device=keys.device) if seq_lens is None
-             else seq_lens.to(keys.device))
-    absent = torch.arange(C * chunk_size, device=keys.device)[None, :] >= limit[:, None]
-    x = x.masked_fill(absent[:, :, None, None], float("nan")).view(B, C, chunk_size, H, D)
+    x, present = _chunked(keys, chunk_size, seq_lens)
+    x = x.masked_fill(~present[..., None, None], float("nan"))
     mean = x.nanmean(dim=2)
     kmin = x.nan_to_num(nan=float("inf")).amin(dim=2)
     kmax = x.nan_to_num(nan=float("-inf")).amax(dim=2)
@@ -342,13 +351,8 @@ def landmarks(keys: Tensor, chunk_size: int,
 
     Parameters
     ----------
-    keys : Tensor
-        ``[B, S, H_kv, D]`` post-RoPE keys; ``S`` need not be a multiple of
-        ``chunk_size`` (the last chunk is partial).
-    chunk_size : int
-        Tokens per chunk.
-    seq_lens : Tensor, optional
-        ``[B]`` valid keys per sequence; keys at ``t >= seq_lens[b]`` are ignored.
+    keys, chunk_size, seq_lens
+        As in :func:`chunk_summaries`.
 
     Returns
     -------
@@ -359,16 +363,7 @@ def landmarks(keys: Tensor, chunk_size: int,
         over the keys it has; a chunk with no key has mean ``nan`` and
         ``min_cos`` ``+inf`` (never an outlier).
     """
-    if chunk_size < 1:
-        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
-    B, S, H, D = keys.shape
-    C = -(-S // chunk_size)
-    x = torch.cat([keys.float(), keys.new_zeros(B, C * chunk_size - S, H, D, dtype=torch.float32)],
-                  dim=1).view(B, C, chunk_size, H, D)
-    limit = (torch.full((B,), S, device=keys.device) if seq_lens is None
-             else seq_lens.to(keys.device))
-    present = (torch.arange(C * chunk_size, device=keys.device)[None, :]
-               < limit[:, None]).view(B, C, chunk_size)
+    x, present = _chunked(keys, chunk_size, seq_lens)
     x = x * present[..., None, None]
     count = present.sum(dim=2)[..., None, None]                              # [B, C, 1, 1]
     mean = x.sum(dim=2) / count                                              # 0 / 0 = nan

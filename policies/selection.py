@@ -102,6 +102,16 @@ def recent_tokens(seq_lens: Tensor, units: Tensor | int, unit: int) -> Tensor:
     return torch.minimum((units - 1) * unit + tail, seq_lens)
 
 
+def whole_units(policy: str, name: str, tokens: int, unit: int) -> int:
+    """A policy's chunk of ``tokens`` as the engine reads it: at least one unit, whole units."""
+    if tokens <= unit:
+        return unit
+    if tokens % unit:
+        raise ValueError(f"policy {policy!r}: {name}={tokens} must be a multiple of the "
+                         f"engine's KV block size {unit} (or at most it)")
+    return tokens
+
+
 @dataclass
 class SelectionPolicy(Policy):
     budget: int = param(0, "KV tokens read per decode step per sequence, sink and recent "
@@ -193,12 +203,7 @@ class Quest(SelectionPolicy):
     dense_layers: int = param(2, "first layers kept dense", min=0)
 
     def page(self, unit: int) -> int:
-        if self.page_size <= unit:
-            return unit
-        if self.page_size % unit:
-            raise ValueError(f"policy 'quest': page_size={self.page_size} must be a multiple of "
-                             f"the engine's KV block size {unit} (or at most it)")
-        return self.page_size
+        return whole_units(self.name, "page_size", self.page_size, unit)
 
     def summary_spec(self, layer_idx, unit):
         if layer_idx < self.dense_layers:

@@ -55,7 +55,7 @@ from torch import Tensor
 from kvplug.kernels import apply_rope, chunk_scores, select_topk
 from kvplug.policies.base import param, register_policy
 from kvplug.policies.selection import (KeySummary, Selection, SelectionPolicy, SummarySpec,
-                                       recent_tokens)
+                                       recent_tokens, whole_units)
 
 # ShadowKV's settings (test/eval_acc.py): rank 160 for Llama-3-8B's H_kv·D = 8·128,
 # 48 outlier chunks of 8 tokens at a 2048-token sparse budget.
@@ -100,12 +100,7 @@ class ShadowKV(SelectionPolicy):
                                     "ShadowKV's 48 per 2048 tokens)", min=-1)
 
     def chunk(self, unit: int) -> int:
-        if self.chunk_size <= unit:
-            return unit
-        if self.chunk_size % unit:
-            raise ValueError(f"policy 'shadowkv': chunk_size={self.chunk_size} must be a "
-                             f"multiple of the engine's KV block size {unit} (or at most it)")
-        return self.chunk_size
+        return whole_units(self.name, "chunk_size", self.chunk_size, unit)
 
     def key_rank(self, num_kv_heads: int, head_dim: int) -> int:
         """The SVD rank for a layer of ``num_kv_heads`` heads of ``head_dim``."""

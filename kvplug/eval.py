@@ -1,11 +1,17 @@
 """``kvplug eval``: the offline RULER suite over a policy × budget × length matrix.
 
-Each cell (one policy config at one context length) is one lm-eval run of the
+Each cell (one policy config at one context length) is lm-eval runs of the
 ``kvplug_ruler`` tasks (``kvplug.evals.ruler``) with the chat template applied,
-as the suite sizes its prompts.  Cells are written as they finish and skipped
-when their file exists, so an interrupted run resumes.  The dense reference
-runs in the same matrix: vLLM's default backend on the vLLM engine, ``full``
-(= transformers' SDPA) on the HF engine.
+as the suite sizes its prompts.  The dense reference runs in the same matrix:
+vLLM's default backend on the vLLM engine, ``full`` (= transformers' SDPA) on
+the HF engine.
+
+On the vLLM engine every kvplug config shares one engine (the others are its
+``switch_to`` policies) with the prefix cache on: per group of
+``--samples-per-prefill`` samples, the prompts are prefilled once (densely, as
+every policy here prefills) and each config then only decodes, switched in by
+``set_policy``.  Groups are written as they finish and merged into a cell,
+and finished groups and cells are skipped, so an interrupted run resumes.
 
 Outputs in ``--out``: ``cells/*.json`` (scores and per-sample needle depths),
 ``results.json`` / ``results.csv`` / ``results.md`` (RULER per-length means,
@@ -68,6 +74,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="budget_ratio values for policies that take a budget")
     p.add_argument("--lengths", type=_csv(int), default=[4096, 8192])
     p.add_argument("--num-samples", type=int, default=20, help="samples per task and length")
+    p.add_argument("--samples-per-prefill", type=int, default=None,
+                   help="vllm engine: samples per task prefilled once and decoded by every "
+                        "kvplug config (default: all; the KV pool must hold tasks x this x "
+                        "length tokens, or the prefix cache evicts and prefill repeats)")
     p.add_argument("--protocol", choices=tuple(GROUPS), default="query_aware")
     p.add_argument("--tasks", type=_csv(str), default=None,
                    help="lm-eval task names (default: the protocol's whole group)")
@@ -97,7 +107,10 @@ def matrix(policies: list[str], budgets: list[float], engine: str,
     return configs
 
 
-def _make_lm(config: CellConfig, engine: str, model: str, max_len: int):
+def _make_lm(configs: list[CellConfig], engine: str, model: str, max_len: int):
+    """An lm-eval model for ``configs``: one config, or (vllm) kvplug configs that share
+    an engine started on the first, with the others as its ``switch_to`` policies."""
+    config = configs[0]
     if engine == "hf":
         from lm_eval.models.huggingface import HFLM
 
@@ -109,10 +122,12 @@ def _make_lm(config: CellConfig, engine: str, model: str, max_len: int):
     from lm_eval.models.vllm_causallms import VLLM
 
     kwargs = dict(pretrained=model, dtype="float32", max_model_len=max_len, enforce_eager=True,
-                  enable_prefix_caching=False)
+                  enable_prefix_caching=False, batch_size="auto")
     if config.policy != BASELINE:
-        kwargs |= dict(attention_backend="kvplug",
-                       additional_config={"kvplug": config.kvplug_config()})
+        kvplug = config.kvplug_config() | {
+            "switch_to": [c.kvplug_config() for c in configs[1:]]}
+        kwargs |= dict(attention_backend="kvplug", enable_prefix_caching=True,
+                       additional_config={"kvplug": kvplug})
     return VLLM(**kwargs)
 
 
@@ -122,22 +137,36 @@ def _release(lm) -> None:
         engine.engine_core.shutdown()
 
 
-def run_cell(lm, tasks: list[str], model: str, length: int, num_samples: int) -> dict:
-    """One lm-eval run at one length: per-task scores and per-sample depths."""
+def run_cell(lm, tasks: list[str], model: str, length: int, num_samples: int,
+             first_sample: int = 0) -> dict:
+    """One lm-eval run at one length (samples ``first_sample`` on): per-task scores and
+    per-sample depths."""
     from lm_eval import simple_evaluate
     from lm_eval.tasks import TaskManager
 
     from kvplug.evals.ruler import LM_EVAL_TASKS_DIR
     from kvplug.evals.ruler.scoring import scores_from_lm_eval
 
-    metadata = {"tokenizer": model, "max_seq_lengths": [length], "num_samples": num_samples}
+    metadata = {"tokenizer": model, "max_seq_lengths": [length], "num_samples": num_samples,
+                "first_sample": first_sample}
     manager = TaskManager(include_path=str(LM_EVAL_TASKS_DIR), metadata=metadata)
     out = simple_evaluate(model=lm, tasks=tasks, apply_chat_template=True, log_samples=True,
                           task_manager=manager)
     scores = {task: per_len[length] for task, per_len in scores_from_lm_eval(out).items()}
-    samples = [{"task": task, "depths": s["doc"]["depths"], "score": s[str(length)]}
+    samples = [{"task": task, "index": s["doc"]["index"], "depths": s["doc"]["depths"],
+                "score": s[str(length)]}
                for task, rows in out["samples"].items() for s in rows]
     return {"scores": scores, "samples": samples}
+
+
+def merge_groups(groups: list[dict]) -> dict:
+    """One cell from its sample groups: a task's score is the mean over all its samples."""
+    samples = [s for g in groups for s in g["samples"]]
+    by_task: dict[str, list[float]] = {}
+    for s in samples:
+        by_task.setdefault(s["task"], []).append(s["score"])
+    return {"scores": {t: sum(v) / len(v) for t, v in by_task.items()}, "samples": samples,
+            "seconds": round(sum(g.get("seconds", 0.0) for g in groups), 1)}
 
 
 def summarize_cells(cells: dict[str, dict[int, dict]]) -> list[dict]:
@@ -214,10 +243,18 @@ def plot(rows: list[dict], cells: dict[str, dict[int, dict]], configs: list[Cell
     plt.close(fig)
 
 
+def _timed_cell(lm, *args) -> dict:
+    t0 = time.monotonic()
+    cell = run_cell(lm, *args)
+    cell["seconds"] = round(time.monotonic() - t0, 1)
+    return cell
+
+
 def run(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from kvplug import models
+    from kvplug.integrations.vllm import set_policy
 
     model = args.model or str(models.model_dir(None))
     if not Path(model).is_dir():
@@ -225,6 +262,10 @@ def run(args: argparse.Namespace) -> int:
                                 "`kvplug models fetch` or pass --model DIR")
     if args.num_samples < 1:
         raise ValueError(f"--num-samples must be >= 1, got {args.num_samples}")
+    group = args.samples_per_prefill or args.num_samples
+    if not 1 <= group <= args.num_samples:
+        raise ValueError(f"--samples-per-prefill must be in [1, --num-samples="
+                         f"{args.num_samples}], got {group}")
     configs = matrix(args.policies, args.budgets, args.engine, not args.no_baseline)
     tasks = args.tasks or [GROUPS[args.protocol]]
     os.environ.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", "0")
@@ -233,23 +274,48 @@ def run(args: argparse.Namespace) -> int:
     (out / "cells").mkdir(parents=True, exist_ok=True)
     max_len = max(args.lengths) + 256  # room for the chat template's and the answer's tokens
 
-    cells: dict[str, dict[int, dict]] = {}
+    def path(config: CellConfig, length: int, first: int | None = None) -> Path:
+        part = "" if first is None else f".from{first}"
+        return out / "cells" / f"{config.label}-{args.protocol}-{length}{part}.json"
+
     bar = tqdm(total=len(configs) * len(args.lengths), desc="kvplug eval", unit="cell")
-    for config in configs:
+    # on the vLLM engine, kvplug configs share one engine; every other config has its own
+    shared = [c for c in configs if c.policy != BASELINE] if args.engine == "vllm" else []
+    for config in [c for c in configs if c not in shared]:
         lm = None
         for length in args.lengths:
-            path = out / "cells" / f"{config.label}-{args.protocol}-{length}.json"
-            if not path.exists():
-                lm = lm or _make_lm(config, args.engine, model, max_len)
-                t0 = time.monotonic()
-                cell = run_cell(lm, tasks, model, length, args.num_samples)
-                cell["seconds"] = round(time.monotonic() - t0, 1)
-                path.write_text(json.dumps(cell))
-            cells.setdefault(config.label, {})[length] = json.loads(path.read_text())
+            if not path(config, length).exists():
+                lm = lm or _make_lm([config], args.engine, model, max_len)
+                cell = _timed_cell(lm, tasks, model, length, args.num_samples)
+                path(config, length).write_text(json.dumps(cell))
             bar.update()
         if lm is not None:
             _release(lm)
+    lm = None
+    for length in args.lengths:
+        todo = [c for c in shared if not path(c, length).exists()]
+        bar.update(len(shared) - len(todo))
+        for first in range(0, args.num_samples, group):
+            count = min(group, args.num_samples - first)
+            for config in todo:
+                part = path(config, length, first)
+                if not part.exists():
+                    lm = lm or _make_lm(shared, args.engine, model, max_len)
+                    set_policy(lm.model, config.kvplug_config())
+                    part.write_text(json.dumps(_timed_cell(lm, tasks, model, length, count,
+                                                           first)))
+        for config in todo:
+            parts = [path(config, length, f) for f in range(0, args.num_samples, group)]
+            cell = merge_groups([json.loads(p.read_text()) for p in parts])
+            path(config, length).write_text(json.dumps(cell))
+            for p in parts:
+                p.unlink()
+            bar.update()
+    if lm is not None:
+        _release(lm)
     bar.close()
+    cells = {c.label: {n: json.loads(path(c, n).read_text()) for n in args.lengths}
+             for c in configs}
 
     rows = summarize_cells(cells)
     command = "kvplug eval " + shlex.join(sys.argv[2:] if sys.argv[1:2] == ["eval"] else sys.argv[1:])

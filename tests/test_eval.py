@@ -7,7 +7,8 @@ import sys
 
 import pytest
 
-from kvplug.eval import BASELINE, CellConfig, matrix, plot, summarize_cells, write_tables
+from kvplug.eval import (BASELINE, CellConfig, matrix, merge_groups, plot, summarize_cells,
+                         write_tables)
 
 
 def test_matrix_expands_budgets_only_for_budgeted_policies():
@@ -50,15 +51,35 @@ def test_tables_and_plots_from_cells(tmp_path):
     assert (tmp_path / "depth_heatmap.png").stat().st_size > 0
 
 
+def test_merge_groups_weighs_every_sample_once():
+    a = {"scores": {}, "seconds": 2.0, "samples": [{"task": "t", "score": 100.0},
+                                                    {"task": "u", "score": 0.0}]}
+    b = {"scores": {}, "seconds": 3.0, "samples": [{"task": "t", "score": 0.0},
+                                                    {"task": "t", "score": 50.0}]}
+    cell = merge_groups([a, b])
+    assert cell["scores"] == {"t": 50.0, "u": 0.0} and cell["seconds"] == 5.0
+    assert len(cell["samples"]) == 4
+
+
 @pytest.mark.engine
-def test_one_cell_through_lm_eval_vllm_with_kvplug(model_dir, tmp_path):
+def test_two_configs_share_one_engine_through_lm_eval_vllm(model_dir, tmp_path):
+    """full and quest on one kvplug engine, one sample per prefill group (2 groups)."""
     out = subprocess.run([sys.executable, "-m", "kvplug", "eval", "--model", str(model_dir),
-                          "--no-baseline", "--tasks", "kvplug_ruler_passkey", "--lengths", "1024",
-                          "--num-samples", "2", "--kv-space-gb", "1", "--out", str(tmp_path)],
+                          "--no-baseline", "--policies", "full,quest", "--budgets", "0.5",
+                          "--tasks", "kvplug_ruler_passkey", "--lengths", "1024",
+                          "--num-samples", "2", "--samples-per-prefill", "1",
+                          "--kv-space-gb", "1", "--out", str(tmp_path)],
                          capture_output=True, text=True, timeout=900)
-    assert out.returncode == 0, (out.stdout + out.stderr)[-3000:]
-    assert "kvplug config: policy=full" in out.stdout + out.stderr   # the kvplug backend ran it
-    cell = json.loads((tmp_path / "cells" / "full-query_aware-1024.json").read_text())
-    assert set(cell["scores"]) == {"kvplug_ruler_passkey"} and len(cell["samples"]) == 2
+    log = out.stdout + out.stderr
+    assert out.returncode == 0, log[-3000:]
+    assert log.count("kvplug config: policy=full") == 1     # one engine, started on full
+    assert "switched to policy {'policy': 'quest', 'budget_ratio': 0.5}" in log
+    for label in ("full", "quest@0.5"):
+        cell = json.loads((tmp_path / "cells" / f"{label}-query_aware-1024.json").read_text())
+        assert set(cell["scores"]) == {"kvplug_ruler_passkey"}
+        assert sorted(s["index"] for s in cell["samples"]) == [0, 1]
+    assert sorted(p.name for p in (tmp_path / "cells").iterdir()) == [
+        "full-query_aware-1024.json", "quest@0.5-query_aware-1024.json"]   # groups merged
     rows = json.loads((tmp_path / "results.json").read_text())["rows"]
-    assert rows[0]["config"] == "full" and 0.0 <= rows[0]["avg"] <= 100.0
+    assert [r["config"] for r in rows] == ["full", "quest@0.5"]
+    assert all(0.0 <= r["avg"] <= 100.0 for r in rows)

@@ -4,7 +4,8 @@ lm-eval calls ``load_docs`` with ``--model_args``, ``--metadata`` and the
 task's ``dataset_kwargs`` merged: the tokenizer comes from ``tokenizer``,
 ``pretrained`` or ``model`` (a local directory works offline), lengths from
 ``max_seq_lengths`` (default ``[4096]``), and ``num_samples`` (default 500, as
-RULER) and ``seed`` (default 42) from the metadata.  Each document is a
+RULER), ``seed`` (default 42) and ``first_sample`` (default 0; a later range of
+the same samples) from the metadata.  Each document is a
 ``synth.Sample`` plus ``protocol`` and ``gen_prefix`` (the answer prefix
 lm-eval appends after a space, or as the started assistant turn).
 """
@@ -28,7 +29,7 @@ def _tokenizer(name: str):
 
 
 def load_docs(ruler_task: str, protocol: str, max_seq_lengths=(4096,), num_samples: int = 500,
-              seed: int = 42, **model_args):
+              seed: int = 42, first_sample: int = 0, **model_args):
     """lm-eval's ``custom_dataset``: the task's samples as a ``test`` split."""
     import datasets
 
@@ -40,7 +41,8 @@ def load_docs(ruler_task: str, protocol: str, max_seq_lengths=(4096,), num_sampl
         raise ValueError("kvplug_ruler sizes prompts with the model's tokenizer: pass "
                          "tokenizer=<dir> in --model_args or --metadata")
     lengths = [max_seq_lengths] if isinstance(max_seq_lengths, int) else list(max_seq_lengths)
-    samples = synth.generate(ruler_task, _tokenizer(name), lengths, int(num_samples), int(seed))
+    samples = synth.generate(ruler_task, _tokenizer(name), lengths, int(num_samples), int(seed),
+                             first_sample=int(first_sample))
     rows = [asdict(s) | {"protocol": protocol, "gen_prefix": s.answer_prefix.lstrip()}
             for s in samples]
     return {"test": datasets.Dataset.from_list(rows)}

@@ -550,12 +550,14 @@ def _sample(task: str, tokens: _Tokens, max_length: int, index: int, seed: int) 
 
 
 def generate(task: str, tokenizer, max_lengths: Sequence[int], num_samples: int,
-             seed: int = 42, chat: bool | None = None) -> list[Sample]:
-    """``num_samples`` samples of ``task`` per length, interleaved across lengths.
+             seed: int = 42, chat: bool | None = None, first_sample: int = 0) -> list[Sample]:
+    """Samples ``first_sample ..`` ``first_sample + num_samples - 1`` of ``task`` per
+    length, interleaved across lengths.
 
     Sample ``i`` of every length precedes sample ``i + 1`` of any, so a harness's
     ``--limit`` still covers each length.  Each sample is seeded by ``(seed,
-    task, max_length, index)``: the same arguments give the same samples.
+    task, max_length, index)``: the same arguments give the same samples, and
+    a range of indices is a slice of a longer run's samples.
     ``chat`` sizes on the chat-templated prompt; by default, when the tokenizer
     has a chat template.
     """
@@ -565,4 +567,4 @@ def generate(task: str, tokenizer, max_lengths: Sequence[int], num_samples: int,
         chat = getattr(tokenizer, "chat_template", None) is not None
     tokens = _Tokens(tokenizer, chat)
     return [_sample(task, tokens, length, i, seed)
-            for i in range(num_samples) for length in max_lengths]
+            for i in range(first_sample, first_sample + num_samples) for length in max_lengths]

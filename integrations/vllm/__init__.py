@@ -44,4 +44,19 @@ def attention_backends(llm) -> dict[str, int]:
     return total
 
 
-__all__ = ["BACKEND_NAME", "register", "request_states", "attention_backends"]
+def set_policy(llm, config: dict) -> None:
+    """Switch an idle ``vllm.LLM`` to another of its configured policies.
+
+    ``config`` is ``{"policy": name, **params}`` and must be the engine's
+    policy or one of its ``switch_to`` configs (their key summaries are kept
+    from the start, so cached prefixes serve the new policy at once).  The
+    next request to start runs the new policy.
+    """
+    running = llm.llm_engine.get_num_unfinished_requests()
+    if running:
+        raise RuntimeError(f"kvplug: set_policy needs an idle engine; {running} requests "
+                           "are unfinished")
+    llm.collective_rpc("kvplug_set_policy", args=(dict(config),))
+
+
+__all__ = ["BACKEND_NAME", "register", "request_states", "attention_backends", "set_policy"]

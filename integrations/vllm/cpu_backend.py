@@ -34,7 +34,7 @@ from vllm.v1.attention.backends.cpu_attn import (CPUAttentionBackend, CPUAttenti
 from kvplug.integrations.vllm.block_summaries import BlockSummaries, selection_blocks
 from kvplug.integrations.vllm.common import KVPlugBackendMixin, Step, with_rows
 from kvplug.integrations.vllm.lifecycle import tracker, worker_policy
-from kvplug.policies import SelectionPolicy, StepContext
+from kvplug.policies import SelectionPolicy, StepContext, SummarySpec
 
 
 @dataclass
@@ -68,10 +68,9 @@ class KVPlugCPUMetadata(CPUAttentionMetadata):
 class KVPlugCPUMetadataBuilder(CPUAttentionMetadataBuilder):
     def __init__(self, kv_cache_spec, layer_names, vllm_config, device):
         super().__init__(kv_cache_spec, layer_names, vllm_config, device)
-        _, self.policy = worker_policy(vllm_config)
-        self.sparse = isinstance(self.policy, SelectionPolicy)
+        self.worker = worker_policy(vllm_config)
         self.num_layers = vllm_config.model_config.get_num_layers(vllm_config.parallel_config)
-        if self.sparse:
+        if self.worker.any_selection:
             self._init_reorder_batch_threshold(1)  # decode rows first
 
     def _schedule(self, seq_lens, query_start_loc, num_heads, num_kv_heads):
@@ -96,7 +95,7 @@ class KVPlugCPUMetadataBuilder(CPUAttentionMetadataBuilder):
     def build(self, common_prefix_len, common_attn_metadata, fast_build=False):
         md = super().build(common_prefix_len, common_attn_metadata, fast_build)
         md = with_rows(KVPlugCPUMetadata, md, common_attn_metadata.num_reqs)
-        if self.sparse and md.rows is not None:
+        if isinstance(self.worker.policy, SelectionPolicy) and md.rows is not None:
             md.decode = self._plan(md, common_attn_metadata)
         return md
 
@@ -119,10 +118,10 @@ class KVPlugCPUImpl(CPUAttentionBackendImpl):
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        _, policy = worker_policy(get_current_vllm_config())
-        self.policy = policy if isinstance(policy, SelectionPolicy) else None
+        self.worker = worker_policy(get_current_vllm_config())
         self.layer_idx: int | None = None
-        self.summaries: BlockSummaries | None = None
+        # one store per summary kind any of the worker's policies reads at this layer
+        self.summaries: dict[SummarySpec, BlockSummaries] = {}
         self._bound_cache_shape: torch.Size | None = None
 
     def _bind(self, layer, kv_cache: torch.Tensor) -> None:
@@ -132,16 +131,17 @@ class KVPlugCPUImpl(CPUAttentionBackendImpl):
         self._bound_cache_shape = kv_cache.shape
         self.layer_idx = extract_layer_index(layer.layer_name)
         num_blocks, _, block_size, _ = kv_cache.shape
-        spec = self.policy.summary_spec(self.layer_idx, block_size)
-        self.summaries = None if spec is None else BlockSummaries(
-            spec, num_blocks, block_size, self.num_kv_heads, self.head_size, kv_cache.dtype)
+        self.summaries = {
+            spec: BlockSummaries(spec, num_blocks, block_size, self.num_kv_heads,
+                                 self.head_size, kv_cache.dtype)
+            for spec in self.worker.summary_specs(self.layer_idx, block_size)}
 
     def do_kv_cache_update(self, layer, key, value, kv_cache, slot_mapping):
         super().do_kv_cache_update(layer, key, value, kv_cache, slot_mapping)
-        if self.policy is not None and kv_cache.numel():
+        if self.worker.any_selection and kv_cache.numel():
             self._bind(layer, kv_cache)
-            if self.summaries is not None:
-                self.summaries.update(key, slot_mapping)
+            for store in self.summaries.values():
+                store.update(key, slot_mapping)
 
     def forward(self, layer, query, key, value, kv_cache, attn_metadata, output,
                 output_scale=None, output_block_scale=None):
@@ -153,8 +153,10 @@ class KVPlugCPUImpl(CPUAttentionBackendImpl):
         n = plan.num_rows
         if plan.rest is not None:
             super().forward(layer, query[n:], key[n:], value[n:], kv_cache, plan.rest, output[n:])
-        summary = None if self.summaries is None else self.summaries.for_rows(plan.block_table)
-        selection = self.policy.select(self.layer_idx, query[:n], summary, plan.seq_lens, plan.ctx)
+        policy = self.worker.policy
+        spec = policy.summary_spec(self.layer_idx, kv_cache.shape[2])
+        summary = None if spec is None else self.summaries[spec].for_rows(plan.block_table)
+        selection = policy.select(self.layer_idx, query[:n], summary, plan.seq_lens, plan.ctx)
         if selection is None:
             super().forward(layer, query[:n], key[:n], value[:n], kv_cache, plan.dense, output[:n])
         else:

@@ -12,6 +12,12 @@ step, so dummy/profiling runs see no step.
 Per-request state is created when a request first appears in a batch (its
 first prefill, also after a preemption) and dropped when it finishes, is
 aborted or is preempted.
+
+The worker's policy lives in one :class:`WorkerPolicy` shared by the tracker,
+the builders and every layer.  It can be switched (RPC ``kvplug_set_policy``)
+to one of the config's ``switch_to`` policies; the switch takes effect at the
+start of the next step, once finished requests are dropped, and is refused if
+a request is still running there.
 """
 
 from __future__ import annotations
@@ -20,9 +26,9 @@ import functools
 from collections import Counter
 from dataclasses import dataclass
 
-from kvplug.config import KVPlugConfig, resolve_config
+from kvplug.config import KVPlugConfig, PolicyConfig, resolve_config
 from kvplug.integrations.vllm.selection import logger, uses_kvplug
-from kvplug.policies import Policy, RequestState
+from kvplug.policies import Policy, RequestState, SelectionPolicy, SummarySpec
 
 
 @dataclass(frozen=True)
@@ -33,12 +39,61 @@ class Step:
     states: tuple[RequestState, ...]
 
 
+class WorkerPolicy:
+    """The policy a worker runs now, and the ones it may be switched to.
+
+    Every policy of the config is built and bound to the model up front, so
+    a switch cannot fail half-way and every layer keeps the key summaries of
+    all of them (:meth:`summary_specs`).
+    """
+
+    def __init__(self, config: KVPlugConfig, num_layers: int, num_kv_heads: int,
+                 unit: int) -> None:
+        self.config = config
+        self.choices: list[tuple[PolicyConfig, Policy]] = []
+        for choice in config.policy_configs():
+            policy = choice.build_policy()
+            policy.check_model(num_layers, num_kv_heads, unit)
+            self.choices.append((choice, policy))
+        self.active, self.policy = self.choices[0]
+        self.pending: tuple[PolicyConfig, Policy] | None = None
+
+    @property
+    def any_selection(self) -> bool:
+        return any(isinstance(p, SelectionPolicy) for _, p in self.choices)
+
+    def summary_specs(self, layer_idx: int, unit: int) -> set[SummarySpec]:
+        """Every summary some choice's ``select`` needs at this layer."""
+        specs = {p.summary_spec(layer_idx, unit) for _, p in self.choices
+                 if isinstance(p, SelectionPolicy)}
+        return specs - {None}
+
+    def request_switch(self, data: dict) -> None:
+        """Validate and queue a switch to a configured policy (applied by :meth:`apply`)."""
+        wanted = PolicyConfig.parse(data, "kvplug set_policy").build_policy()
+        match = next((c for c in self.choices if c[1] == wanted), None)
+        if match is None:
+            raise ValueError(f"kvplug: policy config {data} is not one this engine keeps "
+                             f"summaries for; valid choices (the config's policy and "
+                             f"switch_to): {[c.as_dict() for c, _ in self.choices]}")
+        self.pending = match
+
+    def apply(self, running: int) -> None:
+        if self.pending is None:
+            return
+        if running:
+            raise RuntimeError(f"kvplug: cannot switch policy to {self.pending[0].as_dict()} "
+                               f"while {running} requests are running")
+        (self.active, self.policy), self.pending = self.pending, None
+        logger.info("kvplug: switched to policy %s", self.active.as_dict())
+
+
 class RequestTracker:
     """Per-request policy state of one worker process."""
 
-    def __init__(self, config: KVPlugConfig, policy: Policy, kv_bytes_per_token: int) -> None:
-        self.config = config
-        self.policy = policy
+    def __init__(self, worker: WorkerPolicy, kv_bytes_per_token: int) -> None:
+        self.config = worker.config
+        self.worker = worker
         self.kv_bytes_per_token = kv_bytes_per_token
         self.states: dict[str, RequestState] = {}
         self.counts: Counter[str] = Counter()  # created / finished / preempted / resumed
@@ -57,7 +112,7 @@ class RequestTracker:
             stats = state.stats.as_dict()
             stats["kv_bytes_stored"] = stats["kv_tokens_stored"] * self.kv_bytes_per_token
             logger.info("kvplug request %s %s: policy=%s %s", req_id, why,
-                        self.config.policy, " ".join(f"{k}={v}" for k, v in stats.items()))
+                        self.worker.active.policy, " ".join(f"{k}={v}" for k, v in stats.items()))
 
     def begin_step(self, runner, scheduler_output) -> None:
         for req_id in scheduler_output.finished_req_ids:
@@ -66,6 +121,8 @@ class RequestTracker:
             self.drop(req_id, "preempted")
         for req_id in scheduler_output.scheduled_cached_reqs.resumed_req_ids:
             self.drop(req_id, "resumed")  # recomputed from scratch: fresh state
+        self.worker.apply(running=self.live())
+        policy = self.worker.policy
 
         batch = runner.input_batch
         req_ids = tuple(batch.req_ids[: batch.num_reqs])
@@ -74,13 +131,13 @@ class RequestTracker:
             request = runner.requests[req_id]
             state = self.states.get(req_id)
             if state is None:
-                state = self.states[req_id] = self.policy.new_request_state(
+                state = self.states[req_id] = policy.new_request_state(
                     request.num_prompt_tokens)
                 self.counts["created"] += 1
             computed = int(batch.num_computed_tokens_cpu[row])
             new = scheduler_output.num_scheduled_tokens[req_id]
             is_prefill = computed < request.num_prompt_tokens or new > 1
-            self.policy.account_step(state, computed, new, is_prefill)
+            policy.account_step(state, computed, new, is_prefill)
             states.append(state)
         self.current = Step(req_ids, tuple(states))
 
@@ -94,20 +151,18 @@ class RequestTracker:
 
 
 _TRACKER: RequestTracker | None = None
-_WORKER: tuple[KVPlugConfig, Policy] | None = None
+_WORKER: WorkerPolicy | None = None
 
 
-def worker_policy(vllm_config) -> tuple[KVPlugConfig, Policy]:
-    """This process's config and policy object (bound to the model), shared by the
-    tracker and every layer."""
+def worker_policy(vllm_config) -> WorkerPolicy:
+    """This process's policies (bound to the model), shared by the tracker and every layer."""
     global _WORKER
     if _WORKER is None:
-        config = resolve_config(vllm_config.additional_config)
-        policy = config.build_policy()
         model = vllm_config.model_config
-        policy.check_model(model.get_num_layers(vllm_config.parallel_config),
-                           model.get_total_num_kv_heads(), vllm_config.cache_config.block_size)
-        _WORKER = (config, policy)
+        _WORKER = WorkerPolicy(resolve_config(vllm_config.additional_config),
+                               model.get_num_layers(vllm_config.parallel_config),
+                               model.get_total_num_kv_heads(),
+                               vllm_config.cache_config.block_size)
     return _WORKER
 
 
@@ -127,8 +182,7 @@ def _kv_bytes_per_token(runner) -> int:
 def _tracker_for(runner) -> RequestTracker | None:
     global _TRACKER
     if _TRACKER is None and uses_kvplug(runner.vllm_config):
-        config, policy = worker_policy(runner.vllm_config)
-        _TRACKER = RequestTracker(config, policy, _kv_bytes_per_token(runner))
+        _TRACKER = RequestTracker(worker_policy(runner.vllm_config), _kv_bytes_per_token(runner))
     return _TRACKER
 
 
@@ -169,6 +223,13 @@ def worker_request_states(worker) -> dict[str, int]:
     return {"live": _TRACKER.live(), **_TRACKER.counts}
 
 
+def worker_set_policy(worker, data: dict) -> None:
+    """RPC target (``collective_rpc("kvplug_set_policy", args=(config,))``)."""
+    if _WORKER is None:
+        raise RuntimeError("kvplug is not this engine's attention backend")
+    _WORKER.request_switch(data)
+
+
 def worker_attention_backends(worker) -> dict[str, int]:
     """RPC target: how many attention layers run on each backend (by name)."""
     from vllm.model_executor.layers.attention import Attention
@@ -186,3 +247,4 @@ def patch_worker_rpc() -> None:
 
     WorkerBase.kvplug_request_states = worker_request_states
     WorkerBase.kvplug_attention_backends = worker_attention_backends
+    WorkerBase.kvplug_set_policy = worker_set_policy

@@ -134,10 +134,11 @@ def _check_policy(engine_args, vllm_config, recreate):
     from kvplug.policies import SelectionPolicy
 
     config = resolve_config(vllm_config.additional_config)
-    policy = config.build_policy()
-    if isinstance(policy, SelectionPolicy):
+    policies = [c.build_policy() for c in config.policy_configs()]
+    selecting = [p.name for p in policies if isinstance(p, SelectionPolicy)]
+    if selecting:
         if not current_platform.is_cpu():
-            raise ValueError(f"kvplug policy {config.policy!r} runs in vLLM on CPU and in HF "
+            raise ValueError(f"kvplug policy {selecting[0]!r} runs in vLLM on CPU and in HF "
                              "transformers; on CUDA vLLM kvplug runs only 'full' so far")
         cache = vllm_config.cache_config
         if not cache.user_specified_block_size and cache.block_size != SPARSE_BLOCK_SIZE:
@@ -145,9 +146,10 @@ def _check_policy(engine_args, vllm_config, recreate):
             vllm_config = recreate()
             logger.info("kvplug: KV block size %d for policy %r (its read unit; set "
                         "--block-size to choose another multiple of 32)", SPARSE_BLOCK_SIZE,
-                        config.policy)
+                        selecting[0])
     model = vllm_config.model_config
-    policy.check_model(model.get_num_layers(vllm_config.parallel_config),
-                       model.get_total_num_kv_heads(), vllm_config.cache_config.block_size)
+    for policy in policies:
+        policy.check_model(model.get_num_layers(vllm_config.parallel_config),
+                           model.get_total_num_kv_heads(), vllm_config.cache_config.block_size)
     logger.info(config.describe())
     return vllm_config

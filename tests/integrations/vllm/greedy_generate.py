@@ -1,8 +1,10 @@
 """Run one vLLM engine in its own process: greedy token ids for a prompt file.
 
 Used by the exactness test so the kvplug engine and vLLM's default one never
-share a process.  ``python greedy_generate.py MODEL BACKEND PROMPTS.json OUT.json``
-(BACKEND ``default`` = no --attention-backend).
+share a process.  ``python greedy_generate.py MODEL BACKEND PROMPTS.json OUT.json
+[SWITCH.json]`` (BACKEND ``default`` = no --attention-backend).  With
+``SWITCH.json`` (a list of kvplug policy configs) the engine is switched to
+each in turn (``set_policy``) and runs both passes under each.
 """
 
 import json
@@ -14,7 +16,16 @@ ENGINE_ARGS = dict(dtype="float32", max_model_len=4608, enforce_eager=True,
                    max_num_batched_tokens=1024, max_num_seqs=8)
 
 
-def main(model: str, backend: str, prompts_path: str, out_path: str) -> None:
+def _two_passes(llm, prompts, params) -> list:
+    passes = []
+    for _ in range(2):  # the second pass is served from the prefix cache
+        outputs = llm.generate(prompts, params, use_tqdm=False)
+        passes.append([list(o.outputs[0].token_ids) for o in outputs])
+    return passes
+
+
+def main(model: str, backend: str, prompts_path: str, out_path: str,
+         switch_path: str | None = None) -> None:
     from vllm import LLM, SamplingParams
     from vllm.inputs import TokensPrompt
 
@@ -25,12 +36,23 @@ def main(model: str, backend: str, prompts_path: str, out_path: str) -> None:
     llm = LLM(model, **ENGINE_ARGS, **extra)
     prompts = [TokensPrompt(prompt_token_ids=ids) for ids in json.load(open(prompts_path))]
     params = SamplingParams(max_tokens=32, temperature=0.0, ignore_eos=True)
-    passes = []
-    for _ in range(2):  # the second pass is served from the prefix cache
-        outputs = llm.generate(prompts, params, use_tqdm=False)
-        passes.append([list(o.outputs[0].token_ids) for o in outputs])
-    result = {"passes": passes, "backends": kv_vllm.attention_backends(llm),
-              "states": kv_vllm.request_states(llm) if backend != "default" else None}
+    result = {"backends": kv_vllm.attention_backends(llm)}
+    if switch_path is None:
+        result["passes"] = _two_passes(llm, prompts, params)
+    else:
+        result["switched"] = []
+        for config in json.load(open(switch_path)):
+            try:
+                kv_vllm.set_policy(llm, config)
+            except Exception as e:  # the test checks the message of a refused switch
+                result["switched"].append({"config": config, "error": str(e)})
+                continue
+            before = kv_vllm.request_states(llm).get("sparse_decode_layers", 0)
+            passes = _two_passes(llm, prompts, params)
+            sparse = kv_vllm.request_states(llm).get("sparse_decode_layers", 0) - before
+            result["switched"].append({"config": config, "passes": passes,
+                                       "sparse_decode_layers": sparse})
+    result["states"] = kv_vllm.request_states(llm) if backend != "default" else None
     json.dump(result, open(out_path, "w"))
 
 

@@ -27,11 +27,15 @@ SELECTION_POLICIES = sorted(name for name, cls in POLICIES.items()
                             if issubclass(cls, SelectionPolicy))
 
 
-def _run(model_dir, prompts_file, out, env_config=None) -> dict:
+def _run(model_dir, prompts_file, out, env_config=None, switch=None) -> dict:
     env = None if env_config is None else {**os.environ, "KVPLUG_CONFIG": json.dumps(env_config)}
-    subprocess.run([sys.executable, str(SCRIPT), str(model_dir),
-                    "default" if env_config is None else "kvplug", str(prompts_file), str(out)],
-                   check=True, timeout=900, env=env)
+    args = [sys.executable, str(SCRIPT), str(model_dir),
+            "default" if env_config is None else "kvplug", str(prompts_file), str(out)]
+    if switch is not None:
+        switch_file = out.with_suffix(".switch.json")
+        switch_file.write_text(json.dumps(switch))
+        args.append(str(switch_file))
+    subprocess.run(args, check=True, timeout=1200, env=env)
     return json.loads(out.read_text())
 
 
@@ -50,18 +54,47 @@ def default_run(model_dir, prompts_file):
     return _run(model_dir, prompts_file, prompts_file.with_name("default.json"))
 
 
+@pytest.fixture(scope="module")
+def switched_run(model_dir, prompts_file):
+    """One kvplug engine started on ``full`` and switched through every selection policy;
+    the prefix cache (and the summaries kept beside it) carry over between policies."""
+    configs = [{"policy": name, "budget": BUDGET} for name in SELECTION_POLICIES]
+    switch = [*configs, NOT_KEPT, {"policy": "full"}]
+    run = _run(model_dir, prompts_file, prompts_file.with_name("kvplug.json"),
+               {"policy": "full", "switch_to": configs}, switch)
+    return {tuple(sorted(r["config"].items())): r for r in run["switched"]} | {"_run": run}
+
+
+NOT_KEPT = {"policy": "quest", "budget": 7}
+
+
 def test_every_selection_policy_is_covered():
-    assert {"streamingllm", "quest", "tidaldecode"} <= set(SELECTION_POLICIES)
+    assert {"streamingllm", "quest", "tidaldecode", "shadowkv",
+            "duoattention"} <= set(SELECTION_POLICIES)
+
+
+def test_engine_and_states(switched_run):
+    run = switched_run["_run"]
+    assert run["backends"] == {"KVPLUG": 30}
+    assert run["states"]["live"] == 0
 
 
 @pytest.mark.parametrize("policy", SELECTION_POLICIES)
-def test_policy_in_vllm(policy, model_dir, prompts_file, default_run):
-    run = _run(model_dir, prompts_file, prompts_file.with_name(f"{policy}.json"),
-               {"policy": policy, "budget": BUDGET})
-    assert run["backends"] == {"KVPLUG": 30}
-    assert run["states"]["live"] == 0
-    assert run["states"].get("sparse_decode_layers", 0) > 0, "no decode step ran sparse"
+def test_policy_in_vllm(policy, switched_run, default_run):
+    result = switched_run[tuple(sorted({"policy": policy, "budget": BUDGET}.items()))]
+    assert result["sparse_decode_layers"] > 0, "no decode step ran sparse"
     reference = default_run["passes"][0]
-    for kv_pass in run["passes"]:
+    for kv_pass in result["passes"]:
         assert kv_pass[:2] == reference[:2], "rows within the budget must decode as dense"
         assert len(kv_pass[2]) == 32
+
+
+def test_switch_back_to_full_is_dense_and_exact(switched_run, default_run):
+    result = switched_run[(("policy", "full"),)]
+    assert result["sparse_decode_layers"] == 0
+    assert result["passes"] == default_run["passes"]
+
+
+def test_switch_to_a_policy_whose_summaries_are_not_kept_is_refused(switched_run):
+    error = switched_run[tuple(sorted(NOT_KEPT.items()))]["error"]
+    assert "is not one this engine keeps summaries for" in error and "'budget': 7" in error

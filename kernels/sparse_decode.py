@@ -251,13 +251,18 @@ def sparse_paged_decode(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_table
 
 
 def _key_lists(seq_lens: Tensor, chunk_ids: Tensor | None, chunk_size: int, n_sink: int,
-               n_recent: int, max_len: int):
+               n_recent: int | Tensor, max_len: int):
     """The key list split as the kernel walks it: the shared sink + window part
     (``[B, N_d]`` positions and validity, the same for every kv-head) and the
-    per-kv-head chunk part (``[B, H_kv, K * chunk_size]``, or None)."""
+    per-kv-head chunk part (``[B, H_kv, K * chunk_size]``, or None).  ``n_recent``
+    may be a ``[B]`` tensor (a window per row; the torch path only)."""
     dev = seq_lens.device
     L = seq_lens.long()[:, None]
-    v = torch.arange(min(n_sink + n_recent, max_len), device=dev)[None, :]
+    if isinstance(n_recent, Tensor):
+        n_recent, widest = n_recent.long()[:, None], int(n_recent.max())
+    else:
+        widest = n_recent
+    v = torch.arange(min(n_sink + widest, max_len), device=dev)[None, :]
     s_end = L.clamp_max(n_sink)
     r_start = torch.maximum(L - n_recent, s_end)
     dense_valid = v < s_end + (L - r_start)
@@ -336,7 +341,8 @@ def sparse_paged_decode_ref(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_t
     chunk_size : int
         Tokens per chunk (``1``: ``chunk_ids`` are token positions).
     n_sink, n_recent : int
-        Leading and trailing tokens always attended.
+        Leading and trailing tokens always attended; ``n_recent`` may also be
+        a ``[B]`` tensor, one window per sequence (this torch path only).
     scale : float, optional
         Softmax scale, default ``1 / sqrt(D)``.
     out : Tensor, optional

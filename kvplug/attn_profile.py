@@ -4,7 +4,8 @@ Engine-free: a real CPU KV cache of the model's shape (random keys/values
 written with vLLM's own op) and, per layer, the kvplug decode path timed in
 parts against vLLM's dense CPU kernel on the same cache: the policy's
 ``select`` (scoring, top-k), turning the selection into per-head block tables,
-and vLLM's kernel over them.  Summed over the model's layers, it says how much
+and vLLM's kernel over them (or, for selections finer than a block, the
+in-place token gather and attention).  Summed over the model's layers, it says how much
 of a bench TPOT is attention and how much is the rest of the model.
 """
 
@@ -45,7 +46,7 @@ def run(args: argparse.Namespace) -> int:
 
     from kvplug.config import resolve_config
     from kvplug.integrations.vllm.block_summaries import BlockSummaries, selection_blocks
-    from kvplug.integrations.vllm.cpu_backend import sparse_decode
+    from kvplug.integrations.vllm.cpu_backend import sparse_decode, token_decode
     from kvplug.policies import StepContext
 
     torch.manual_seed(0)
@@ -99,6 +100,10 @@ def run(args: argparse.Namespace) -> int:
                                "kvplug: policy select")
             if selection is None:
                 _timed(lambda: dense(q), parts, "kvplug: dense layers")
+                continue
+            if selection.chunk_ids is not None and selection.chunk_size < N:
+                _timed(lambda: token_decode(q, kv_cache, table, seq_lens, selection, isa=isa,
+                                            scale=D ** -0.5), parts, "kvplug: token decode")
                 continue
             if id(selection) not in tables:  # once per step per selection, as the engine does
                 tables[id(selection)] = (selection, *_timed(

@@ -36,20 +36,44 @@ GROUPS = {"query_aware": "kvplug_ruler", "query_agnostic": "kvplug_ruler_query_a
 
 @dataclass(frozen=True)
 class CellConfig:
-    """One row of the matrix: a policy with its budget (None = no budget)."""
+    """One row of the matrix: a policy, its extra parameters (``((key, value), ...)``,
+    from ``name[key=value;...]``) and its budget (None = no budget)."""
 
     policy: str
     budget_ratio: float | None = None
+    params: tuple[tuple[str, object], ...] = ()
 
     @property
     def label(self) -> str:
-        return self.policy if self.budget_ratio is None else f"{self.policy}@{self.budget_ratio:g}"
+        name = self.policy
+        if self.params:
+            name += "[" + ";".join(f"{k}={v}" for k, v in self.params) + "]"
+        return name if self.budget_ratio is None else f"{name}@{self.budget_ratio:g}"
 
     def kvplug_config(self) -> dict:
-        config = {"policy": self.policy}
+        config = {"policy": self.policy, **dict(self.params)}
         if self.budget_ratio is not None:
             config["budget_ratio"] = self.budget_ratio
         return config
+
+
+def parse_policy(text: str) -> tuple[str, tuple[tuple[str, object], ...]]:
+    """``name`` or ``name[key=value;...]`` (values JSON, else strings) -> (name, params)."""
+    name, _, rest = text.strip().partition("[")
+    if not rest:
+        return name, ()
+    if not rest.endswith("]"):
+        raise ValueError(f"policy {text!r}: expected name[key=value;...]")
+    params = []
+    for item in filter(None, rest[:-1].split(";")):
+        key, eq, value = item.partition("=")
+        if not eq:
+            raise ValueError(f"policy {text!r}: {item!r} is not key=value")
+        try:
+            params.append((key.strip(), json.loads(value)))
+        except json.JSONDecodeError:
+            params.append((key.strip(), value.strip()))
+    return name, tuple(params)
 
 
 def _csv(kind):
@@ -69,7 +93,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None, help="HF model directory (default: kvplug models path)")
     p.add_argument("--engine", choices=("vllm", "hf"), default="vllm")
     p.add_argument("--policies", type=_csv(str), default=["full"],
-                   help="comma-separated policies (see `kvplug policies`)")
+                   help="comma-separated policies (see `kvplug policies`), each optionally "
+                        "with parameters: name[key=value;key=value]")
     p.add_argument("--budgets", type=_csv(float), default=[0.25, 0.125, 0.0625],
                    help="budget_ratio values for policies that take a budget")
     p.add_argument("--lengths", type=_csv(int), default=[4096, 8192])
@@ -93,13 +118,14 @@ def matrix(policies: list[str], budgets: list[float], engine: str,
     from kvplug.policies import POLICIES, SelectionPolicy, build_policy
 
     configs = [CellConfig(BASELINE)] if engine == "vllm" and baseline else []
-    for name in policies:
+    for text in policies:
+        name, params = parse_policy(text)
         if name not in POLICIES:
             raise ValueError(f"unknown kvplug policy {name!r}; valid policies: {sorted(POLICIES)}")
         if issubclass(POLICIES[name], SelectionPolicy):
-            configs += [CellConfig(name, b) for b in budgets]
+            configs += [CellConfig(name, b, params) for b in budgets]
         else:
-            configs.append(CellConfig(name))
+            configs.append(CellConfig(name, None, params))
     for config in configs:
         if config.policy != BASELINE:
             build_policy(config.policy, {k: v for k, v in config.kvplug_config().items()

@@ -11,8 +11,10 @@ only; prefill is dense and every KV token stays stored.  Per decode step:
   chose ("position persistence"), each from its own K/V.
 
 Defaults follow the paper's scripts for 32-layer Llama (dense 0-1, selection
-at layer 2 and a correction layer at 13), scaled to the model's depth.  In
-read units larger than a token (vLLM blocks) a unit's score is its best key.
+at layer 2 and a correction layer at 13), scaled to the model's depth.  The
+paper selects tokens (``granularity="token"``, the default); with
+``granularity="block"`` it selects the engine's read units (vLLM: KV blocks),
+a unit scored by its best key, which the paged kernel reads fastest.
 """
 
 from __future__ import annotations
@@ -37,6 +39,9 @@ class TidalDecode(SelectionPolicy):
                               min=0)
     correction_layer: int = param(-1, "second selection layer (-1: 13 of 32 layers, scaled to "
                                       "the model's depth)", min=-1)
+    granularity: str = param("token", "select tokens (the paper) or the engine's KV blocks "
+                                      "(a block scored by its best key)",
+                             choices=("token", "block"))
 
     def selection_layers(self, num_layers: int) -> tuple[int, ...]:
         correction = self.correction_layer
@@ -62,7 +67,8 @@ class TidalDecode(SelectionPolicy):
         if layer_idx < self.dense_layers:
             return None
         if layer_idx in self._selecting:
-            ctx.scratch["tidaldecode"] = self._choose(q, summary, seq_lens, ctx.unit)
+            unit = 1 if self.granularity == "token" else ctx.unit
+            ctx.scratch["tidaldecode"] = self._choose(q, summary, seq_lens, unit)
             return None  # a selection layer attends densely
         return ctx.scratch.get("tidaldecode")
 

@@ -12,3 +12,12 @@ def test_attn_profile_times_the_sparse_path_against_dense(capsys):
     assert {"dense kernel (vLLM default path)", "kvplug: policy select", "kvplug: dense layers",
             "kvplug: block tables", "kvplug: schedule + kernel"} == set(parts)
     assert report["kvplug_attention_ms"] > 0
+
+
+def test_attn_profile_times_token_granular_tidaldecode(capsys):
+    assert main(["attn-profile", "--config", '{"policy": "tidaldecode", "budget": 64}',
+                 "--batch", "2", "--context", "300", "--layers", "8", "--repeats", "1"]) == 0
+    parts = json.loads(capsys.readouterr().out)["ms_per_decode_step"]
+    # layers 0-3 dense (2 and 3 select), 4-7 read the chosen tokens in place
+    assert {"dense kernel (vLLM default path)", "kvplug: policy select", "kvplug: dense layers",
+            "kvplug: token decode"} == set(parts)

@@ -18,6 +18,18 @@ def test_matrix_expands_budgets_only_for_budgeted_policies():
     assert [c.label for c in matrix(["full"], [0.5], "hf", baseline=True)] == ["full"]
 
 
+def test_matrix_policy_parameters_reach_config_and_label():
+    configs = matrix(["tidaldecode[granularity=block;dense_layers=1]"], [0.125], "hf",
+                     baseline=False)
+    assert configs[0].label == "tidaldecode[granularity=block;dense_layers=1]@0.125"
+    assert configs[0].kvplug_config() == {"policy": "tidaldecode", "granularity": "block",
+                                          "dense_layers": 1, "budget_ratio": 0.125}
+    with pytest.raises(ValueError, match=r"'granularity'='page' is not one of"):
+        matrix(["tidaldecode[granularity=page]"], [0.125], "hf", baseline=False)
+    with pytest.raises(ValueError, match=r"'granularity' is not key=value"):
+        matrix(["tidaldecode[granularity]"], [0.125], "hf", baseline=False)
+
+
 def test_matrix_rejects_bad_policies_and_budgets_before_running():
     with pytest.raises(ValueError, match=r"unknown kvplug policy 'nope'"):
         matrix(["nope"], [0.5], "vllm", baseline=False)

@@ -68,10 +68,23 @@ def test_in_blocks_a_block_scores_its_best_key():
     q[0, :, 0] = 1
     keys[0, 40, 0, 0] = 5        # block 1 holds kv-head 0's best key
     keys[0, 70, 1, 0] = 5        # block 2 holds kv-head 1's
-    chosen = _decode_step(_policy(budget=2 * unit), q, keys, torch.tensor([L]), unit=unit)[3]
+    policy = _policy(budget=2 * unit, granularity="block")
+    chosen = _decode_step(policy, q, keys, torch.tensor([L]), unit=unit)[3]
     assert chosen.chunk_size == unit
     assert chosen.chunk_ids[0].tolist() == [[1], [2]]
     assert chosen.n_recent.tolist() == [unit]      # the current block, always
+
+
+def test_token_granularity_selects_tokens_whatever_the_engine_unit():
+    L, unit = 128, 32
+    keys = torch.zeros(1, L, H_KV, D)
+    q = torch.zeros(1, H_KV * G, D)
+    q[0, :, 0] = 1
+    keys[0, 40, 0, 0] = keys[0, 41, 0, 0] = 5
+    keys[0, 70, 1, 0] = keys[0, 3, 1, 0] = 5
+    chosen = _decode_step(_policy(budget=3), q, keys, torch.tensor([L]), unit=unit)[3]
+    assert chosen.chunk_size == 1 and chosen.n_recent.tolist() == [1]
+    assert [sorted(ids) for ids in chosen.chunk_ids[0].tolist()] == [[40, 41], [3, 70]]
 
 
 def test_budget_covering_the_context_is_dense():

@@ -25,6 +25,13 @@ LENGTHS = [64, 250, 1100]
 BUDGET = 352     # >= 250 + 32 generated and >= DuoAttention's sink + recent (320); < 1100
 SELECTION_POLICIES = sorted(name for name, cls in POLICIES.items()
                             if issubclass(cls, SelectionPolicy))
+# every selection policy at its defaults, and TidalDecode also reading whole blocks
+CONFIGS = [{"policy": name, "budget": BUDGET} for name in SELECTION_POLICIES] + [
+    {"policy": "tidaldecode", "budget": BUDGET, "granularity": "block"}]
+
+
+def _key(config: dict) -> tuple:
+    return tuple(sorted(config.items()))
 
 
 def _run(model_dir, prompts_file, out, env_config=None, switch=None) -> dict:
@@ -58,11 +65,10 @@ def default_run(model_dir, prompts_file):
 def switched_run(model_dir, prompts_file):
     """One kvplug engine started on ``full`` and switched through every selection policy;
     the prefix cache (and the summaries kept beside it) carry over between policies."""
-    configs = [{"policy": name, "budget": BUDGET} for name in SELECTION_POLICIES]
-    switch = [*configs, NOT_KEPT, {"policy": "full"}]
+    switch = [*CONFIGS, NOT_KEPT, {"policy": "full"}]
     run = _run(model_dir, prompts_file, prompts_file.with_name("kvplug.json"),
-               {"policy": "full", "switch_to": configs}, switch)
-    return {tuple(sorted(r["config"].items())): r for r in run["switched"]} | {"_run": run}
+               {"policy": "full", "switch_to": CONFIGS}, switch)
+    return {_key(r["config"]): r for r in run["switched"]} | {"_run": run}
 
 
 NOT_KEPT = {"policy": "quest", "budget": 7}
@@ -79,9 +85,9 @@ def test_engine_and_states(switched_run):
     assert run["states"]["live"] == 0
 
 
-@pytest.mark.parametrize("policy", SELECTION_POLICIES)
-def test_policy_in_vllm(policy, switched_run, default_run):
-    result = switched_run[tuple(sorted({"policy": policy, "budget": BUDGET}.items()))]
+@pytest.mark.parametrize("config", CONFIGS, ids=lambda c: "-".join(map(str, c.values())))
+def test_policy_in_vllm(config, switched_run, default_run):
+    result = switched_run[_key(config)]
     assert result["sparse_decode_layers"] > 0, "no decode step ran sparse"
     reference = default_run["passes"][0]
     for kv_pass in result["passes"]:
@@ -90,11 +96,11 @@ def test_policy_in_vllm(policy, switched_run, default_run):
 
 
 def test_switch_back_to_full_is_dense_and_exact(switched_run, default_run):
-    result = switched_run[(("policy", "full"),)]
+    result = switched_run[_key({"policy": "full"})]
     assert result["sparse_decode_layers"] == 0
     assert result["passes"] == default_run["passes"]
 
 
 def test_switch_to_a_policy_whose_summaries_are_not_kept_is_refused(switched_run):
-    error = switched_run[tuple(sorted(NOT_KEPT.items()))]["error"]
+    error = switched_run[_key(NOT_KEPT)]["error"]
     assert "is not one this engine keeps summaries for" in error and "'budget': 7" in error

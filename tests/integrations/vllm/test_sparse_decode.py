@@ -8,7 +8,7 @@ from vllm import _custom_ops as ops
 from vllm.v1.attention.backends.cpu_attn import _get_attn_isa
 
 from kvplug.integrations.vllm.block_summaries import BlockSummaries, selection_blocks
-from kvplug.integrations.vllm.cpu_backend import sparse_decode
+from kvplug.integrations.vllm.cpu_backend import sparse_decode, token_views
 from kvplug.policies import Selection, SummarySpec
 
 BLOCK, H_KV, GROUP, D = 32, 3, 3, 64
@@ -86,6 +86,47 @@ def test_sparse_decode_reads_exactly_the_selected_blocks(name):
     got = sparse_decode(q, kv_cache, per_head, lengths, scale=D ** -0.5, isa=ISA)
     torch.testing.assert_close(got, _reference(q, keys, values, selection, seq_lens),
                                atol=2e-5, rtol=1e-4)
+
+
+def test_token_views_read_the_cache_as_written():
+    seq_lens = [200, 77]
+    kv_cache, table, keys, values = _cache(seq_lens)
+    k_view, v_view = token_views(kv_cache, ISA)
+    for row, n in enumerate(seq_lens):
+        pos = torch.arange(n)
+        blocks, offsets = table[row, pos // BLOCK].long(), pos % BLOCK
+        torch.testing.assert_close(k_view[blocks, offsets], keys[row], rtol=0, atol=0)
+        torch.testing.assert_close(v_view[blocks, offsets], values[row], rtol=0, atol=0)
+    with pytest.raises(ValueError, match=r"ISA is 'amx'.*granularity='block'"):
+        token_views(kv_cache, "amx")
+
+
+def test_token_granular_selection_attends_to_exactly_those_tokens():
+    """TidalDecode's token selection: per (row, kv-head) token ids plus a per-row window."""
+    from kvplug.integrations.vllm.cpu_backend import KVPlugCPUImpl
+
+    seq_lens = [200, 77, 300]
+    kv_cache, table, keys, values = _cache(seq_lens)
+    torch.manual_seed(3)
+    q = torch.randn(len(seq_lens), H_KV * GROUP, D)
+    ids = torch.stack([torch.stack([torch.randperm(n - 1)[:9].sort().values
+                                    for _ in range(H_KV)]) for n in seq_lens])
+    recent = torch.tensor([1, 77, 1])            # row 1 fits its budget: reads everything
+    selection = Selection(ids, 1, 0, recent)
+    impl = KVPlugCPUImpl.__new__(KVPlugCPUImpl)
+    impl.scale, impl.logits_soft_cap, impl.kv_cache_dtype = D ** -0.5, None, "auto"
+    plan = type("Plan", (), {"block_table": table, "seq_lens": torch.tensor(seq_lens)})
+    layer = type("Layer", (), {"isa": ISA})
+    out = torch.empty(len(seq_lens), H_KV * GROUP, D)
+    impl._sparse_decode(layer, q, kv_cache, plan, selection, out)
+    want = torch.empty(len(seq_lens), H_KV, GROUP, D)
+    for row, n in enumerate(seq_lens):
+        for h in range(H_KV):
+            pos = sorted(set(ids[row, h].tolist()) | set(range(n - int(recent[row]), n)))
+            qh = q[row, h * GROUP:(h + 1) * GROUP]
+            p = torch.softmax(qh @ keys[row][pos, h].T / D ** 0.5, dim=-1)
+            want[row, h] = p @ values[row][pos, h]
+    torch.testing.assert_close(out, want.view_as(out), atol=2e-5, rtol=1e-4)
 
 
 def test_selection_blocks_tables_and_lengths():

@@ -44,7 +44,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .common import default_scale, group_size, next_pow2, use_triton
+from .common import default_scale, gather_paged, group_size, next_pow2, use_triton
 
 
 @triton.jit
@@ -174,15 +174,15 @@ def chunk_scores_ref(q: Tensor, summary: Tensor, num_chunks: Tensor, *,
     """
     B, H_q, H_kv, D, G = _check_inputs(q, summary, summary_max, num_chunks, summary_table)
     n_cols = _num_cols(summary, summary_table)
-    P = summary.shape[1]
     cols = torch.arange(n_cols, device=q.device)
     if summary_table is None:
         lo = summary.float()
         hi = None if summary_max is None else summary_max.float()
-    else:
-        pages = summary_table.long()[:, cols // P]                 # [B, C]
-        lo = summary[pages, cols % P].float()                       # [B, C, H_kv, D]
-        hi = None if summary_max is None else summary_max[pages, cols % P].float()
+    else:  # summaries are paged like a KV cache: gather them as one
+        positions = cols[None, :].expand(B, -1)
+        lo = gather_paged(summary, summary_table, positions).float()        # [B, C, H_kv, D]
+        hi = None if summary_max is None else gather_paged(summary_max, summary_table,
+                                                             positions).float()
     qg = q.float().view(B, H_kv, G, D)
     lo = lo.permute(0, 2, 3, 1)                                              # [B, H_kv, D, C]
     if hi is None:

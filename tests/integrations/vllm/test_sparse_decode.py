@@ -183,3 +183,26 @@ def test_block_summaries_landmarks_and_outlier_scores():
     assert torch.isinf(store.min_cos[2]).all()        # not written in one go: never an outlier
     store.update(keys[:1], torch.tensor([2 * BLOCK + 5]))
     torch.testing.assert_close(store.lo[2, 0], torch.cat([keys[BLOCK:], keys[:1]]).mean(0))
+
+
+def test_block_summaries_of_chunks_smaller_than_a_block():
+    """Quest's 16-token pages and ShadowKV's 8-token chunks inside 32-token blocks."""
+    from kvplug.kernels import landmarks
+
+    keys = torch.randn(2 * BLOCK, H_KV, D)
+    slots = torch.arange(BLOCK, 3 * BLOCK)                       # blocks 1 and 2, whole
+    minmax = BlockSummaries(SummarySpec("minmax", 16), 3, BLOCK, H_KV, D, torch.float32)
+    minmax.update(keys, slots)
+    assert minmax.lo.shape == (3, 2, H_KV, D)
+    torch.testing.assert_close(minmax.lo[2, 1], keys[48:64].amin(0))
+    torch.testing.assert_close(minmax.hi[1, 0], keys[:16].amax(0))
+    marks = BlockSummaries(SummarySpec("landmarks", 8), 3, BLOCK, H_KV, D, torch.float32)
+    marks.update(keys, slots)
+    mean, min_cos = landmarks(keys[None], 8)                     # [1, 8 chunks, H_kv, ...]
+    torch.testing.assert_close(marks.lo[1:].flatten(0, 1), mean[0])
+    torch.testing.assert_close(marks.min_cos[1:].flatten(0, 1), min_cos[0])
+    marks.update(keys[:3], torch.tensor([8, 9, 10]))             # a chunk of block 0, in part
+    torch.testing.assert_close(marks.lo[0, 1], keys[:3].mean(0))
+    assert torch.isinf(marks.min_cos[0, 1]).all()
+    with pytest.raises(ValueError, match="multiple of 12 tokens"):
+        BlockSummaries(SummarySpec("minmax", 12), 3, BLOCK, H_KV, D, torch.float32)

@@ -14,14 +14,18 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from pathlib import Path
 
 import torch
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", required=True,
+    p.add_argument("--config", required=True, action="append",
                    help="kvplug policy config as JSON, e.g. '{\"policy\": \"quest\", "
-                        "\"budget_ratio\": 0.125}'")
+                        "\"budget_ratio\": 0.125}'; repeat it to profile several policies "
+                        "on the same cache")
+    p.add_argument("--out", default=None,
+                   help="directory for profile.json and profile.md (default: print only)")
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--context", type=int, default=8192)
     p.add_argument("--layers", type=int, default=30, help="model depth (SmolLM2-135M: 30)")
@@ -40,84 +44,131 @@ def _timed(fn, out: dict, name: str):
 
 
 def run(args: argparse.Namespace) -> int:
-    from vllm import _custom_ops as ops
-    from vllm import envs
-    from vllm.v1.attention.backends.cpu_attn import _get_attn_isa
-
     from kvplug.config import resolve_config
-    from kvplug.integrations.vllm.block_summaries import BlockSummaries, selection_blocks
-    from kvplug.integrations.vllm.cpu_backend import sparse_decode, token_decode
-    from kvplug.policies import StepContext
 
-    torch.manual_seed(0)
-    B, L, H, G, D, N = args.batch, args.context, args.kv_heads, args.group, args.head_dim, \
-        args.block_size
-    policy = resolve_config(environ={"KVPLUG_CONFIG": args.config}).build_policy()
-    policy.check_model(args.layers, H, N)
-    isa = _get_attn_isa(torch.float32, N, D)
-    blocks_per_seq = -(-L // N)
-    kv_cache = torch.zeros(B * blocks_per_seq, H, N, 2 * D)
-    key_cache, value_cache = kv_cache.view(B * blocks_per_seq, H, 2 * N, D).chunk(2, dim=2)
-    table = torch.arange(B * blocks_per_seq, dtype=torch.int32).view(B, blocks_per_seq)
-    slots = (table.long()[:, :, None] * N + torch.arange(N)).flatten(1)[:, :L].flatten()
-    keys = torch.randn(B * L, H, D)
-    ops.cpu_attn_reshape_and_cache(keys, torch.randn(B * L, H, D), key_cache, value_cache, slots,
-                                   isa)
-    seq_lens = torch.full((B,), L, dtype=torch.int64)
-    summaries = {}
-    for layer in range(args.layers):
-        spec = policy.summary_spec(layer, N)
-        if spec is not None and spec not in summaries:
-            store = BlockSummaries(spec, kv_cache.shape[0], N, H, D, torch.float32)
-            store.update(keys, slots)
-            summaries[spec] = store
-    starts = torch.arange(B + 1, dtype=torch.int32)
-    dense_schedule = ops.cpu_attn_get_scheduler_metadata(
-        num_reqs=B, num_heads=H * G, num_kv_heads=H, head_dim=D, seq_lens=seq_lens.int(),
-        dtype=torch.float32, query_start_loc=starts, causal=True, sliding_window_size=-1,
-        isa=isa, enable_kv_split=envs.VLLM_CPU_ATTN_SPLIT_KV)
+    # validate every config before building the cache
+    policies = [resolve_config(environ={"KVPLUG_CONFIG": c}).build_policy() for c in args.config]
+    for policy in policies:
+        policy.check_model(args.layers, args.kv_heads, args.block_size)
+    setup = _Setup(args)
+    reports = [{"config": json.loads(c), **setup.profile(policy, args.repeats)}
+               for c, policy in zip(args.config, policies)]
+    settings = {k: v for k, v in vars(args).items() if k not in ("func", "config", "out")}
+    result = {"settings": settings, "profiles": reports}
+    print(json.dumps(result, indent=1))
+    if args.out:
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "profile.json").write_text(json.dumps(result, indent=1))
+        (out / "profile.md").write_text(markdown(result))
+    return 0
 
-    def dense(q):
+
+def markdown(result: dict) -> str:
+    """One column per policy config, one row per part of a decode step's attention (ms)."""
+    s = result["settings"]
+    parts = list(dict.fromkeys(k for r in result["profiles"] for k in r["ms_per_decode_step"]))
+    names = [json.dumps(r["config"]) for r in result["profiles"]]
+    lines = [f"Attention per decode step, all {s['layers']} layers, batch {s['batch']} x "
+             f"{s['context']} tokens, {s['kv_heads']} kv-heads x {s['group']} query heads x "
+             f"{s['head_dim']}, {s['block_size']}-token blocks, float32, median of "
+             f"{s['repeats']} steps (ms; `kvplug attn-profile`)", "",
+             "| part | " + " | ".join(f"`{n}`" for n in names) + " |",
+             "|---|" + "---:|" * len(names)]
+    for part in parts + ["kvplug attention total"]:
+        cells = [r["ms_per_decode_step"].get(part) if part != "kvplug attention total"
+                 else r["kvplug_attention_ms"] for r in result["profiles"]]
+        lines.append(f"| {part} | " + " | ".join("-" if c is None else f"{c:.1f}"
+                                                 for c in cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+class _Setup:
+    """A CPU KV cache of the model's shape, written with vLLM's own op, and its dense path."""
+
+    def __init__(self, args: argparse.Namespace) -> None:
+        from vllm import _custom_ops as ops
+        from vllm import envs
+        from vllm.v1.attention.backends.cpu_attn import _get_attn_isa
+
+        torch.manual_seed(0)
+        self.args = args
+        B, L, H, G, D, N = args.batch, args.context, args.kv_heads, args.group, \
+            args.head_dim, args.block_size
+        self.isa = _get_attn_isa(torch.float32, N, D)
+        blocks_per_seq = -(-L // N)
+        self.kv_cache = torch.zeros(B * blocks_per_seq, H, N, 2 * D)
+        self.key_cache, self.value_cache = self.kv_cache.view(
+            B * blocks_per_seq, H, 2 * N, D).chunk(2, dim=2)
+        self.table = torch.arange(B * blocks_per_seq, dtype=torch.int32).view(B, blocks_per_seq)
+        self.slots = (self.table.long()[:, :, None] * N + torch.arange(N)).flatten(1)[:, :L] \
+            .flatten()
+        self.keys = torch.randn(B * L, H, D)
+        ops.cpu_attn_reshape_and_cache(self.keys, torch.randn(B * L, H, D), self.key_cache,
+                                       self.value_cache, self.slots, self.isa)
+        self.seq_lens = torch.full((B,), L, dtype=torch.int64)
+        self.starts = torch.arange(B + 1, dtype=torch.int32)
+        self.dense_schedule = ops.cpu_attn_get_scheduler_metadata(
+            num_reqs=B, num_heads=H * G, num_kv_heads=H, head_dim=D,
+            seq_lens=self.seq_lens.int(), dtype=torch.float32, query_start_loc=self.starts,
+            causal=True, sliding_window_size=-1, isa=self.isa,
+            enable_kv_split=envs.VLLM_CPU_ATTN_SPLIT_KV)
+
+    def dense(self, q):
+        from vllm import _custom_ops as ops
+
         out = torch.empty_like(q)
         ops.cpu_attention_with_kv_cache(
-            query=q, key_cache=key_cache, value_cache=value_cache, output=out,
-            query_start_loc=starts, seq_lens=seq_lens.int(), scale=D ** -0.5, causal=True,
-            alibi_slopes=None, sliding_window=-1, block_table=table, softcap=0.0,
-            scheduler_metadata=dense_schedule, s_aux=None)
+            query=q, key_cache=self.key_cache, value_cache=self.value_cache, output=out,
+            query_start_loc=self.starts, seq_lens=self.seq_lens.int(),
+            scale=self.args.head_dim ** -0.5, causal=True, alibi_slopes=None, sliding_window=-1,
+            block_table=self.table, softcap=0.0, scheduler_metadata=self.dense_schedule,
+            s_aux=None)
         return out
 
-    steps = []
-    for _ in range(args.repeats):
-        parts: dict[str, float] = {}
-        ctx = StepContext(unit=N, num_layers=args.layers)
-        tables: dict = {}
-        for layer in range(args.layers):
-            q = torch.randn(B, H * G, D)
-            _timed(lambda: dense(q), parts, "dense kernel (vLLM default path)")
+    def profile(self, policy, repeats: int) -> dict:
+        from kvplug.integrations.vllm.block_summaries import BlockSummaries, selection_blocks
+        from kvplug.integrations.vllm.cpu_backend import sparse_decode, token_decode
+        from kvplug.policies import StepContext
+
+        a = self.args
+        B, H, G, D, N = a.batch, a.kv_heads, a.group, a.head_dim, a.block_size
+        summaries = {}
+        for layer in range(a.layers):
             spec = policy.summary_spec(layer, N)
-            summary = None if spec is None else summaries[spec].for_rows(table)
-            selection = _timed(lambda: policy.select(layer, q, summary, seq_lens, ctx), parts,
-                               "kvplug: policy select")
-            if selection is None:
-                _timed(lambda: dense(q), parts, "kvplug: dense layers")
-                continue
-            if selection.chunk_ids is not None and selection.chunk_size < N:
-                _timed(lambda: token_decode(q, kv_cache, table, seq_lens, selection, isa=isa,
-                                            scale=D ** -0.5), parts, "kvplug: token decode")
-                continue
-            if id(selection) not in tables:  # once per step per selection, as the engine does
-                tables[id(selection)] = (selection, *_timed(
-                    lambda: selection_blocks(selection, seq_lens, table, N, H), parts,
-                    "kvplug: block tables"))
-            _, per_head, lens = tables[id(selection)]
-            _timed(lambda: sparse_decode(q, kv_cache, per_head, lens, scale=D ** -0.5, isa=isa),
-                   parts, "kvplug: schedule + kernel")
-        steps.append(parts)
-    median = {k: sorted(s[k] for s in steps)[len(steps) // 2] * 1e3 for k in steps[0]}
-    kvplug_total = sum(v for k, v in median.items() if k.startswith("kvplug"))
-    settings = {k: v for k, v in vars(args).items() if k != "func"}
-    report = {"settings": settings, "ms_per_decode_step": {k: round(v, 2) for k, v in
-                                                             median.items()},
-              "kvplug_attention_ms": round(kvplug_total, 2)}
-    print(json.dumps(report, indent=1))
-    return 0
+            if spec is not None and spec not in summaries:
+                store = BlockSummaries(spec, self.kv_cache.shape[0], N, H, D, torch.float32)
+                store.update(self.keys, self.slots)
+                summaries[spec] = store
+        steps = []
+        for _ in range(repeats):
+            parts: dict[str, float] = {}
+            ctx = StepContext(unit=N, num_layers=a.layers)
+            tables: dict = {}
+            for layer in range(a.layers):
+                q = torch.randn(B, H * G, D)
+                _timed(lambda: self.dense(q), parts, "dense kernel (vLLM default path)")
+                spec = policy.summary_spec(layer, N)
+                summary = None if spec is None else summaries[spec].for_rows(self.table)
+                selection = _timed(lambda: policy.select(layer, q, summary, self.seq_lens, ctx),
+                                   parts, "kvplug: policy select")
+                if selection is None:
+                    _timed(lambda: self.dense(q), parts, "kvplug: dense layers")
+                    continue
+                if selection.chunk_ids is not None and selection.chunk_size < N:
+                    _timed(lambda: token_decode(q, self.kv_cache, self.table, self.seq_lens,
+                                                selection, isa=self.isa, scale=D ** -0.5),
+                           parts, "kvplug: token decode")
+                    continue
+                if id(selection) not in tables:  # once per step per selection, as the engine
+                    tables[id(selection)] = (selection, *_timed(
+                        lambda: selection_blocks(selection, self.seq_lens, self.table, N, H),
+                        parts, "kvplug: block tables"))
+                _, per_head, lens = tables[id(selection)]
+                _timed(lambda: sparse_decode(q, self.kv_cache, per_head, lens, scale=D ** -0.5,
+                                             isa=self.isa), parts, "kvplug: schedule + kernel")
+            steps.append(parts)
+        median = {k: sorted(s[k] for s in steps)[len(steps) // 2] * 1e3 for k in steps[0]}
+        total = sum(v for k, v in median.items() if k.startswith("kvplug"))
+        return {"ms_per_decode_step": {k: round(v, 2) for k, v in median.items()},
+                "kvplug_attention_ms": round(total, 2)}

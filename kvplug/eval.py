@@ -269,6 +269,16 @@ def plot(rows: list[dict], cells: dict[str, dict[int, dict]], configs: list[Cell
     plt.close(fig)
 
 
+def max_model_len_for(model: str, longest: int) -> int:
+    """Engine context: the longest suite length (prompt and answer fit in it, chat template
+    included) plus slack, within the model's positions."""
+    positions = json.loads((Path(model) / "config.json").read_text()).get(
+        "max_position_embeddings")
+    if positions is not None and longest > positions:
+        raise ValueError(f"--lengths {longest} exceeds the model's {positions} positions")
+    return longest + 256 if positions is None else min(longest + 256, positions)
+
+
 def _timed_cell(lm, *args) -> dict:
     t0 = time.monotonic()
     cell = run_cell(lm, *args)
@@ -298,7 +308,7 @@ def run(args: argparse.Namespace) -> int:
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(args.kv_space_gb))
     out = Path(args.out)
     (out / "cells").mkdir(parents=True, exist_ok=True)
-    max_len = max(args.lengths) + 256  # room for the chat template's and the answer's tokens
+    max_len = max_model_len_for(model, max(args.lengths))
 
     def path(config: CellConfig, length: int, first: int | None = None) -> Path:
         part = "" if first is None else f".from{first}"

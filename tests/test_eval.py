@@ -63,6 +63,16 @@ def test_tables_and_plots_from_cells(tmp_path):
     assert (tmp_path / "depth_heatmap.png").stat().st_size > 0
 
 
+def test_engine_context_stays_within_the_model_positions(tmp_path):
+    from kvplug.eval import max_model_len_for
+
+    (tmp_path / "config.json").write_text(json.dumps({"max_position_embeddings": 8192}))
+    assert max_model_len_for(str(tmp_path), 4096) == 4352
+    assert max_model_len_for(str(tmp_path), 8192) == 8192
+    with pytest.raises(ValueError, match="--lengths 16384 exceeds the model's 8192 positions"):
+        max_model_len_for(str(tmp_path), 16384)
+
+
 def test_merge_groups_weighs_every_sample_once():
     a = {"scores": {}, "seconds": 2.0, "samples": [{"task": "t", "score": 100.0},
                                                     {"task": "u", "score": 0.0}]}

@@ -36,7 +36,7 @@ def test_vllm_cli_knows_its_version():
     ('{"policy": "nonsense"}', f"unknown kvplug policy 'nonsense'; valid policies: {sorted(POLICIES)}"),
     # a Quest page must be whole KV blocks (32 tokens for a selection policy)
     ('{"policy": "quest", "budget": 256, "page_size": 48}',
-     "page_size=48 must be a multiple of the engine's KV block size 32"),
+     "page_size=48 must be a multiple or a divisor of the engine's KV block size 32"),
 ])
 def test_bad_policy_fails_serve_at_start(model_dir, config, message):
     env = dict(os.environ, KVPLUG_CONFIG=config)

@@ -128,7 +128,7 @@ class _Setup:
 
     def profile(self, policy, repeats: int) -> dict:
         from kvplug.integrations.vllm.block_summaries import BlockSummaries, selection_blocks
-        from kvplug.integrations.vllm.cpu_backend import sparse_decode, token_decode
+        from kvplug.integrations.vllm.cpu_backend import reads_tokens, sparse_decode, token_decode
         from kvplug.policies import StepContext
 
         a = self.args
@@ -155,7 +155,7 @@ class _Setup:
                 if selection is None:
                     _timed(lambda: self.dense(q), parts, "kvplug: dense layers")
                     continue
-                if selection.chunk_ids is not None and selection.chunk_size < N:
+                if reads_tokens(selection, N):
                     _timed(lambda: token_decode(q, self.kv_cache, self.table, self.seq_lens,
                                                 selection, isa=self.isa, scale=D ** -0.5),
                            parts, "kvplug: token decode")

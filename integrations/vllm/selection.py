@@ -131,11 +131,12 @@ def _check_policy(engine_args, vllm_config, recreate):
     from vllm.platforms import current_platform
 
     from kvplug.config import resolve_config
+    from kvplug.integrations.vllm.lifecycle import WorkerPolicy
     from kvplug.policies import SelectionPolicy
 
     config = resolve_config(vllm_config.additional_config)
-    policies = [c.build_policy() for c in config.policy_configs()]
-    selecting = [p.name for p in policies if isinstance(p, SelectionPolicy)]
+    selecting = [c.policy for c in config.policy_configs()
+                 if isinstance(c.build_policy(), SelectionPolicy)]
     if selecting:
         if not current_platform.is_cpu():
             raise ValueError(f"kvplug policy {selecting[0]!r} runs in vLLM on CPU and in HF "
@@ -148,8 +149,7 @@ def _check_policy(engine_args, vllm_config, recreate):
                         "--block-size to choose another multiple of 32)", SPARSE_BLOCK_SIZE,
                         selecting[0])
     model = vllm_config.model_config
-    for policy in policies:
-        policy.check_model(model.get_num_layers(vllm_config.parallel_config),
-                           model.get_total_num_kv_heads(), vllm_config.cache_config.block_size)
+    WorkerPolicy(config, model.get_num_layers(vllm_config.parallel_config),
+                 model.get_total_num_kv_heads(), vllm_config.cache_config.block_size)
     logger.info(config.describe())
     return vllm_config

@@ -44,7 +44,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .common import default_scale, gather_paged, group_size, next_pow2, use_triton
+from .common import default_scale, gather_pages, group_size, next_pow2, use_triton
 
 
 @triton.jit
@@ -178,22 +178,30 @@ def chunk_scores_ref(q: Tensor, summary: Tensor, num_chunks: Tensor, *,
     if summary_table is None:
         lo = summary.float()
         hi = None if summary_max is None else summary_max.float()
-    else:  # summaries are paged like a KV cache: gather them as one
-        positions = cols[None, :].expand(B, -1)
-        lo = gather_paged(summary, summary_table, positions).float()        # [B, C, H_kv, D]
-        hi = None if summary_max is None else gather_paged(summary_max, summary_table,
-                                                             positions).float()
+    else:  # summaries are paged like a KV cache: gather whole pages
+        lo = gather_pages(summary, summary_table).float()                   # [B, C, H_kv, D]
+        hi = None if summary_max is None else gather_pages(summary_max, summary_table).float()
     qg = q.float().view(B, H_kv, G, D)
-    lo = lo.permute(0, 2, 3, 1)                                              # [B, H_kv, D, C]
     if hi is None:
-        s = qg @ lo
+        s = _per_kv_head_dots(qg, lo)
     else:
         # max(q_d * min_d, q_d * max_d) = max(q_d, 0) * max_d + min(q_d, 0) * min_d
         # (min <= max), so Quest's bound is two matmuls instead of a [.., C, D] temporary
-        s = qg.clamp_min(0) @ hi.permute(0, 2, 3, 1) + qg.clamp_max(0) @ lo
+        s = _per_kv_head_dots(qg.clamp_min(0), hi) + _per_kv_head_dots(qg.clamp_max(0), lo)
     s = s.reshape(B, H_q, n_cols) * default_scale(D, scale)
     valid = cols[None, :] < num_chunks[:, None].to(cols.device)
     return s.masked_fill(~valid[:, None, :], float("-inf"))
+
+
+def _per_kv_head_dots(qg: Tensor, keys: Tensor) -> Tensor:
+    """``[B, H_kv, G, D]`` queries · ``[B, C, H_kv, D]`` keys -> ``[B, H_kv, G, C]``.
+
+    One ``bmm`` per kv-head on a strided view of ``keys``: a single batched
+    matmul over ``(B, H_kv)`` would first copy ``keys`` into ``[B, H_kv, D, C]``,
+    which costs several times the product itself on CPU.
+    """
+    return torch.stack([torch.bmm(qg[:, h], keys[:, :, h].transpose(1, 2))
+                        for h in range(qg.shape[1])], dim=1)
 
 
 def select_topk(scores: Tensor, num_kv_heads: int, num_chunks: Tensor, k: int, *,

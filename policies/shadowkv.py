@@ -52,7 +52,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from kvplug.kernels import apply_rope, chunk_scores, gather_paged, select_topk
+from kvplug.kernels import apply_rope, chunk_scores, gather_pages, select_topk
 from kvplug.policies.base import param, register_policy
 from kvplug.policies.selection import (KeySummary, Selection, SelectionPolicy, SummarySpec,
                                        check_chunk, recent_tokens)
@@ -120,6 +120,9 @@ class ShadowKV(SelectionPolicy):
     def summary_spec(self, layer_idx, unit):
         return SummarySpec("landmarks", self.chunk(unit))
 
+    def read_chunk(self, layer_idx, unit):
+        return self.chunk(unit)
+
     def select(self, layer_idx, q, summary, seq_lens, ctx):
         chosen = self.choose(q, summary, seq_lens, self.token_budgets(seq_lens), ctx.unit)
         return None if chosen is None else chosen[0]
@@ -171,10 +174,7 @@ class ShadowKV(SelectionPolicy):
 
 def _per_row(x: Tensor, table: Tensor | None) -> Tensor:
     """Per-chunk values ``[N, P, H_kv]`` as ``[B, C, H_kv]`` rows (see :class:`KeySummary`)."""
-    if table is None:
-        return x
-    cols = torch.arange(table.shape[1] * x.shape[1], device=x.device)
-    return gather_paged(x[..., None], table, cols[None, :].expand(table.shape[0], -1))[..., 0]
+    return x if table is None else gather_pages(x, table)
 
 
 def _ascending(ids: Tensor) -> Tensor:

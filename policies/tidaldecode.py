@@ -57,11 +57,20 @@ class TidalDecode(SelectionPolicy):
         self._selecting = self.selection_layers(num_layers)
         super().check_model(num_layers, num_kv_heads, unit)
 
-    def summary_spec(self, layer_idx, unit):
-        """Only selection layers score keys: they need every key (model bound first)."""
+    def _bound_selection_layers(self) -> tuple[int, ...]:
         if not hasattr(self, "_selecting"):
             raise RuntimeError("policy 'tidaldecode': check_model() binds it to a model first")
-        return SummarySpec("keys", 1) if layer_idx in self._selecting else None
+        return self._selecting
+
+    def summary_spec(self, layer_idx, unit):
+        """Only selection layers score keys: they need every key."""
+        return SummarySpec("keys", 1) if layer_idx in self._bound_selection_layers() else None
+
+    def read_chunk(self, layer_idx, unit):
+        """Layers after the first selection layer read its choice, selection layers excepted."""
+        if layer_idx < self.dense_layers or layer_idx in self._bound_selection_layers():
+            return None
+        return 1 if self.granularity == "token" else unit
 
     def select(self, layer_idx, q, summary, seq_lens, ctx):
         if layer_idx < self.dense_layers:

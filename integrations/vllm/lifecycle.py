@@ -28,7 +28,7 @@ from dataclasses import dataclass
 
 from kvplug.config import KVPlugConfig, PolicyConfig, resolve_config
 from kvplug.integrations.vllm.selection import logger, uses_kvplug
-from kvplug.policies import Policy, RequestState, SelectionPolicy, SummarySpec
+from kvplug.policies import Policy, RequestState, SelectionPolicy
 
 
 @dataclass(frozen=True)
@@ -44,7 +44,7 @@ class WorkerPolicy:
 
     Every policy of the config is built and bound to the model up front, so
     a switch cannot fail half-way and every layer keeps the key summaries of
-    all of them (:meth:`summary_specs`).
+    all of them (:attr:`policies`).
     """
 
     def __init__(self, config: KVPlugConfig, num_layers: int, num_kv_heads: int,
@@ -59,11 +59,10 @@ class WorkerPolicy:
         self.pending: tuple[PolicyConfig, Policy] | None = None
         self.any_selection = any(isinstance(p, SelectionPolicy) for _, p in self.choices)
 
-    def summary_specs(self, layer_idx: int, unit: int) -> set[SummarySpec]:
-        """Every summary some choice's ``select`` needs at this layer."""
-        specs = {p.summary_spec(layer_idx, unit) for _, p in self.choices
-                 if isinstance(p, SelectionPolicy)}
-        return specs - {None}
+    @property
+    def policies(self) -> list[Policy]:
+        """Every policy this worker may switch to (each layer keeps all their summaries)."""
+        return [p for _, p in self.choices]
 
     def request_switch(self, data: dict) -> None:
         """Validate and queue a switch to a configured policy (applied by :meth:`apply`)."""

@@ -20,11 +20,20 @@ def test_launchers_run_triton_not_the_reference(kernel, device):
         "alone or export TRITON_INTERPRET=1")
 
 
-@pytest.mark.parametrize("layout", ["NHD", "HND-view"])
-def test_gather_paged_follows_block_table(layout):
-    cache = torch.randn(6, 4, 2, 3)                                     # [blocks, bs, H, D]
+def _paged(layout: str) -> torch.Tensor:
+    """A ``[6 blocks, 4 tokens, 2 heads, 3]`` cache in one of the layouts kernels meet."""
+    if layout == "NHD":
+        return torch.randn(6, 4, 2, 3)
     if layout == "HND-view":                                            # strides do not flatten
-        cache = cache.transpose(1, 2).contiguous().transpose(1, 2)
+        return torch.randn(6, 2, 4, 3).transpose(1, 2)
+    if layout == "vllm-cpu-V":      # [blocks, H, 2 halves, bs, D]: the V half, offset storage
+        return torch.randn(6, 2, 2, 4, 3)[:, :, 1].transpose(1, 2)
+    return torch.randn(6, 2, 3, 4).permute(0, 3, 1, 2)                  # keys stored [D, bs]
+
+
+@pytest.mark.parametrize("layout", ["NHD", "HND-view", "vllm-cpu-V", "transposed-keys"])
+def test_gather_paged_follows_block_table(layout):
+    cache = _paged(layout)
     table = torch.tensor([[5, 0], [2, 3]])
     pos = torch.tensor([[[0, 5, -1], [3, 4, 7]], [[7, 1, 2], [0, 6, 6]]])  # [B, H, N]
     per_head = common.gather_paged_per_head(cache, table, pos)
@@ -36,6 +45,16 @@ def test_gather_paged_follows_block_table(layout):
                 assert torch.equal(per_head[b, h, n], cache[table[b, t // 4], t % 4, h])
                 t0 = max(int(pos[b, 0, n]), 0)
                 assert torch.equal(all_heads[b, n, h], cache[table[b, t0 // 4], t0 % 4, h])
+
+
+def test_gather_pages_equals_gathering_every_position():
+    paged = torch.randn(7, 4, 2, 3)                                     # [pages, P, H, D]
+    table = torch.tensor([[6, 0, 3], [2, 2, 5]])
+    positions = torch.arange(12)[None, :].expand(2, -1)
+    assert torch.equal(common.gather_pages(paged, table),
+                       common.gather_paged(paged, table, positions))
+    per_chunk = torch.randn(7, 4, 2)                                    # e.g. ShadowKV's min_cos
+    assert torch.equal(common.gather_pages(per_chunk, table)[1, 5], per_chunk[2, 1])
 
 
 def test_apply_rope_is_a_rotation_and_identity_at_zero():

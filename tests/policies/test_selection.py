@@ -45,5 +45,6 @@ def test_quest_reads_the_page_whose_bound_is_highest():
     _, kmin, kmax = chunk_summaries(keys, page)
     sel = policy.select(3, q, KeySummary(kmin, kmax, None, page), lens(L), StepContext())
     assert sel.chunk_size == page and sel.n_recent.tolist() == [page]  # the last page, always
+    assert policy.read_chunk(0, 1) is None and policy.read_chunk(3, 1) == page
     assert 2 in sel.chunk_ids[0, 1].tolist()
     assert sel.chunk_ids.shape[-1] == 1                          # (32 - 16) // 16 pages

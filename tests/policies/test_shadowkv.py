@@ -232,7 +232,7 @@ def test_unit_32_and_paged_summaries():
     dense = _summary(keys, 32)
     seq_lens = torch.tensor([300, 300])
     sel = policy.select(0, q, dense, seq_lens, StepContext(unit=32))
-    assert sel.chunk_size == 32
+    assert sel.chunk_size == 32 == policy.read_chunk(0, 32)
     assert (sel.chunk_ids[:, 0] == 2).any(dim=-1).all()
     for per_row in _read(sel, seq_lens, 2):
         assert all(len(s) <= 256 for s in per_row)

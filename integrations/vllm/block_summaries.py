@@ -11,6 +11,8 @@ share their summaries with the KV.
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 from torch import Tensor
 
@@ -135,6 +137,11 @@ def selection_blocks(selection: Selection, seq_lens: Tensor, block_table: Tensor
     if selection.chunk_size % block_size and selection.chunk_ids is not None:
         raise ValueError(f"kvplug: selected chunks of {selection.chunk_size} tokens are not "
                          f"whole {block_size}-token KV blocks")
+    if selection.dense_kv_heads is not None:
+        table, lens = selection_blocks(replace(selection, dense_kv_heads=None),
+                                       seq_lens, block_table, block_size, num_kv_heads)
+        return with_dense_heads(table, lens, selection.dense_kv_heads, seq_lens, block_table,
+                                block_size)
     B, device = seq_lens.shape[0], seq_lens.device
     n_blocks = (seq_lens + block_size - 1) // block_size                    # [B]
     j = torch.arange(block_table.shape[1], device=device)
@@ -152,8 +159,6 @@ def selection_blocks(selection: Selection, seq_lens: Tensor, block_table: Tensor
         used = (ids >= 0)[..., None].expand(-1, -1, -1, per_chunk).flatten(2)
         hits = torch.zeros(mask.shape, dtype=torch.int32, device=device)
         mask |= hits.scatter_add_(2, picked, used.to(torch.int32)) > 0
-    if selection.dense_kv_heads is not None:
-        mask[:, selection.dense_kv_heads.to(device)] = True
     mask &= in_seq[:, None, :]
     counts = mask.sum(-1)                                                    # [B, H_kv]
     order = torch.where(mask, j, j + mask.shape[-1]).sort(dim=-1).values[..., : int(counts.max())]
@@ -164,3 +169,24 @@ def selection_blocks(selection: Selection, seq_lens: Tensor, block_table: Tensor
     tail = seq_lens - (n_blocks - 1) * block_size
     lens = ((counts - 1) * block_size + tail[:, None]).flatten().to(torch.int32)
     return table, lens
+
+
+def with_dense_heads(table: Tensor, lens: Tensor, dense_kv_heads: Tensor, seq_lens: Tensor,
+                     block_table: Tensor, block_size: int) -> tuple[Tensor, Tensor]:
+    """:func:`selection_blocks`'s ``(table, lens)`` with the kv-heads flagged in
+    ``dense_kv_heads`` (``[H_kv]`` bool) reading every block of their row instead.
+
+    Cheap next to building the tables, so layers that differ only in which
+    heads are dense (DuoAttention) share one sparse table per step.
+    """
+    num_kv_heads = dense_kv_heads.shape[0]
+    B = seq_lens.shape[0]
+    width = max(table.shape[1], -(-int(seq_lens.max()) // block_size))
+    heads = torch.arange(num_kv_heads, device=table.device)[None, :, None]
+    every_block = block_table[:, None, :width].long() * num_kv_heads + heads  # [B, H_kv, width]
+    sparse = torch.nn.functional.pad(table.view(B, num_kv_heads, -1),
+                                     (0, width - table.shape[1]))
+    dense = dense_kv_heads.to(table.device)
+    mixed = torch.where(dense[None, :, None], every_block, sparse.long()).flatten(0, 1)
+    lens = torch.where(dense[None, :], seq_lens[:, None], lens.view(B, num_kv_heads))
+    return mixed.to(torch.int32), lens.flatten().to(torch.int32)

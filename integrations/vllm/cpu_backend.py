@@ -23,7 +23,7 @@ Decode-time selection policies (plan once per step, run per layer):
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 from vllm import _custom_ops as ops
@@ -35,7 +35,8 @@ from vllm.v1.attention.backends.cpu_attn import (CPUAttentionBackend, CPUAttenti
                                                  CPUAttentionMetadataBuilder)
 
 from kvplug.integrations.vllm.block_summaries import (ROW_KEYS, BlockSummaries,
-                                                      layer_summary_specs, selection_blocks)
+                                                      layer_summary_specs, selection_blocks,
+                                                      with_dense_heads)
 from kvplug.kernels import sparse_paged_decode_ref
 from kvplug.integrations.vllm.common import KVPlugBackendMixin, Step, with_rows
 from kvplug.integrations.vllm.lifecycle import tracker, worker_policy
@@ -52,16 +53,23 @@ class DecodePlan:
     dense: CPUAttentionMetadata       # the decode rows, for layers that read everything
     rest: CPUAttentionMetadata | None  # the other rows (prefill chunks), dense
     ctx: StepContext
-    # id(selection) -> (selection, per-head block table, lengths): layers that reuse a
-    # selection object (TidalDecode, StreamingLLM) build its block tables once per step
+    # the sparse part of a selection -> (that part, per-head block table, lengths): layers
+    # that reuse its tensors (TidalDecode, StreamingLLM, DuoAttention's streaming heads) build
+    # the tables once per step; the cached part keeps those tensors, so their ids stay unique
     tables: dict = field(default_factory=dict)
 
     def block_tables(self, selection, block_size: int, num_kv_heads: int):
-        hit = self.tables.get(id(selection))
+        sparse = replace(selection, dense_kv_heads=None)
+        key = (id(sparse.chunk_ids), id(sparse.n_recent), sparse.n_sink, sparse.chunk_size)
+        hit = self.tables.get(key)
         if hit is None:
-            hit = self.tables[id(selection)] = (selection, *selection_blocks(
-                selection, self.seq_lens, self.block_table, block_size, num_kv_heads))
-        return hit[1:]
+            hit = self.tables[key] = (sparse, *selection_blocks(
+                sparse, self.seq_lens, self.block_table, block_size, num_kv_heads))
+        _, table, lens = hit
+        if selection.dense_kv_heads is None:
+            return table, lens
+        return with_dense_heads(table, lens, selection.dense_kv_heads, self.seq_lens,
+                                self.block_table, block_size)
 
 
 @dataclass

@@ -89,6 +89,29 @@ def test_sparse_decode_reads_exactly_the_selected_blocks(name):
                                atol=2e-5, rtol=1e-4)
 
 
+def test_layers_sharing_a_streaming_part_share_its_block_tables():
+    """DuoAttention: one sparse table per step, each layer's dense heads patched in."""
+    from dataclasses import replace
+
+    from kvplug.integrations.vllm.cpu_backend import DecodePlan
+    from kvplug.policies import StepContext
+
+    seq_lens = [200, 77, 300]
+    kv_cache, table, keys, values = _cache(seq_lens)
+    q = torch.randn(len(seq_lens), H_KV * GROUP, D)
+    lens = torch.tensor(seq_lens)
+    plan = DecodePlan(num_rows=3, seq_lens=lens, block_table=table, dense=None, rest=None,
+                      ctx=StepContext(unit=BLOCK))
+    streaming = Selection(None, 1, 32, torch.tensor([64, 77, 64]))
+    for heads in ([True, False, True], [False, False, True], [False, False, False]):
+        selection = replace(streaming, dense_kv_heads=torch.tensor(heads))
+        per_head, lengths = plan.block_tables(selection, BLOCK, H_KV)
+        got = sparse_decode(q, kv_cache, per_head, lengths, scale=D ** -0.5, isa=ISA)
+        torch.testing.assert_close(got, _reference(q, keys, values, selection, seq_lens),
+                                   atol=2e-5, rtol=1e-4)
+    assert len(plan.tables) == 1
+
+
 def test_token_values_read_the_cache_as_written():
     seq_lens = [200, 77]
     kv_cache, table, keys, values = _cache(seq_lens)

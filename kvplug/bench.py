@@ -122,7 +122,9 @@ def _measure(spec: dict[str, Any]) -> dict[str, Any]:
     allowed = np.array([i for i in range(mc.get_vocab_size()) if i not in special])
     rng = np.random.default_rng(spec["seed"])
     params = SamplingParams(max_tokens=1 + n, ignore_eos=True, detokenize=False)
-    _timed(llm, _prompts(rng, allowed, 1, 16), params)  # warm-up
+    _timed(llm, _prompts(rng, allowed, 1, 16), params)  # warm-up (kvplug's side stores too)
+    pool_tokens = cc.num_gpu_blocks * cc.block_size
+    side_bytes_per_token = kv_vllm.side_bytes(llm) / pool_tokens if backend == "kvplug" else 0
     cells = []
     for context in spec["contexts"]:
         for batch in spec["batches"]:
@@ -138,6 +140,7 @@ def _measure(spec: dict[str, Any]) -> dict[str, Any]:
             "attention_backends": backends,
             "pool_blocks": cc.num_gpu_blocks, "block_size": cc.block_size,
             "kv_bytes_per_token": kv_bytes_per_token,
+            "side_bytes_per_token": side_bytes_per_token,
             "engine": {"max_model_len": mc.max_model_len, "dtype": str(mc.dtype),
                        "kv_cache_dtype": cc.cache_dtype,
                        "max_num_batched_tokens": sc.max_num_batched_tokens,
@@ -217,7 +220,9 @@ def build_rows(results: list[dict[str, Any]], decode_tokens: int, policy) -> lis
                          "ttft_s": statistics.median(r["ttft_s"] for r in cell["runs"]),
                          "decode_s": decode,
                          "tpot_ms": 1000 * decode / n, "decode_tok_s": b * n / decode,
-                         "kv_bytes_per_token": bpt, "kv_tokens_read_per_step": read,
+                         "kv_bytes_per_token": bpt,
+                         "side_bytes_per_token": res["side_bytes_per_token"],
+                         "kv_tokens_read_per_step": read,
                          "kv_bytes_read_per_step": read * bpt,
                          "requests_fit": res["pool_blocks"] * bs // ceil_to_block(ctx + n, bs)})
     base = {(r["batch"], r["context"]): r["decode_tok_s"]
@@ -250,16 +255,18 @@ def markdown(report: dict[str, Any]) -> str:
              "TTFT: until the batch's last first token. TPOT: the N decode steps of the request "
              "prefilled last (engine timestamps); decode tok/s = batch / TPOT; speedup: over "
              "default, same cell. KV read/step/seq: what one decode step reads per sequence "
-             "(the policy's kv_tokens_read). Requests that fit: KV pool tokens / (context + N, "
-             "rounded up to a block).", "",
+             "(the policy's kv_tokens_read). Side bytes/token: what kvplug keeps beside the pool "
+             "(key summaries, row-major key copies), per pool token, measured in the engine. "
+             "Requests that fit: KV pool tokens / (context + N, rounded up to a block).", "",
              "| backend | batch | context | TTFT s | TPOT ms | decode tok/s | speedup | "
-             "KV bytes/token | KV read/step/seq | requests that fit |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "KV bytes/token | side bytes/token | KV read/step/seq | requests that fit |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in report["rows"]:
         speedup = f"{r['speedup']:.2f}x" if r["speedup"] is not None else "-"
         lines.append(f"| {r['backend']} | {r['batch']} | {r['context']} | {r['ttft_s']:.2f} | "
                      f"{r['tpot_ms']:.1f} | {r['decode_tok_s']:.1f} | {speedup} | "
-                     f"{r['kv_bytes_per_token']} | {_size(r['kv_bytes_read_per_step'])} | "
+                     f"{r['kv_bytes_per_token']} | {r['side_bytes_per_token']:.0f} | "
+                     f"{_size(r['kv_bytes_read_per_step'])} | "
                      f"{r['requests_fit']} |")
     if s["long_max_model_len"]:
         lines += ["", "Context + decode tokens exceed the model's positions: run with "

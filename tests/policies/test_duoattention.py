@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 import torch
 
-from kvplug.kernels import selected_positions
-from kvplug.policies import StepContext, build_policy
+from kvplug.kernels import chunk_summaries, selected_positions
+from kvplug.policies import KeySummary, StepContext, build_policy
 from kvplug.policies.duoattention import (read_pattern, sparsity_heads, threshold_heads,
                                           write_pattern)
 
@@ -119,6 +119,11 @@ def test_shape_mismatch_is_refused(pattern):
     ({"budget": 100}, r"budget=100 is less than .* sink_size \+ recent_size = 320"),
     ({"recent_size": 0}, r"'recent_size'=0 is out of range"),
     ({"sink": 4}, r"no parameter 'sink'; valid parameters: .*'sink_size'"),
+    ({"retrieval_read": "quest"}, r"retrieval_read='quest' needs exactly one of budget .* none"),
+    ({"retrieval_read": "quest", "budget": 500, "threshold": 0.3, "sparsity": 0.5},
+     "at most one of threshold and sparsity .* got budget=500, threshold=0.3, sparsity=0.5"),
+    ({"page_size": 32}, r"page_size=32 is read only with retrieval_read='quest'"),
+    ({"retrieval_read": "pages"}, r"'retrieval_read'='pages' is not one of \['all', 'quest'\]"),
 ])
 def test_bad_parameters(pattern, params, match):
     with pytest.raises(ValueError, match=match):
@@ -128,6 +133,42 @@ def test_bad_parameters(pattern, params, match):
 def test_missing_pattern_names_the_path(tmp_path):
     with pytest.raises(FileNotFoundError, match="does-not-exist"):
         build_policy("duoattention", {"pattern": str(tmp_path / "does-not-exist")})
+
+
+def test_quest_on_retrieval_heads_reads_their_top_pages_within_the_budget(pattern):
+    """Composed with Quest: all heads read sink + recent, the retrieval heads (α >= 0.5)
+    also the pages with the highest q·k bound, as many as the budget leaves."""
+    torch.manual_seed(0)
+    L, D, page = 200, 8, 8
+    policy = _policy(pattern, retrieval_read="quest", budget=60, page_size=page, sink_size=4,
+                     recent_size=16)
+    assert [policy.summary_spec(layer, 1) for layer in range(2)] == [
+        policy.summary_spec(0, 1)] * 2 and policy.summary_spec(0, 1).kind == "minmax"
+    assert policy.read_chunk(1, 1) == page
+    keys = torch.randn(1, L, 3, D) * 0.1
+    q = torch.randn(1, 6, D)
+    keys[0, 43, 0] = q[0, 0] * 5        # page 5: kv-head 0 (retrieval) aligned with its query
+    keys[0, 91, 1] = q[0, 2] * 5        # page 11: kv-head 1 (streaming at layer 0)
+    _, kmin, kmax = chunk_summaries(keys, page)
+    ctx = StepContext(unit=1, num_layers=2)
+    sel = policy.select(0, q, KeySummary(kmin, kmax, None, page), torch.tensor([L]), ctx)
+    assert sel.dense_kv_heads is None and sel.chunk_size == page
+    pos, valid = selected_positions(torch.tensor([L]), sel.chunk_ids, page, sel.n_sink,
+                                    int(sel.n_recent[0]), num_kv_heads=3, max_len=L)
+    reads = [set(pos[0, h][valid[0, h]].tolist()) for h in range(3)]
+    window = set(range(4)) | set(range(L - 16, L))
+    # 3 retrieval heads of 6 share (60 - 20) * 6 tokens: 10 pages each
+    assert sel.chunk_ids[0, 0].ne(-1).sum() == 10 == sel.chunk_ids[0, 2].ne(-1).sum()
+    assert reads[1] == window                                    # streaming: sink + recent only
+    assert set(range(40, 48)) <= reads[0] and len(reads[0]) == 20 + 80
+    picked = sel.chunk_ids[0, 0][sel.chunk_ids[0, 0] >= 0]
+    assert picked.min() >= 1 and picked.max() < (L - 16) // page  # outside sink and window
+    assert policy.kv_tokens_read(L) == pytest.approx(20 + 3 * 80 / 6) and \
+        policy.kv_tokens_read(L) <= 60
+    # a row within the budget reads everything
+    ctx = StepContext(unit=1, num_layers=2)
+    assert policy.select(0, q, KeySummary(kmin, kmax, None, page), torch.tensor([50]), ctx) \
+        is None
 
 
 def _reads(sel, seq_lens, heads):
@@ -256,3 +297,22 @@ def test_hf_decode_reads_sink_and_recent_on_streaming_heads_only(tiny_llama_dir,
     if bool(alpha.ge(0.5).all()):  # all retrieval: exactly the dense model
         kvhf.attach_policy(model, "full")
         assert torch.equal(_greedy(model, input_ids)[1], logits)
+
+
+def test_hf_decode_with_quest_pages_on_retrieval_heads(tiny_llama_dir, tmp_path):
+    """The composed mode runs in the HF path and reads less than dense there."""
+    from transformers import AutoModelForCausalLM
+
+    from kvplug.integrations import transformers as kvhf
+
+    pattern = write_pattern(tmp_path / "p", torch.tensor([[0.9, 0.1], [0.2, 0.6]]), {})
+    input_ids = torch.randint(3, 128, (1, 60), generator=torch.Generator().manual_seed(3))
+    kvhf.register()
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, attn_implementation="kvplug",
+                                                 dtype=torch.float32).eval()
+    dense_tokens, dense_logits = _greedy(model, input_ids)
+    kvhf.attach_policy(model, "duoattention", pattern=str(pattern), sink_size=SINK,
+                       recent_size=RECENT, retrieval_read="quest", page_size=4, budget=24)
+    tokens, logits = _greedy(model, input_ids)
+    assert tokens.shape == dense_tokens.shape
+    assert not torch.equal(logits, dense_logits)            # it read a subset

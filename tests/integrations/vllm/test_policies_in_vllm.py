@@ -25,9 +25,11 @@ LENGTHS = [64, 250, 1100]
 BUDGET = 352     # >= 250 + 32 generated and >= DuoAttention's sink + recent (320); < 1100
 SELECTION_POLICIES = sorted(name for name, cls in POLICIES.items()
                             if issubclass(cls, SelectionPolicy))
-# every selection policy at its defaults, and TidalDecode also reading whole blocks
+# every selection policy at its defaults, TidalDecode also reading whole blocks, and
+# DuoAttention composed with Quest pages on its retrieval heads
 CONFIGS = [{"policy": name, "budget": BUDGET} for name in SELECTION_POLICIES] + [
-    {"policy": "tidaldecode", "budget": BUDGET, "granularity": "block"}]
+    {"policy": "tidaldecode", "budget": BUDGET, "granularity": "block"},
+    {"policy": "duoattention", "budget": BUDGET, "retrieval_read": "quest"}]
 
 
 def _key(config: dict) -> tuple:
@@ -83,8 +85,9 @@ def test_engine_and_states(switched_run):
     run = switched_run["_run"]
     assert run["backends"] == {"KVPLUG": 30}
     assert run["states"]["live"] == 0
-    # token-granular configs (Quest 16, ShadowKV 8, TidalDecode tokens) read from layer 2
-    # on: a row-major copy of those 28 layers' keys, plus the smaller summaries
+    # token-granular configs (Quest 16, ShadowKV 8, TidalDecode tokens from layer 2 on,
+    # DuoAttention's 16-token Quest pages where a layer has retrieval heads) need a
+    # row-major copy of those layers' keys, plus the smaller summaries
     ratio = run["side_bytes"] / run["pool_key_bytes"]
     assert 28 / 30 < ratio < 1.5, ratio
 

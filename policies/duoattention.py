@@ -241,15 +241,16 @@ class DuoAttention(SelectionPolicy):
                                            self.retrieval_heads(seq_lens, window).to(q.device))
         streaming, all_fit, retrieval = ctx.scratch["duoattention"]
         if self.reads_pages:
-            return self._with_pages(layer_idx, q, summary, seq_lens, ctx)
+            return self._with_pages(layer_idx, q, summary, seq_lens, streaming,
+                                    retrieval[layer_idx], ctx)
         if all_fit or bool(retrieval[layer_idx].all()):
             return None
         return replace(streaming, dense_kv_heads=retrieval[layer_idx])
 
-    def _with_pages(self, layer_idx, q, summary, seq_lens, ctx) -> Selection | None:
-        """Every head: sink + recent; this layer's retrieval heads also their top pages."""
+    def _with_pages(self, layer_idx, q, summary, seq_lens, streaming: Selection, heads: Tensor,
+                    ctx) -> Selection | None:
+        """Every head: sink + recent; this layer's retrieval ``heads`` also their top pages."""
         if "duoattention_pages" not in ctx.scratch:
-            streaming, _, _ = ctx.scratch["duoattention"]
             window = torch.minimum(seq_lens, streaming.n_sink + streaming.n_recent)
             fits = self.token_budgets(seq_lens) >= seq_lens
             base = replace(streaming, n_recent=torch.where(fits, seq_lens, streaming.n_recent))
@@ -258,7 +259,6 @@ class DuoAttention(SelectionPolicy):
         all_fit, base, k_per_seq = ctx.scratch["duoattention_pages"]
         if all_fit:
             return None
-        heads = ctx.scratch["duoattention"][2][layer_idx]
         if not bool(heads.any()) or int(k_per_seq.max()) == 0:
             return base
         page = self._page(layer_idx, ctx.unit)

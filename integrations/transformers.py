@@ -23,8 +23,9 @@ A sparse policy plugs in by adding one entry with the same signature: it gets
 the whole cache for the layer (``key``/``value``, all heads) and its policy
 object, and chooses which KV positions each query reads.  Decode-time
 selection policies without an entry share :func:`_selection_attention`;
-``shadowkv`` has its own, which keeps the prompt's keys as a low-rank store
-per generate call (:func:`_shadowkv_attention`).
+``shadowkv`` has its own (:func:`_shadowkv_attention`), reading the prompt
+from the cache ``generate`` gets for it, which keeps the prompt's keys as a
+low-rank store and its values in host memory (:mod:`kvplug.integrations.hf_shadowkv`).
 
 Per-request KV accounting (``Policy.account_step``) is not done here: HF
 ``generate`` has no request lifecycle to hook without patching it.
@@ -36,19 +37,19 @@ import contextlib
 import functools
 import os
 from collections.abc import Callable, Iterator
-from typing import Any, NamedTuple
+from typing import Any
 
 import torch
-from transformers import AttentionInterface, AttentionMaskInterface
+from transformers import AttentionInterface, AttentionMaskInterface, DynamicCache
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import sdpa_mask
 
 from kvplug.config import resolve_config
-from kvplug.kernels import (chunk_summaries, landmarks, lowrank_rope_keys, rope_inv_freq,
-                            sparse_paged_decode)
+from kvplug.kernels import chunk_summaries, landmarks, sparse_paged_decode
+from kvplug.integrations import hf_shadowkv
+from kvplug.integrations.hf_shadowkv import ShadowKVCache
 from kvplug.policies import (KeySummary, Policy, SelectionPolicy, ShadowKV, StepContext,
                              SummarySpec, build_policy)
-from kvplug.policies.shadowkv import lowrank_keys, undo_rope
 
 ATTN_IMPLEMENTATION = "kvplug"
 _POLICY_ATTR = "kvplug_policy"  # set on each attention module by attach_policy
@@ -135,98 +136,32 @@ def _selection_attention(module: torch.nn.Module, query: torch.Tensor, key: torc
 _STEP_CONTEXTS: dict[int, StepContext] = {}  # id(policy) -> its decode-step context
 
 
-class _LowRankStore(NamedTuple):
-    """What ShadowKV keeps of one layer's prompt (see :mod:`kvplug.policies.shadowkv`)."""
-
-    prompt_len: int
-    u: torch.Tensor            # [B, L, r]
-    sv: torch.Tensor           # [B, r, H_kv * D]
-    inv_freq: torch.Tensor     # [D / 2], the model's RoPE
-    summary: KeySummary        # landmarks and min_cos of the prompt's chunks
-
-
-# (id(policy), layer) -> the store of the latest prefill; replaced at the next one
-_LOWRANK_STORES: dict[tuple[int, int], _LowRankStore] = {}
-
-
-def _rope_inv_freq(config: Any, head_dim: int) -> torch.Tensor:
-    """The model's RoPE frequencies; only plain (unscaled, full-width) RoPE can be undone here."""
-    params = dict(getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None)
-                  or {})
-    rope_type = params.get("rope_type", params.get("type", "default"))
-    theta = params.get("rope_theta", getattr(config, "rope_theta", None))
-    if (rope_type != "default" or not isinstance(theta, (int, float))
-            or params.get("partial_rotary_factor", 1.0) != 1.0):
-        raise ValueError(f"kvplug policy 'shadowkv' in the HF path stores pre-RoPE keys and "
-                         f"supports plain RoPE only (rope_type 'default'); this model has "
-                         f"{params or 'no rope_theta'}")
-    return rope_inv_freq(head_dim, float(theta))
-
-
-def _lowrank_store(module: torch.nn.Module, key: torch.Tensor, policy: ShadowKV) -> _LowRankStore:
-    """ShadowKV's prefill: undo RoPE at ``0..L-1``, one SVD of the layer's keys, landmarks."""
-    batch, heads, length, dim = key.shape
-    inv_freq = _rope_inv_freq(module.config, dim).to(key.device)
-    keys = key.transpose(1, 2)                                   # [B, L, H_kv, D] post-RoPE
-    positions = torch.arange(length, device=key.device)[:, None]
-    u, sv = lowrank_keys(undo_rope(keys, positions, inv_freq), policy.key_rank(heads, dim))
-    summary = _hf_summary(policy.summary_spec(module.layer_idx, 1), keys)
-    return _LowRankStore(length, u.to(key.dtype), sv.to(key.dtype), inv_freq, summary)
-
-
 def _shadowkv_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor,
                         value: torch.Tensor, attention_mask: torch.Tensor | None, *,
                         policy: ShadowKV, **kwargs: Any) -> tuple[torch.Tensor, None]:
-    """ShadowKV: dense prefill that builds the low-rank store; sparse decode that reads it.
-
-    Each decode step attends to the prompt's local window, every generated
-    token and the outlier chunks with exact keys, and to the top chunks with
-    keys rebuilt from the store (values always exact): a copy of the layer's
-    keys gets the rebuilt ones written in, and the paged kernel reads the key
-    set from it.  The budget is the whole step's: what the generated tokens
-    leave of it is spent on the prompt (dense when it covers the context).
-    """
-    batch, _, q_len, _ = query.shape
-    kv_len = key.shape[2]
+    """ShadowKV: dense prefill; each decode step reads what the layer's
+    :class:`~kvplug.integrations.hf_shadowkv.ShadowKVLayer` kept of the prompt
+    (``key``/``value`` are then the generated tokens only)."""
     if attention_mask is not None and not bool(attention_mask[..., -1, :].all()):
         raise ValueError("kvplug policy 'shadowkv' in the HF path needs unpadded batches "
                          "(batch size 1, or prompts of equal length)")
-    slot = (id(policy), module.layer_idx)
-    if q_len > 1:
-        if kv_len != q_len:
-            raise ValueError("kvplug policy 'shadowkv' in the HF path compresses the prompt at "
-                             f"its prefill, so the prompt must come in one forward; got {q_len} "
-                             f"new tokens after {kv_len - q_len} cached ones")
-        _LOWRANK_STORES[slot] = _lowrank_store(module, key, policy)
+    if query.shape[2] > 1:
         return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
-    store = _LOWRANK_STORES.get(slot)
-    if store is None or store.u.shape[0] != batch or store.prompt_len >= kv_len:
-        raise ValueError("kvplug policy 'shadowkv': a decode step of layer "
-                         f"{module.layer_idx} without the prefill of its prompt (run generate, "
-                         "or a forward over the whole prompt first)")
-    generated = kv_len - store.prompt_len
-    prompt_lens = torch.full((batch,), store.prompt_len, device=query.device, dtype=torch.int64)
-    budgets = (policy.token_budgets(torch.full_like(prompt_lens, kv_len)) - generated).clamp_min(0)
-    chosen = policy.choose(query[:, :, 0], store.summary, prompt_lens, budgets,
-                           _step_context(module, policy).unit)
-    if chosen is None:
+    layer = hf_shadowkv.layer_of(key)
+    if layer is None:
+        raise ValueError(f"kvplug policy 'shadowkv': decode step of layer {module.layer_idx} "
+                         "without kvplug's ShadowKV cache; run generate() on a model the policy "
+                         "is attached to, or pass past_key_values=ShadowKVCache(policy, "
+                         "model.config)")
+    if layer.policy is not policy:
+        raise ValueError(f"kvplug policy 'shadowkv': the cache was built for {layer.policy!r}, "
+                         f"but the layer runs {policy!r}; build the cache with the attached "
+                         "policy")
+    out = hf_shadowkv.decode(layer.store, policy, query[:, :, 0], key, value,
+                             kwargs.get("scaling"))
+    if out is None:
+        key, value = layer.store.with_whole_prompt(key, value)
         return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
-    selection, rebuilt_ids = chosen
-    chunk = selection.chunk_size
-    pos = (rebuilt_ids.long()[..., None] * chunk
-           + torch.arange(chunk, device=query.device)).flatten(2)               # [B, H_kv, N]
-    pos = pos.masked_fill((rebuilt_ids < 0).repeat_interleave(chunk, dim=-1), -1)
-    rebuilt = lowrank_rope_keys(store.u, store.sv, pos, store.inv_freq, out_dtype=key.dtype)
-    keys = key.clone()
-    b, h, n = (pos >= 0).nonzero(as_tuple=True)
-    keys[b, h, pos[b, h, n]] = rebuilt[b, h, n]
-    window = int(selection.n_recent.max()) + generated        # rows have one length here
-    block_table = torch.arange(batch, device=query.device, dtype=torch.int32)[:, None]
-    out = sparse_paged_decode(query[:, :, 0], keys.transpose(1, 2), value.transpose(1, 2),
-                              block_table, torch.full((batch,), kv_len, device=query.device,
-                                                      dtype=torch.int32),
-                              selection.chunk_ids, chunk, 0, window,
-                              scale=kwargs.get("scaling"))
     return out[:, None], None
 
 
@@ -307,7 +242,27 @@ def attach_policy(model: torch.nn.Module, policy: Policy | str | None = None,
     _bind(policy, modules[0].config)
     for module in modules:
         setattr(module, _POLICY_ATTR, policy)
+    _set_generate_cache(model, policy)
     return policy
+
+
+def _set_generate_cache(model: torch.nn.Module, policy: Policy | None) -> None:
+    """Make ``generate`` build the cache ``policy`` keeps its KV in when the caller
+    passes none: kvplug's for ``shadowkv``, transformers' own otherwise."""
+    model.__dict__.pop("_prepare_cache_for_generation", None)
+    if not isinstance(policy, ShadowKV):
+        return
+    prepare = model._prepare_cache_for_generation
+
+    @functools.wraps(prepare)
+    def prepare_with_shadowkv(generation_config, model_kwargs, *args, **kwargs):
+        result = prepare(generation_config, model_kwargs, *args, **kwargs)
+        cache = model_kwargs.get("past_key_values")
+        if type(cache) is DynamicCache and not getattr(cache, "_is_user_defined", False):
+            model_kwargs["past_key_values"] = hf_shadowkv.ShadowKVCache(policy, model.config)
+        return result
+
+    model._prepare_cache_for_generation = prepare_with_shadowkv
 
 
 @contextlib.contextmanager
@@ -321,6 +276,7 @@ def use_policy(model: torch.nn.Module, policy: Policy | str | None = None,
     finally:
         for module, old in zip(modules, previous):
             setattr(module, _POLICY_ATTR, old)
+        _set_generate_cache(model, previous[0])
 
 
 def kvplug_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor,

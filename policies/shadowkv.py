@@ -24,30 +24,27 @@ is smaller than a chunk.
 
 What is saved, and where:
 
-* **HF transformers (CPU or GPU):** the HF cache stays dense: every K and V
-  is kept, so memory is not reduced (``U``, ``SV`` and the landmarks come on
-  top of it).  The prompt is the compressed part, as in ShadowKV: generated
-  tokens are always read and never compressed, and the budget they leave is
-  spent on the prompt (once they fill it, only the prompt's current chunk is
-  read besides them).  Attention reads exact K/V for the window, the
-  generated tokens and the outliers, and for the top chunks exact values with
-  keys rebuilt from ``U`` (``rank`` numbers per token) and ``SV``; ShadowKV's
-  saving is the KV bytes this spares per decode step.  The path measures
-  accuracy, not speed: to rebuild keys it copies the layer's whole key cache
-  at each step, so it moves more bytes than dense attention.
+* **HF transformers (CPU or GPU):** ``generate`` gets kvplug's ShadowKV cache
+  (``kvplug.integrations.hf_shadowkv``).  Per layer it keeps ``U``, ``SV``,
+  the landmarks and exact keys and values of the window and the outliers on
+  the model's device, the prompt's values in host memory (pinned on CUDA),
+  and drops the prompt's exact keys.  Generated tokens are always read and
+  never compressed; the budget they leave is spent on the prompt (once they
+  fill it, only the prompt's current chunk is read besides them).  The top
+  chunks' keys are rebuilt as RoPE(``U[pos] @ SV``) and only their values
+  are copied back from host memory.
 * **vLLM:** selection only.  Landmarks come from the KV writes, the selected
   tokens' exact keys and values are read from vLLM's paged cache, there is
   no low-rank store, and the window is counted from the end of the sequence
   (generated tokens are chunked like the prompt).  Memory is not reduced; the
-  saving is the KV blocks read per decode step.
-* **CUDA:** ShadowKV's memory saving (values offloaded to host memory, keys
-  rebuilt on the GPU, so only ``U``, ``SV``, the landmarks and the exact
-  chunks stay there) is not implemented.
+  saving is the KV blocks read per decode step.  kvplug's vLLM CUDA backend
+  runs ``full`` only.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
@@ -136,6 +133,22 @@ class ShadowKV(SelectionPolicy):
         padded): those ShadowKV rebuilds from its low-rank store.  None: every
         row reads its whole context.
         """
+        exact = self.exact_part(summary, seq_lens, budgets, unit)
+        if exact is None:
+            return None
+        top = self.top_chunks(q, summary, seq_lens, exact)
+        ids = ascending(torch.cat([exact.outliers, top], dim=-1))
+        return Selection(ids, summary.chunk_size, 0, exact.window), top
+
+    def exact_part(self, summary: KeySummary, seq_lens: Tensor, budgets: Tensor,
+                   unit: int) -> ExactPart | None:
+        """What a step reads exactly: the local window and the outlier chunks.
+
+        Neither depends on the query, and what a smaller budget reads exactly
+        a larger one reads exactly too (ties in ``min_cos`` aside), so a store
+        can keep just the exact part of the largest budget it will see.
+        None: every row reads its whole context.
+        """
         chunk = self.chunk(unit)
         if summary is None or summary.min_cos is None or summary.chunk_size != chunk:
             raise ValueError(f"policy 'shadowkv' needs landmarks with min_cos over {chunk}-token "
@@ -150,26 +163,38 @@ class ShadowKV(SelectionPolicy):
                               n_before)
         n_top = torch.minimum((left - n_out * chunk) // chunk, n_before - n_out)
 
-        min_cos = _per_row(summary.min_cos, summary.table)   # [B, C, H_kv]
-        B, C, H = min_cos.shape
-        outliers = select_topk(-min_cos.transpose(1, 2), H, n_before, int(n_out.max()),
+        min_cos = _per_row(summary.min_cos, summary.table).transpose(1, 2)   # [B, H_kv, C]
+        outliers = select_topk(-min_cos, min_cos.shape[1], n_before, int(n_out.max()),
                                k_per_seq=n_out, softmax=False)
         # chunks never scored (+inf, e.g. filled over several vLLM writes) are no outliers
-        never = min_cos.transpose(1, 2).gather(2, outliers.long().clamp_min(0)).isinf()
-        outliers = _ascending(outliers.masked_fill(never, -1))
+        never = min_cos.gather(2, outliers.long().clamp_min(0)).isinf()
+        return ExactPart(window, ascending(outliers.masked_fill(never, -1)), n_top)
 
-        picked = torch.zeros(B, H, C + 1, dtype=torch.bool, device=q.device)
-        picked.scatter_(2, torch.where(outliers < 0, C, outliers).long(), True)
-        picked = picked[..., :C]
-        scores = chunk_scores(q, summary.lo, n_before, summary_table=summary.table)
+    def top_chunks(self, q: Tensor, summary: KeySummary, seq_lens: Tensor,
+                   exact: ExactPart) -> Tensor:
+        """The top chunks by landmark before the window, outliers excluded: ``[B, H_kv, k]``."""
+        n_before = (seq_lens - exact.window) // summary.chunk_size
+        scores = chunk_scores(q, summary.lo, n_before, summary_table=summary.table)  # [B, H_q, C]
+        B, H, _ = exact.outliers.shape
+        C = scores.shape[-1]
         G = scores.shape[1] // H
+        picked = torch.zeros(B, H, C + 1, dtype=torch.bool, device=q.device)
+        picked.scatter_(2, torch.where(exact.outliers < 0, C, exact.outliers).long(), True)
+        picked = picked[..., :C]
         scores = scores.masked_fill(picked.repeat_interleave(G, dim=1), float("-inf"))
         # ShadowKV: softmax over the landmarks per query head, then max over the group
         probs = torch.softmax(scores, dim=-1).nan_to_num(0.0).view(B, H, G, C).amax(dim=2)
         probs = probs.masked_fill(picked, float("-inf"))  # below any chunk, even one at p = 0
-        top = select_topk(probs, H, n_before, int(n_top.max()), k_per_seq=n_top, softmax=False)
-        ids = _ascending(torch.cat([outliers, top], dim=-1))
-        return Selection(ids, chunk, 0, window), top
+        return select_topk(probs, H, n_before, int(exact.n_top.max()), k_per_seq=exact.n_top,
+                           softmax=False)
+
+
+class ExactPart(NamedTuple):
+    """The part of a ShadowKV step read with exact keys (see :meth:`ShadowKV.exact_part`)."""
+
+    window: Tensor    # [B] tokens of the local window (the partial current chunk included)
+    outliers: Tensor  # [B, H_kv, k] outlier chunk ids, ascending, -1 unused
+    n_top: Tensor     # [B] top chunks the rest of the budget buys
 
 
 def _per_row(x: Tensor, table: Tensor | None) -> Tensor:
@@ -177,7 +202,7 @@ def _per_row(x: Tensor, table: Tensor | None) -> Tensor:
     return x if table is None else gather_pages(x, table)
 
 
-def _ascending(ids: Tensor) -> Tensor:
+def ascending(ids: Tensor) -> Tensor:
     """Chunk ids sorted ascending along the last axis, ``-1`` (unused) last."""
     big = torch.iinfo(ids.dtype).max
     ids = torch.where(ids < 0, big, ids).sort(dim=-1).values

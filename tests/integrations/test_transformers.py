@@ -8,6 +8,7 @@ from transformers import AttentionInterface, AutoModelForCausalLM, LlamaConfig, 
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
 
 from kvplug.integrations import transformers as kvhf
+from kvplug.integrations.hf_shadowkv import ShadowKVLayer
 from kvplug.policies import Policy
 
 PAD = 0
@@ -206,7 +207,7 @@ def _attention_module(rope_theta=10000.0, num_kv_heads=2, group=2, head_dim=16, 
 
 
 def _shadowkv_step(policy, prompt_len=96, generated=3, batch=2, seed=0):
-    """Prefill a random prompt through the shadowkv path, then one decode step.
+    """Prefill a random prompt through a ShadowKV cache layer, then one decode step.
 
     Returns the decode output, the query, the layer's exact keys and values
     (``[B, H_kv, L, D]``, post-RoPE) and the prompt's landmarks.
@@ -222,9 +223,12 @@ def _shadowkv_step(policy, prompt_len=96, generated=3, batch=2, seed=0):
     values = torch.randn(batch, H, kv_len, D, generator=g)
     q = torch.randn(batch, H * G, 1, D, generator=g)
     prompt_q = torch.randn(batch, H * G, prompt_len, D, generator=g)
-    kvhf._shadowkv_attention(module, prompt_q, keys[:, :, :prompt_len], values[:, :, :prompt_len],
-                             None, policy=policy, scaling=0.25)
-    out, _ = kvhf._shadowkv_attention(module, q, keys, values, None, policy=policy, scaling=0.25)
+    layer = ShadowKVLayer(policy, module.config)
+    k, v = layer.update(keys[:, :, :prompt_len], values[:, :, :prompt_len])
+    kvhf._shadowkv_attention(module, prompt_q, k, v, None, policy=policy, scaling=0.25)
+    for t in range(prompt_len, kv_len):
+        k, v = layer.update(keys[:, :, t:t + 1], values[:, :, t:t + 1])
+    out, _ = kvhf._shadowkv_attention(module, q, k, v, None, policy=policy, scaling=0.25)
     mean, min_cos = landmarks(keys[:, :, :prompt_len].transpose(1, 2), 8)
     return out, q, keys, values, kvhf.KeySummary(mean, None, None, 8, min_cos)
 
@@ -296,11 +300,94 @@ def test_shadowkv_refusals():
     policy = kvhf.build_policy("shadowkv", {"budget": 32})
     module = _attention_module(layer_idx=7)
     q, kv = torch.randn(1, 4, 1, 16), torch.randn(1, 2, 40, 16)
-    with pytest.raises(ValueError, match="a decode step of layer 7 without the prefill"):
+    with pytest.raises(ValueError, match="decode step of layer 7 without kvplug's ShadowKV cache"):
         kvhf._shadowkv_attention(module, q, kv, kv, None, policy=policy)
+    layer = ShadowKVLayer(policy, module.config)
+    layer.update(kv[:, :, :36], kv[:, :, :36])
     with pytest.raises(ValueError, match="prompt must come in one forward; got 4 new tokens "
                                          "after 36 cached"):
-        kvhf._shadowkv_attention(module, torch.randn(1, 4, 4, 16), kv, kv, None, policy=policy)
+        layer.update(kv[:, :, 36:], kv[:, :, 36:])
+    key, value = layer.update(kv[:, :, 36:37], kv[:, :, 36:37])
+    other = kvhf.build_policy("shadowkv", {"budget": 32})
+    with pytest.raises(ValueError, match="the cache was built for"):
+        kvhf._shadowkv_attention(module, q, key, value, None, policy=other)
+    with pytest.raises(NotImplementedError, match="cannot reorder, crop or repeat"):
+        layer.reorder_cache(torch.tensor([0]))
     module.config.rope_parameters = {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0}
     with pytest.raises(ValueError, match="supports plain RoPE only"):
-        kvhf._shadowkv_attention(module, torch.randn(1, 4, 40, 16), kv, kv, None, policy=policy)
+        ShadowKVLayer(policy, module.config).update(kv, kv)
+
+
+def test_shadowkv_generate_keeps_the_prompt_compressed(tiny_llama_dir):
+    """generate() gets kvplug's ShadowKV cache: per layer the prompt's keys are gone (a
+    rank-4 store, landmarks and the exact window and outliers stay), its values are in
+    host memory, and the generated tokens are kept exactly."""
+    prompt_len, new_tokens = 120, 6
+    input_ids = torch.randint(3, 128, (2, prompt_len), generator=torch.Generator().manual_seed(4))
+    model = _load(tiny_llama_dir, "kvplug")
+    kvhf.attach_policy(model, "shadowkv", budget=64, rank=4)
+    with torch.no_grad():
+        out = model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
+                             do_sample=False, max_new_tokens=new_tokens,
+                             min_new_tokens=new_tokens, pad_token_id=PAD,
+                             return_dict_in_generate=True)
+    cache = out.past_key_values
+    assert isinstance(cache, kvhf.ShadowKVCache)
+    B, H, D = 2, 2, 16
+    for layer in cache.layers:
+        assert layer.keys.shape == (B, H, new_tokens - 1, D)  # the last token is never cached
+        assert layer.get_seq_length() == prompt_len + new_tokens - 1
+    # exact: the window (5 chunks of 8 tokens) and 1 outlier chunk (3/16 of 63 tokens)
+    assert cache.layers[0].store.exact_keys.shape == (B, H, 48, D)
+    dense = 2 * B * H * (prompt_len + new_tokens - 1) * D * 4 * len(cache.layers)
+    stored = cache.stored_bytes()
+    assert stored["host"] == B * H * prompt_len * D * 4 * len(cache.layers)
+    assert stored["device"] < 0.7 * dense
+
+
+def test_shadowkv_generate_with_another_cache_is_refused(tiny_llama_dir):
+    from transformers import DynamicCache
+
+    input_ids = torch.randint(3, 128, (1, 40), generator=torch.Generator().manual_seed(5))
+    model = _load(tiny_llama_dir, "kvplug")
+    with kvhf.use_policy(model, "shadowkv", budget=24):
+        with pytest.raises(ValueError, match="without kvplug's ShadowKV cache"):
+            model.generate(input_ids=input_ids, max_new_tokens=3, do_sample=False,
+                           pad_token_id=PAD, past_key_values=DynamicCache())
+        with pytest.raises(NotImplementedError, match="cannot reorder, crop or repeat"):
+            model.generate(input_ids=input_ids, max_new_tokens=3, do_sample=False,
+                           pad_token_id=PAD, num_beams=2)
+    assert "_prepare_cache_for_generation" not in model.__dict__  # transformers' own again
+
+
+def test_shadowkv_bytes_kept_for_the_bundled_model(model_dir):
+    """SmolLM2-135M (H_kv 3 x D 64, rank 30), 1024-token prompt, budget 1/8, per layer:
+    on the device U (P x 30), SV, landmarks and min_cos per 8-token chunk, the exact
+    window (40 tokens) and outliers (3 chunks), the generated tokens; in host memory
+    the prompt's values.  This is the accounting the README gives at 8k."""
+    P, g, H, D, r, E = 1024, 1, 3, 64, 30, 40 + 3 * 8
+    input_ids = torch.randint(100, 10000, (1, P), generator=torch.Generator().manual_seed(6))
+    model = kvhf.load_model(model_dir, "shadowkv", params={"budget_ratio": 0.125},
+                            dtype=torch.float32).eval()
+    with torch.no_grad():
+        out = model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
+                             do_sample=False, max_new_tokens=g + 1, min_new_tokens=g + 1,
+                             pad_token_id=0, return_dict_in_generate=True)
+    cache = out.past_key_values
+    floats = P * r + r * H * D + (P // 8) * H * (D + 1) + 2 * H * (E + g) * D
+    per_layer = {"device": 4 * floats + 8 * H * E, "host": 4 * H * P * D}
+    assert cache.layers[0].store.exact_keys.shape[2] == E
+    assert cache.stored_bytes() == {k: v * len(cache.layers) for k, v in per_layer.items()}
+    dense = 2 * 4 * H * (P + g) * D
+    assert per_layer["device"] < 0.25 * dense and per_layer["host"] < 0.51 * dense
+
+
+def test_shadowkv_cache_reset_takes_a_new_prompt():
+    policy = kvhf.build_policy("shadowkv", {"budget": 32})
+    layer = ShadowKVLayer(policy, _attention_module().config)
+    kv = torch.randn(1, 2, 40, 16)
+    layer.update(kv, kv)
+    layer.reset()
+    assert layer.get_seq_length() == 0
+    layer.update(kv[:, :, :24], kv[:, :, :24])
+    assert layer.store.length == 24 and layer.get_seq_length() == 24

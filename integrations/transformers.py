@@ -259,7 +259,7 @@ def _set_generate_cache(model: torch.nn.Module, policy: Policy | None) -> None:
         result = prepare(generation_config, model_kwargs, *args, **kwargs)
         cache = model_kwargs.get("past_key_values")
         if type(cache) is DynamicCache and not getattr(cache, "_is_user_defined", False):
-            model_kwargs["past_key_values"] = hf_shadowkv.ShadowKVCache(policy, model.config)
+            model_kwargs["past_key_values"] = ShadowKVCache(policy, model.config)
         return result
 
     model._prepare_cache_for_generation = prepare_with_shadowkv

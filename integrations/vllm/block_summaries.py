@@ -138,7 +138,9 @@ def selection_blocks(selection: Selection, seq_lens: Tensor, block_table: Tensor
     Returns ``(table, lens)``: ``table`` ``[B·H_kv, k]`` indexes the cache
     viewed as ``[num_blocks·H_kv, 1, block, 2·D]`` (physical block ``p`` of head
     ``h`` is ``p·H_kv + h``), selected blocks ascending so the partial current
-    block comes last; ``lens`` ``[B·H_kv]`` is the tokens each reads.
+    block comes last; ``lens`` ``[B·H_kv]`` is the tokens each reads.  With
+    ``num_kv_heads=1`` (a selection without chunk ids) the entries are vLLM's
+    own block numbers, one table per row for all its kv-heads.
     """
     if selection.chunk_size % block_size and selection.chunk_ids is not None:
         raise ValueError(f"kvplug: selected chunks of {selection.chunk_size} tokens are not "

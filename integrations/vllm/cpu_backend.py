@@ -13,7 +13,9 @@ Decode-time selection policies (plan once per step, run per layer):
   what each decode row reads, and runs vLLM's own CPU kernel once for the
   whole decode batch over the cache viewed as ``[num_blocks·H_kv, 1, block,
   2·D]``: every (row, kv-head) becomes a sequence of its ``G`` query heads with
-  its own gathered block table (:func:`selection_blocks`); selections finer
+  its own gathered block table (:func:`selection_blocks`), or, when every
+  kv-head reads the same blocks (StreamingLLM), each row keeps one table over
+  the cache as it is; selections finer
   than a block (TidalDecode's tokens) gather just those tokens instead
   (:func:`token_decode`: keys from a row-major copy, values in place);
 * the policy's key summaries are kept per physical block beside the cache
@@ -60,12 +62,18 @@ class DecodePlan:
     all_blocks: torch.Tensor | None = None  # every_block(), for dense kv-heads, once per step
 
     def block_tables(self, selection, block_size: int, num_kv_heads: int):
+        """:func:`sparse_decode`'s tables: per (row, kv-head), or one per row when every
+        kv-head reads the same blocks (sink + window, no dense heads), which vLLM's
+        kernel reads over the cache as it is, a little faster."""
         sparse = replace(selection, dense_kv_heads=None)
-        key = (id(sparse.chunk_ids), id(sparse.n_recent), sparse.n_sink, sparse.chunk_size)
+        per_head = sparse.chunk_ids is not None or selection.dense_kv_heads is not None
+        key = (id(sparse.chunk_ids), id(sparse.n_recent), sparse.n_sink, sparse.chunk_size,
+               per_head)
         hit = self.tables.get(key)
         if hit is None:
             hit = self.tables[key] = (sparse, *selection_blocks(
-                sparse, self.seq_lens, self.block_table, block_size, num_kv_heads))
+                sparse, self.seq_lens, self.block_table, block_size,
+                num_kv_heads if per_head else 1))
         _, table, lens = hit
         if selection.dense_kv_heads is None:
             return table, lens
@@ -256,21 +264,29 @@ def sparse_decode(query: torch.Tensor, kv_cache: torch.Tensor, table: torch.Tens
                   lens: torch.Tensor, *, scale: float, isa: str, softcap: float = 0.0,
                   k_scale: float = 1.0, v_scale: float = 1.0,
                   kv_cache_dtype: str = "auto") -> torch.Tensor:
-    """vLLM's CPU kernel over selected blocks, one sequence per (row, kv-head).
+    """vLLM's CPU kernel over selected blocks.
 
     ``query`` ``[B, H_q, D]`` (one decode token per row), ``kv_cache`` one
     layer's ``[num_blocks, H_kv, block, 2·D]``, ``table``/``lens`` from
-    :func:`selection_blocks`; returns ``[B·H_kv, G, D]``.
+    :func:`selection_blocks`: with ``B·H_kv`` rows, one sequence per (row,
+    kv-head) over the cache viewed per head, returning ``[B·H_kv, G, D]``; with
+    ``B`` rows (every kv-head reads the same blocks), vLLM's own layout,
+    returning ``[B, H_q, D]``.
     """
     num_blocks, num_kv_heads, block_size, _ = kv_cache.shape
     B, num_heads, head_dim = query.shape
-    per_head = kv_cache.view(num_blocks * num_kv_heads, 1, block_size * 2, head_dim)
-    key_cache, value_cache = per_head.chunk(2, dim=2)
-    queries = query.reshape(B * num_kv_heads, num_heads // num_kv_heads, head_dim)
+    if table.shape[0] == B:
+        seq_kv_heads, queries = num_kv_heads, query
+    else:
+        seq_kv_heads = 1
+        queries = query.reshape(B * num_kv_heads, num_heads // num_kv_heads, head_dim)
+    key_cache, value_cache = kv_cache.view(
+        num_blocks * num_kv_heads // seq_kv_heads, seq_kv_heads, block_size * 2, head_dim
+    ).chunk(2, dim=2)
     out = torch.empty_like(queries)
-    starts = torch.arange(B * num_kv_heads + 1, dtype=torch.int32)
+    starts = torch.arange(queries.shape[0] + 1, dtype=torch.int32)
     schedule = ops.cpu_attn_get_scheduler_metadata(
-        num_reqs=B * num_kv_heads, num_heads=queries.shape[1], num_kv_heads=1,
+        num_reqs=queries.shape[0], num_heads=queries.shape[1], num_kv_heads=seq_kv_heads,
         head_dim=head_dim, seq_lens=lens, dtype=query.dtype, query_start_loc=starts,
         causal=True, sliding_window_size=-1, isa=isa,
         enable_kv_split=envs.VLLM_CPU_ATTN_SPLIT_KV, kv_cache_dtype=kv_cache_dtype)

@@ -112,6 +112,27 @@ def test_layers_sharing_a_streaming_part_share_its_block_tables():
     assert len(plan.tables) == 1
 
 
+def test_a_selection_every_kv_head_shares_reads_one_table_per_row():
+    """StreamingLLM's sink + window: vLLM's own layout, one block table per request."""
+    from kvplug.integrations.vllm.cpu_backend import DecodePlan
+    from kvplug.policies import StepContext
+
+    seq_lens = [200, 77, 300]
+    kv_cache, table, keys, values = _cache(seq_lens)
+    q = torch.randn(len(seq_lens), H_KV * GROUP, D)
+    plan = DecodePlan(num_rows=3, seq_lens=torch.tensor(seq_lens), block_table=table,
+                      dense=None, rest=None, ctx=StepContext(unit=BLOCK))
+    selection = SELECTIONS["sink+recent"](len(seq_lens))
+    rows, lengths = plan.block_tables(selection, BLOCK, H_KV)
+    assert rows.shape[0] == len(seq_lens)
+    assert rows[0, :2].tolist() == [table[0, 0], table[0, 5]] and lengths[0] == 32 + 40
+    got = sparse_decode(q, kv_cache, rows, lengths, scale=D ** -0.5, isa=ISA)
+    assert got.shape == q.shape
+    torch.testing.assert_close(got.view(-1, GROUP, D), _reference(q, keys, values, selection,
+                                                                  seq_lens),
+                               atol=2e-5, rtol=1e-4)
+
+
 def test_token_values_read_the_cache_as_written():
     seq_lens = [200, 77]
     kv_cache, table, keys, values = _cache(seq_lens)

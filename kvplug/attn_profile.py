@@ -143,7 +143,7 @@ class _Setup:
         from kvplug.integrations.vllm.block_summaries import (ROW_KEYS, BlockSummaries,
                                                               layer_summary_specs)
         from kvplug.integrations.vllm.cpu_backend import (DecodePlan, reads_tokens,
-                                                          sparse_decode, token_decode)
+                                                          token_decode)
         from kvplug.policies import StepContext
 
         a = self.args
@@ -182,10 +182,10 @@ class _Setup:
                                                 isa=self.isa, scale=D ** -0.5),
                            parts, "kvplug: token decode")
                     continue
-                per_head, lens = _timed(lambda: plan.block_tables(selection, N, H), parts,
-                                        "kvplug: block tables")
-                _timed(lambda: sparse_decode(q, kv_cache, per_head, lens, scale=D ** -0.5,
-                                             isa=self.isa), parts, "kvplug: schedule + kernel")
+                read = _timed(lambda: plan.block_read(selection, N, H), parts,
+                              "kvplug: block tables")
+                _timed(lambda: read.run(q, kv_cache, scale=D ** -0.5, isa=self.isa), parts,
+                       "kvplug: schedule + kernel")
             steps.append(parts)
         median = {k: sorted(s[k] for s in steps)[len(steps) // 2] * 1e3 for k in steps[0]}
         total = sum(v for k, v in median.items() if k.startswith("kvplug"))

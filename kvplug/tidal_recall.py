@@ -63,7 +63,7 @@ def layer_pairs(recall: Tensor, firsts: list[int]) -> list[dict]:
 def run(args: argparse.Namespace) -> int:
     from kvplug.policies import build_policy
 
-    name, model, prompts = suite_prompts(args)
+    name, model, prompts, _ = suite_prompts(args)
     recall = recall_matrix(model, prompts, args.fraction)
     pairs = layer_pairs(recall, [int(j) for j in args.first.split(",")])
     first, correction = build_policy("tidaldecode", {"budget": 1}).selection_layers(

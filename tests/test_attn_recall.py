@@ -4,8 +4,8 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from kvplug.attn_recall import (attention_scores, decode_step_records, policy_recall,
-                                read_mask)
+from kvplug.attn_recall import (attention_recall, attention_scores, decode_step_records,
+                                needle_recall, read_mask, read_masks)
 from kvplug.policies import Selection, build_policy
 
 
@@ -36,14 +36,27 @@ def test_recall_is_the_attention_mass_on_what_the_policy_reads():
     model = _tiny_llama()
     records = decode_step_records(model, [torch.randint(0, 64, (1, 40)) for _ in range(2)])
     assert len(records) == 2 and len(records[0]) == 4
+
+    def recall(policy):
+        return attention_recall(records, read_masks(policy, records))
+
     with pytest.raises(ValueError, match="policy 'full' does not select"):
-        policy_recall(_bound("full"), records)
-    assert torch.allclose(policy_recall(_bound("streamingllm", budget=64), records), torch.ones(4))
-    window = policy_recall(_bound("streamingllm", budget=8, n_sink=4), records)
+        read_masks(_bound("full"), records)
+    assert torch.allclose(recall(_bound("streamingllm", budget=64)), torch.ones(4))
+    window = recall(_bound("streamingllm", budget=8, n_sink=4))
     want = torch.stack([torch.stack([
         torch.softmax(attention_scores(q, k), -1)[..., [0, 1, 2, 3, 36, 37, 38, 39]].sum(-1).mean()
         for q, k in layers]) for layers in records]).mean(0)
     assert torch.allclose(window, want)
     assert bool((window < 1).all())
-    quest = policy_recall(_bound("quest", budget=8, page_size=4), records)
+    quest = recall(_bound("quest", budget=8, page_size=4))
     assert torch.allclose(quest[:2], torch.ones(2)) and bool((quest[2:] < 1).all())
+
+
+def test_needle_recall_counts_the_needle_tokens_read():
+    masks = [[torch.tensor([[True, True, False, False], [True, False, False, True]])] * 3,
+             [torch.ones(2, 4, dtype=torch.bool)] * 3]
+    # prompt 0's needle is tokens 1 and 3: head 0 reads 1, head 1 reads 3 -> 2 of 4
+    got = needle_recall(masks, [torch.tensor([1, 3]), torch.tensor([], dtype=torch.long)])
+    assert torch.allclose(got, torch.full((3,), 0.5))
+    assert needle_recall(masks, [torch.tensor([], dtype=torch.long)] * 2) is None

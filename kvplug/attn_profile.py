@@ -58,12 +58,17 @@ def run(args: argparse.Namespace) -> int:
     settings = {k: v for k, v in vars(args).items() if k not in ("func", "config", "out")}
     result = {"settings": settings, "profiles": reports}
     print(json.dumps(result, indent=1))
-    if args.out:
-        out = Path(args.out)
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "profile.json").write_text(json.dumps(result, indent=1))
-        (out / "profile.md").write_text(markdown(result))
+    write_report(args.out, "profile", result, markdown(result))
     return 0
+
+
+def write_report(out: str | None, stem: str, result: dict, text: str) -> None:
+    """``stem.json`` (``result``) and ``stem.md`` (``text``) in ``out``, created; nothing
+    when ``out`` is None."""
+    if out:
+        Path(out).mkdir(parents=True, exist_ok=True)
+        (Path(out) / f"{stem}.json").write_text(json.dumps(result, indent=1))
+        (Path(out) / f"{stem}.md").write_text(text)
 
 
 def markdown(result: dict) -> str:

@@ -159,6 +159,7 @@ def needle_recall(masks: list[list[Tensor]], needles: list[Tensor]) -> Tensor | 
 
 
 def run(args: argparse.Namespace) -> int:
+    from kvplug.attn_profile import write_report
     from kvplug.config import resolve_config
 
     policies = [resolve_config(environ={"KVPLUG_CONFIG": c}).build_policy() for c in args.config]
@@ -177,11 +178,7 @@ def run(args: argparse.Namespace) -> int:
     result = {"command": shlex.join(["kvplug", *sys.argv[1:]]), "model": name,
               "tasks": args.tasks, "length": args.length, "policies": rows}
     print(markdown(result))
-    if args.out:
-        out = Path(args.out)
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "recall.json").write_text(json.dumps(result, indent=1))
-        (out / "recall.md").write_text(markdown(result))
+    write_report(args.out, "recall", result, markdown(result))
     return 0
 
 

@@ -1,12 +1,13 @@
-"""``kvplug attn-recall``: how much of each layer's attention a policy's reads cover.
+"""``kvplug attn-recall``: what each layer of a decode step reads, against what it needs.
 
 For each suite prompt, the last token's queries and keys are recorded at every
 layer (HF model, one decode step after the prefill).  Each policy then selects
 at every layer in order, as in a decode step of the HF path (one-token read
-units), and a layer's recall is the attention mass, under full attention, on
-the positions it reads, averaged over query heads and prompts (1 for a layer
-read densely).  Where a policy's recall drops is where its budget loses what
-the model attends to, which is what its suite score pays for.
+units).  Per layer, two measures, averaged over prompts: the attention mass,
+under full attention, on the positions read (mean over query heads; 1 for a
+layer read densely), and the share of the needles' tokens read (mean over
+kv-heads, prompts with needles only).  The second is the one that follows
+retrieval scores: needles carry little of the attention mass.
 """
 
 from __future__ import annotations

@@ -30,7 +30,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .common import (LOG2E, default_scale, dot_in_fp32, gather_paged, gather_paged_per_head,
+from .common import (LOG2E, block_offsets, default_scale, dot_in_fp32, gather_rows,
                      group_size, merge_attention_states, next_pow2, use_triton)
 
 
@@ -364,27 +364,18 @@ def sparse_paged_decode_ref(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_t
     B, H_q, H_kv, D, G = _check_inputs(q, k_cache, v_cache, block_table, seq_lens,
                                        chunk_ids, chunk_size)
     max_len = block_table.shape[1] * k_cache.shape[1]
-    dense_pos, dense_valid, sel_pos, sel_valid = _key_lists(seq_lens, chunk_ids, chunk_size,
-                                                           n_sink, n_recent, max_len)
+    pos, valid = selected_positions(seq_lens, chunk_ids, chunk_size, n_sink, n_recent, H_kv,
+                                    max_len)                                   # [B, H, N]
+    # one index for K and V (they share the block table): two gathers, two products
+    blocks, offsets = block_offsets(block_table, pos, k_cache.shape[1])
+    heads = torch.arange(H_kv, device=q.device)[None, :, None]
     qg = q.float().view(B, H_kv, G, D)
-    # sink + window: one gather of whole [H_kv, D] rows shared by all heads
-    k_d = gather_paged(k_cache, block_table, dense_pos).float()                # [B, N_d, H, D]
-    s = torch.einsum("bhgd,bnhd->bhgn", qg, k_d)
-    valid = dense_valid[:, None, None, :].expand(B, H_kv, 1, -1)
-    if sel_pos is not None:
-        k_s = gather_paged_per_head(k_cache, block_table, sel_pos).float()     # [B, H, N_s, D]
-        s = torch.cat([s, torch.einsum("bhgd,bhnd->bhgn", qg, k_s)], dim=-1)
-        valid = torch.cat([valid, sel_valid[:, :, None, :]], dim=-1)
-    s = (s * default_scale(D, scale)).masked_fill(~valid, float("-inf"))
+    s = torch.einsum("bhgd,bhnd->bhgn", qg, gather_rows(k_cache, blocks, offsets, heads).float())
+    s = (s * default_scale(D, scale)).masked_fill(~valid[:, :, None, :], float("-inf"))
     lse = torch.logsumexp(s, dim=-1)                                          # [B, H, G]
     p = torch.exp(s - torch.where(torch.isfinite(lse), lse, 0.0)[..., None])
-    n_d = dense_pos.shape[1]
-    o = torch.einsum("bhgn,bnhd->bhgd", p[..., :n_d],
-                     gather_paged(v_cache, block_table, dense_pos).float())
-    if sel_pos is not None:
-        o = o + torch.einsum("bhgn,bhnd->bhgd", p[..., n_d:],
-                             gather_paged_per_head(v_cache, block_table, sel_pos).float())
-    o = o.reshape(B, H_q, D)
+    o = torch.einsum("bhgn,bhnd->bhgd", p,
+                     gather_rows(v_cache, blocks, offsets, heads).float()).reshape(B, H_q, D)
     if out is None:
         out = torch.empty_like(q)
     out.copy_(o)

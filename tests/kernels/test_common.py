@@ -31,13 +31,19 @@ def _paged(layout: str) -> torch.Tensor:
     return torch.randn(6, 2, 3, 4).permute(0, 3, 1, 2)                  # keys stored [D, bs]
 
 
+def _gather(cache, table, positions, heads):
+    """``gather_rows`` at token ``positions`` of the rows' blocks."""
+    blocks, offsets = common.block_offsets(table, positions, cache.shape[1])
+    return common.gather_rows(cache, blocks, offsets, heads)
+
+
 @pytest.mark.parametrize("layout", ["NHD", "HND-view", "vllm-cpu-V", "transposed-keys"])
-def test_gather_paged_follows_block_table(layout):
+def test_gather_rows_follows_block_table(layout):
     cache = _paged(layout)
     table = torch.tensor([[5, 0], [2, 3]])
     pos = torch.tensor([[[0, 5, -1], [3, 4, 7]], [[7, 1, 2], [0, 6, 6]]])  # [B, H, N]
-    per_head = common.gather_paged_per_head(cache, table, pos)
-    all_heads = common.gather_paged(cache, table, pos[:, 0])            # [B, N, H, D]
+    per_head = _gather(cache, table, pos, torch.arange(2)[None, :, None])  # [B, H, N, D]
+    all_heads = _gather(cache, table, pos[:, 0, :, None], torch.arange(2))  # [B, N, H, D]
     for b in range(2):
         for h in range(2):
             for n in range(3):
@@ -50,9 +56,9 @@ def test_gather_paged_follows_block_table(layout):
 def test_gather_pages_equals_gathering_every_position():
     paged = torch.randn(7, 4, 2, 3)                                     # [pages, P, H, D]
     table = torch.tensor([[6, 0, 3], [2, 2, 5]])
-    positions = torch.arange(12)[None, :].expand(2, -1)
+    positions = torch.arange(12)[None, :, None].expand(2, -1, -1)
     assert torch.equal(common.gather_pages(paged, table),
-                       common.gather_paged(paged, table, positions))
+                       _gather(paged, table, positions, torch.arange(2)))
     per_chunk = torch.randn(7, 4, 2)                                    # e.g. ShadowKV's min_cos
     assert torch.equal(common.gather_pages(per_chunk, table)[1, 5], per_chunk[2, 1])
 

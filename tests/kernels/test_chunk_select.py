@@ -11,6 +11,7 @@ import torch
 
 from kvplug.kernels import (chunk_scores, chunk_scores_ref, chunk_summaries, chunk_topk,
                             chunk_topk_ref, select_topk)
+from kvplug.kernels.chunk_select import side_by_side
 
 
 @dataclass(frozen=True)
@@ -23,10 +24,12 @@ class Case:
     head_dim: int
     chunk_size: int
     dtype: torch.dtype = torch.float32
+    side_by_side: bool = False  # quest: max and min as the two halves of one tensor
 
     @property
     def id(self) -> str:
         layout = "dense" if not self.pages else f"paged{self.pages}"
+        layout += "-side_by_side" if self.side_by_side else ""
         dt = str(self.dtype).removeprefix("torch.").replace("float", "f")
         return (f"{self.mode}-{layout}-B{len(self.seq_lens)}-G{self.group}-Hkv{self.num_kv_heads}"
                 f"-D{self.head_dim}-cs{self.chunk_size}-{dt}")
@@ -39,6 +42,8 @@ CASES = [
     Case("quest", 0, (200, 31), 2, 4, 128, 16),
     Case("quest", 1, (77, 160, 16), 2, 3, 64, 16, torch.bfloat16),           # Quest on vLLM blocks
     Case("quest", 4, (50, 129), 3, 1, 64, 16, torch.float16),
+    Case("quest", 1, (77, 160, 16), 3, 3, 64, 32, side_by_side=True),    # as vLLM keeps them
+    Case("quest", 0, (200, 31), 2, 4, 128, 16, side_by_side=True),
 ]
 
 
@@ -71,6 +76,8 @@ def _inputs(case: Case, device: str, seed: int = 0):
         summaries = tuple(paged)
         table = table.to(torch.int32).to(device)
     lo, hi = (None if x is None else x.to(device) for x in summaries)
+    if case.side_by_side:
+        hi, lo = torch.cat([hi, lo], dim=-1).split(D, dim=-1)
     kwargs = dict(summary_max=hi, summary_table=table)
     return (q.to(device), lo, num_chunks.to(device)), kwargs, keys
 
@@ -101,7 +108,7 @@ def test_topk_kernel_matches_ref(case, reduce, device):
 def test_paged_summaries_equal_dense(case, device, assert_close):
     args, kw, _ = _inputs(case, device)
     dense_case = Case(case.mode, 0, case.seq_lens, case.num_kv_heads, case.group,
-                      case.head_dim, case.chunk_size, case.dtype)
+                      case.head_dim, case.chunk_size, case.dtype, case.side_by_side)
     dense_args, dense_kw, _ = _inputs(dense_case, device)
     paged = chunk_scores_ref(*args, **kw)
     dense = chunk_scores_ref(*dense_args, **dense_kw)
@@ -170,3 +177,20 @@ def test_select_topk_oracle(k, softmax, reduce):
                           reduce=reduce)
         exp = _topk_oracle(scores, H, num_chunks, k, kps, softmax, reduce)
         assert torch.equal(got, exp), f"{got}\n!=\n{exp}"
+
+
+def test_side_by_side_views_only_the_halves_of_one_tensor():
+    bounds = torch.randn(5, 2, 3, 16)
+    hi, lo = bounds.split(8, dim=-1)
+    assert side_by_side(hi, lo).data_ptr() == bounds.data_ptr()
+    assert torch.equal(side_by_side(hi, lo), bounds)
+    assert side_by_side(lo, hi) is None                   # the halves in the other order
+    assert side_by_side(hi.clone(), lo.clone()) is None   # two tensors
+
+
+@pytest.mark.parametrize("case", [c for c in CASES if c.side_by_side], ids=lambda c: c.id)
+def test_side_by_side_bounds_score_as_two_tensors(case, device, assert_close):
+    args, kw, _ = _inputs(case, device)
+    apart = dict(kw, summary_max=kw["summary_max"].clone())
+    assert_close("scores", chunk_scores_ref(*args, **kw),
+                 chunk_scores_ref(args[0], args[1].clone(), args[2], **apart))

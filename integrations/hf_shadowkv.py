@@ -118,8 +118,9 @@ def build_store(key: Tensor, value: Tensor, policy: ShadowKV, inv_freq: Tensor) 
     summary = KeySummary(mean, None, None, chunk, min_cos)
     prompt_lens = torch.full((B,), P, device=key.device, dtype=torch.int64)
     # the first decode step's budget: each later step's is no larger (see decode_budgets)
-    exact = policy.exact_part(summary, prompt_lens, decode_budgets(policy, P, 1, prompt_lens), 1)
-    window = P if exact is None else int(exact.window.max())  # rows have one length here
+    split = policy.budget_split(prompt_lens, decode_budgets(policy, P, 1, prompt_lens), 1)
+    exact = None if split is None else policy.exact_part(summary, split)
+    window = P if exact is None else int(split.window.max())  # rows have one length here
     pos = torch.arange(P - window, P, device=key.device).expand(B, H, window)
     if exact is not None:
         pos = torch.cat([chunk_positions(exact.outliers, chunk), pos], dim=-1)
@@ -152,13 +153,13 @@ def decode(store: PromptStore, policy: ShadowKV, query: Tensor, gen_keys: Tensor
     B, H, g, D = gen_keys.shape
     P = store.length
     prompt_lens = torch.full((B,), P, device=query.device, dtype=torch.int64)
-    exact = policy.exact_part(store.summary, prompt_lens,
-                              decode_budgets(policy, P, g, prompt_lens), 1)
-    if exact is None:
+    split = policy.budget_split(prompt_lens, decode_budgets(policy, P, g, prompt_lens), 1)
+    if split is None:
         return None
+    exact = policy.exact_part(store.summary, split)
     chunk = store.summary.chunk_size
-    window = int(exact.window.max())                          # rows have one length here
-    top = policy.top_chunks(query, store.summary, prompt_lens, exact)
+    window = int(split.window.max())                          # rows have one length here
+    top = policy.top_chunks(query, store.summary, exact)
     top_pos = chunk_positions(top, chunk)
     out_keys, out_values = store.exact(chunk_positions(exact.outliers, chunk))
     window_keys, window_values = store.exact(

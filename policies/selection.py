@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
@@ -222,14 +222,36 @@ class Quest(SelectionPolicy):
         return None if layer_idx < self.dense_layers else self.page(unit)
 
     def select(self, layer_idx, q, summary, seq_lens, ctx):
+        if layer_idx < self.dense_layers:
+            return None
+        if "quest" not in ctx.scratch:  # every layer spends the budget the same way
+            ctx.scratch["quest"] = self.page_budget(seq_lens, ctx.unit)
+        step = ctx.scratch["quest"]
+        if step is None:
+            return None
+        ids = chunk_topk(q, summary.lo, step.num_pages, step.width, summary_max=summary.hi,
+                         summary_table=summary.table, k_per_seq=step.k_per_seq)
+        return Selection(ids, step.page, 0, step.n_recent)
+
+    def page_budget(self, seq_lens: Tensor, unit: int) -> PageBudget | None:
+        """How rows of ``seq_lens`` tokens spend their budget; None: every row reads
+        its whole context."""
         budget = self.token_budgets(seq_lens)
         fits = budget >= seq_lens
-        if layer_idx < self.dense_layers or bool(fits.all()):
+        if bool(fits.all()):
             return None
-        page = self.page(ctx.unit)
+        page = self.page(unit)
         last_page = recent_tokens(seq_lens, 1, page)
         k_per_seq = ((budget - last_page) // page).clamp_min(0)
-        ids = chunk_topk(q, summary.lo, (seq_lens - 1) // page, int(k_per_seq.max()),
-                         summary_max=summary.hi, summary_table=summary.table,
-                         k_per_seq=k_per_seq)
-        return Selection(ids, page, 0, torch.where(fits, seq_lens, last_page))
+        return PageBudget(page, (seq_lens - 1) // page, k_per_seq, int(k_per_seq.max()),
+                          torch.where(fits, seq_lens, last_page))
+
+
+class PageBudget(NamedTuple):
+    """A Quest step's budget, the same at every layer (:meth:`Quest.page_budget`)."""
+
+    page: int           # tokens per page
+    num_pages: Tensor   # [B] candidate pages: the full pages before the current one
+    k_per_seq: Tensor   # [B] top pages read
+    width: int          # k_per_seq.max()
+    n_recent: Tensor    # [B] tokens of the current page (the whole row where it fits)

@@ -121,38 +121,30 @@ class ShadowKV(SelectionPolicy):
         return self.chunk(unit)
 
     def select(self, layer_idx, q, summary, seq_lens, ctx):
-        chosen = self.choose(q, summary, seq_lens, self.token_budgets(seq_lens), ctx.unit)
-        return None if chosen is None else chosen[0]
+        if "shadowkv" not in ctx.scratch:  # every layer splits the budget the same way
+            ctx.scratch["shadowkv"] = self.budget_split(seq_lens, self.token_budgets(seq_lens),
+                                                        ctx.unit)
+        split = ctx.scratch["shadowkv"]
+        return None if split is None else self.choose(q, summary, split)[0]
 
-    def choose(self, q: Tensor, summary: KeySummary, seq_lens: Tensor, budgets: Tensor,
-               unit: int) -> tuple[Selection, Tensor] | None:
-        """The key set of rows of ``seq_lens`` tokens, ``budgets`` (``[B]``) tokens each.
+    def choose(self, q: Tensor, summary: KeySummary,
+               split: BudgetSplit) -> tuple[Selection, Tensor]:
+        """The key set of one layer's step under ``split`` (:meth:`budget_split`).
 
         Returns the selection (window, then outliers and top chunks merged in
         ``chunk_ids``) and the top chunks alone (``[B, H_kv, k]``, ``-1``
-        padded): those ShadowKV rebuilds from its low-rank store.  None: every
-        row reads its whole context.
+        padded): those ShadowKV rebuilds from its low-rank store.
         """
-        exact = self.exact_part(summary, seq_lens, budgets, unit)
-        if exact is None:
-            return None
-        top = self.top_chunks(q, summary, seq_lens, exact)
+        exact = self.exact_part(summary, split)
+        top = self.top_chunks(q, summary, exact)
         ids = ascending(torch.cat([exact.outliers, top], dim=-1))
-        return Selection(ids, summary.chunk_size, 0, exact.window), top
+        return Selection(ids, summary.chunk_size, 0, split.window), top
 
-    def exact_part(self, summary: KeySummary, seq_lens: Tensor, budgets: Tensor,
-                   unit: int) -> ExactPart | None:
-        """What a step reads exactly: the local window and the outlier chunks.
-
-        Neither depends on the query, and what a smaller budget reads exactly
-        a larger one reads exactly too (ties in ``min_cos`` aside), so a store
-        can keep just the exact part of the largest budget it will see.
-        None: every row reads its whole context.
-        """
+    def budget_split(self, seq_lens: Tensor, budgets: Tensor, unit: int) -> BudgetSplit | None:
+        """How rows of ``seq_lens`` tokens spend ``budgets`` (``[B]``) tokens: the local
+        window, then outlier chunks, then top chunks.  The same at every layer of a
+        step.  None: every row reads its whole context."""
         chunk = self.chunk(unit)
-        if summary is None or summary.min_cos is None or summary.chunk_size != chunk:
-            raise ValueError(f"policy 'shadowkv' needs landmarks with min_cos over {chunk}-token "
-                             f"chunks; got {summary!r}")
         window = recent_tokens(seq_lens, (budgets // chunk).clamp(1, self.local_chunks + 1), chunk)
         window = torch.where(budgets >= seq_lens, seq_lens, window)
         if bool((window >= seq_lens).all()):
@@ -162,19 +154,31 @@ class ShadowKV(SelectionPolicy):
         n_out = torch.minimum(torch.minimum(self.outlier_budget(budgets, chunk), left // chunk),
                               n_before)
         n_top = torch.minimum((left - n_out * chunk) // chunk, n_before - n_out)
+        return BudgetSplit(chunk, window, n_before, n_out, n_top, int(n_out.max()),
+                           int(n_top.max()))
 
+    def exact_part(self, summary: KeySummary, split: BudgetSplit) -> ExactPart:
+        """What a layer's step reads exactly: the local window and the outlier chunks.
+
+        Neither depends on the query, and what a smaller budget reads exactly
+        a larger one reads exactly too (ties in ``min_cos`` aside), so a store
+        can keep just the exact part of the largest budget it will see.
+        """
+        if summary is None or summary.min_cos is None or summary.chunk_size != split.chunk:
+            raise ValueError(f"policy 'shadowkv' needs landmarks with min_cos over "
+                             f"{split.chunk}-token chunks; got {summary!r}")
         min_cos = _per_row(summary.min_cos, summary.table).transpose(1, 2)   # [B, H_kv, C]
-        outliers = select_topk(-min_cos, min_cos.shape[1], n_before, int(n_out.max()),
-                               k_per_seq=n_out, softmax=False)
+        outliers = select_topk(-min_cos, min_cos.shape[1], split.n_before, split.max_out,
+                               k_per_seq=split.n_out, softmax=False)
         # chunks never scored (+inf, e.g. filled over several vLLM writes) are no outliers
         never = min_cos.gather(2, outliers.long().clamp_min(0)).isinf()
-        return ExactPart(window, ascending(outliers.masked_fill(never, -1)), n_top)
+        return ExactPart(split, ascending(outliers.masked_fill(never, -1)))
 
-    def top_chunks(self, q: Tensor, summary: KeySummary, seq_lens: Tensor,
-                   exact: ExactPart) -> Tensor:
+    def top_chunks(self, q: Tensor, summary: KeySummary, exact: ExactPart) -> Tensor:
         """The top chunks by landmark before the window, outliers excluded: ``[B, H_kv, k]``."""
-        n_before = (seq_lens - exact.window) // summary.chunk_size
-        scores = chunk_scores(q, summary.lo, n_before, summary_table=summary.table)  # [B, H_q, C]
+        split = exact.split
+        scores = chunk_scores(q, summary.lo, split.n_before,
+                              summary_table=summary.table)                # [B, H_q, C]
         B, H, _ = exact.outliers.shape
         C = scores.shape[-1]
         G = scores.shape[1] // H
@@ -185,16 +189,28 @@ class ShadowKV(SelectionPolicy):
         # ShadowKV: softmax over the landmarks per query head, then max over the group
         probs = torch.softmax(scores, dim=-1).nan_to_num(0.0).view(B, H, G, C).amax(dim=2)
         probs = probs.masked_fill(picked, float("-inf"))  # below any chunk, even one at p = 0
-        return select_topk(probs, H, n_before, int(exact.n_top.max()), k_per_seq=exact.n_top,
+        return select_topk(probs, H, split.n_before, split.max_top, k_per_seq=split.n_top,
                            softmax=False)
 
 
-class ExactPart(NamedTuple):
-    """The part of a ShadowKV step read with exact keys (see :meth:`ShadowKV.exact_part`)."""
+class BudgetSplit(NamedTuple):
+    """How a ShadowKV step spends each row's budget (see :meth:`ShadowKV.budget_split`)."""
 
+    chunk: int        # tokens per chunk
     window: Tensor    # [B] tokens of the local window (the partial current chunk included)
-    outliers: Tensor  # [B, H_kv, k] outlier chunk ids, ascending, -1 unused
+    n_before: Tensor  # [B] full chunks before the window: the outlier and top candidates
+    n_out: Tensor     # [B] outlier chunks the budget buys
     n_top: Tensor     # [B] top chunks the rest of the budget buys
+    max_out: int      # n_out.max() and n_top.max(), the widths of their id tensors
+    max_top: int
+
+
+class ExactPart(NamedTuple):
+    """The part of a ShadowKV step read with exact keys (see :meth:`ShadowKV.exact_part`):
+    the split's window, and the outlier chunks."""
+
+    split: BudgetSplit
+    outliers: Tensor  # [B, H_kv, k] outlier chunk ids, ascending, -1 unused
 
 
 def _per_row(x: Tensor, table: Tensor | None) -> Tensor:

@@ -255,8 +255,8 @@ def test_shadowkv_full_rank_reads_exactly_the_selected_keys():
     out, q, keys, values, summary = _shadowkv_step(policy, prompt_len, generated)
     B, H = keys.shape[:2]
     prompt_lens = torch.full((B,), prompt_len)
-    selection, rebuilt = policy.choose(q[:, :, 0], summary, prompt_lens,
-                                       torch.full((B,), budget - generated), 1)
+    split = policy.budget_split(prompt_lens, torch.full((B,), budget - generated), 1)
+    selection, rebuilt = policy.choose(q[:, :, 0], summary, split)
     n_rebuilt = (rebuilt >= 0).sum(-1)
     assert (n_rebuilt > 0).all() and ((selection.chunk_ids >= 0).sum(-1) > n_rebuilt).all()
     window = int(selection.n_recent[0])

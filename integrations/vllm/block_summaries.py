@@ -164,11 +164,11 @@ def selection_blocks(selection: Selection, seq_lens: Tensor, block_table: Tensor
     if selection.chunk_ids is not None:
         per_chunk = selection.chunk_size // block_size
         ids = selection.chunk_ids.long()
-        picked = (ids[..., None] * per_chunk + torch.arange(per_chunk, device=device))
-        picked = picked.flatten(2).clamp(0, mask.shape[-1] - 1)
-        used = (ids >= 0)[..., None].expand(-1, -1, -1, per_chunk).flatten(2)
-        hits = torch.zeros(mask.shape, dtype=torch.int32, device=device)
-        mask |= hits.scatter_add_(2, picked, used.to(torch.int32)) > 0
+        picked = (ids[..., None] * per_chunk + torch.arange(per_chunk, device=device)).flatten(2)
+        # unused slots (-1) mark the current block, which every row reads anyway
+        picked = torch.where(picked >= 0, picked.clamp_max(mask.shape[-1] - 1),
+                             (n_blocks - 1)[:, None, None])
+        mask.scatter_(2, picked, True)
     mask &= in_seq[:, None, :]
     counts = mask.sum(-1)                                                    # [B, H_kv]
     # the read blocks in order: block j goes to slot (blocks read up to j) - 1; unread

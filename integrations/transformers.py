@@ -22,8 +22,9 @@ own SDPA mask, so its outputs are identical to ``attn_implementation="sdpa"``.
 A sparse policy plugs in by adding one entry with the same signature: it gets
 the whole cache for the layer (``key``/``value``, all heads) and its policy
 object, and chooses which KV positions each query reads.  Decode-time
-selection policies without an entry share :func:`_selection_attention`;
-``shadowkv`` has its own (:func:`_shadowkv_attention`), reading the prompt
+selection policies without an entry share :func:`_selection_attention`,
+which scores key summaries that ``generate``'s cache keeps as tokens arrive
+(:class:`SummaryLayer`); ``shadowkv`` has its own (:func:`_shadowkv_attention`), reading the prompt
 from the cache ``generate`` gets for it, which keeps the prompt's keys as a
 low-rank store and its values in host memory (:mod:`kvplug.integrations.hf_shadowkv`).
 
@@ -41,6 +42,8 @@ from typing import Any
 
 import torch
 from transformers import AttentionInterface, AttentionMaskInterface, DynamicCache
+from transformers.cache_utils import DynamicLayer
+from transformers.generation.utils import GenerationMixin
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import sdpa_mask
 
@@ -53,6 +56,8 @@ from kvplug.policies import (KeySummary, Policy, SelectionPolicy, ShadowKV, Step
 
 ATTN_IMPLEMENTATION = "kvplug"
 _POLICY_ATTR = "kvplug_policy"  # set on each attention module by attach_policy
+# attribute of the key tensor a SummaryLayer returns: the layer itself, for the attention function
+_SUMMARY_LAYER_TAG = "_kvplug_summary_layer"
 
 
 def _full_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor,
@@ -75,6 +80,64 @@ def key_summary(spec: SummarySpec | None, keys: torch.Tensor) -> KeySummary | No
     if spec.kind == "minmax":
         return KeySummary(kmin, kmax, None, spec.chunk_size)
     raise ValueError(f"the HF adapter cannot summarize keys as {spec.kind!r}")
+
+
+def _dropping_summaries(name: str):
+    """``DynamicLayer``'s cache edit ``name``, which also drops a SummaryLayer's summaries."""
+    def edit(self, *args, **kwargs):
+        self._summarized = None
+        return getattr(DynamicLayer, name)(self, *args, **kwargs)
+    edit.__name__ = name
+    return edit
+
+
+class SummaryLayer(DynamicLayer):
+    """transformers' full-attention cache layer that also keeps the key summaries its
+    policy's decode steps score (Quest's page bounds), so a step summarizes the chunks its
+    new tokens touched instead of every key (which would cost more than dense attention).
+
+    ``generate`` on a model running a selection policy (attached, or from the
+    environment) gets these layers in its cache when the caller passes none; with any
+    other cache the summaries are made from every key at every step.
+    Edits of the cache (cropping, beam reordering, batch repeats) drop the summaries.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self._summarized: tuple[SummarySpec, int, KeySummary] | None = None
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        keys, values = super().update(key_states, value_states, *args, **kwargs)
+        setattr(keys, _SUMMARY_LAYER_TAG, self)
+        return keys, values
+
+    def summary(self, spec: SummarySpec | None, keys: torch.Tensor) -> KeySummary | None:
+        """:func:`key_summary` of this layer's keys (``[B, L, H_kv, D]``), the last call's
+        complete chunks reused."""
+        if spec is None or spec.kind == "keys":
+            return key_summary(spec, keys)
+        done, kept = 0, None
+        if self._summarized is not None and self._summarized[0] == spec \
+                and self._summarized[1] <= keys.shape[1]:
+            done, kept = self._summarized[1] // spec.chunk_size, self._summarized[2]
+        summary = key_summary(spec, keys[:, done * spec.chunk_size:])
+        if kept is not None:
+            def joined(old, new):
+                return None if new is None else torch.cat([old[:, :done], new], dim=1)
+            summary = KeySummary(joined(kept.lo, summary.lo), joined(kept.hi, summary.hi), None,
+                                 spec.chunk_size, joined(kept.min_cos, summary.min_cos))
+        self._summarized = (spec, keys.shape[1], summary)
+        return summary
+
+    reset, crop = _dropping_summaries("reset"), _dropping_summaries("crop")
+    reorder_cache = _dropping_summaries("reorder_cache")
+    batch_repeat_interleave = _dropping_summaries("batch_repeat_interleave")
+    batch_select_indices = _dropping_summaries("batch_select_indices")
+
+
+def summary_layer_of(key: torch.Tensor) -> SummaryLayer | None:
+    """The :class:`SummaryLayer` that returned ``key``, if one did."""
+    return getattr(key, _SUMMARY_LAYER_TAG, None)
 
 
 def _bind(policy: Policy, config) -> int:
@@ -113,7 +176,9 @@ def _selection_attention(module: torch.nn.Module, query: torch.Tensor, key: torc
     layer = module.layer_idx
     ctx = _step_context(module, policy)
     seq_lens = torch.full((batch,), kv_len, device=query.device, dtype=torch.int64)
-    summary = key_summary(policy.summary_spec(layer, ctx.unit), keys)
+    spec = policy.summary_spec(layer, ctx.unit)
+    summaries = summary_layer_of(key)
+    summary = key_summary(spec, keys) if summaries is None else summaries.summary(spec, keys)
     selection = policy.select(layer, query[:, :, 0], summary, seq_lens, ctx)
     if selection is None:
         return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
@@ -150,8 +215,8 @@ def _shadowkv_attention(module: torch.nn.Module, query: torch.Tensor, key: torch
     layer = hf_shadowkv.layer_of(key)
     if layer is None:
         raise ValueError(f"kvplug policy 'shadowkv': decode step of layer {module.layer_idx} "
-                         "without kvplug's ShadowKV cache; run generate() on a model the policy "
-                         "is attached to, or pass past_key_values=ShadowKVCache(policy, "
+                         "without kvplug's ShadowKV cache; let generate() build the cache (pass "
+                         "no past_key_values) or pass past_key_values=ShadowKVCache(policy, "
                          "model.config)")
     if layer.policy is not policy:
         raise ValueError(f"kvplug policy 'shadowkv': the cache was built for {layer.policy!r}, "
@@ -182,6 +247,36 @@ def register() -> None:
     """
     AttentionInterface.register(ATTN_IMPLEMENTATION, kvplug_attention_forward)
     AttentionMaskInterface.register(ATTN_IMPLEMENTATION, sdpa_mask)
+    prepare = GenerationMixin._prepare_cache_for_generation
+    if not getattr(prepare, "_kvplug_wrapped", False):
+        GenerationMixin._prepare_cache_for_generation = _with_kvplug_cache(prepare)
+
+
+def _with_kvplug_cache(prepare: Callable[..., Any]) -> Callable[..., Any]:
+    """transformers' ``_prepare_cache_for_generation``, then, for a model whose layers run
+    kvplug attention and a caller who passed no cache, the cache its policy reads:
+    kvplug's for ``shadowkv``; for other selection policies transformers' own with its
+    full-attention layers made :class:`SummaryLayer`.  The policy is the one attached to
+    the layers, else the environment's (lm-eval's ``hf`` model attaches none)."""
+    @functools.wraps(prepare)
+    def prepare_cache(self, generation_config, model_kwargs, *args, **kwargs):
+        result = prepare(self, generation_config, model_kwargs, *args, **kwargs)
+        cache = model_kwargs.get("past_key_values")
+        modules = _kvplug_modules(self)
+        if type(cache) is not DynamicCache or getattr(cache, "_is_user_defined", False) \
+                or not modules:
+            return result
+        policy = getattr(modules[0], _POLICY_ATTR, None) or _env_policy(
+            os.environ.get("KVPLUG_POLICY"), os.environ.get("KVPLUG_CONFIG"))
+        if isinstance(policy, ShadowKV):
+            model_kwargs["past_key_values"] = ShadowKVCache(policy, self.config)
+        elif isinstance(policy, SelectionPolicy):
+            cache.layers = [SummaryLayer() if type(layer) is DynamicLayer
+                            and not layer.is_initialized else layer for layer in cache.layers]
+        return result
+
+    prepare_cache._kvplug_wrapped = True
+    return prepare_cache
 
 
 def _attention_for(policy: Policy) -> Callable[..., tuple[torch.Tensor, torch.Tensor | None]]:
@@ -218,10 +313,15 @@ def _env_policy(policy_env: str | None, config_env: str | None) -> Policy:
     return _check_supported(resolve_config(environ=environ).build_policy())
 
 
-def _attention_modules(model: torch.nn.Module) -> list[torch.nn.Module]:
+def _kvplug_modules(model: torch.nn.Module) -> list[torch.nn.Module]:
     """The modules that call the attention interface with ``attn_implementation="kvplug"``."""
-    found = [m for m in model.modules() if hasattr(m, "layer_idx")
-             and getattr(getattr(m, "config", None), "_attn_implementation", None) == ATTN_IMPLEMENTATION]
+    return [m for m in model.modules() if hasattr(m, "layer_idx")
+            and getattr(getattr(m, "config", None), "_attn_implementation", None) == ATTN_IMPLEMENTATION]
+
+
+def _attention_modules(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """:func:`_kvplug_modules`, which must not be empty."""
+    found = _kvplug_modules(model)
     if not found:
         impl = getattr(getattr(model, "config", None), "_attn_implementation", None)
         raise ValueError(f"model has no attention layer using attn_implementation={ATTN_IMPLEMENTATION!r} "
@@ -242,27 +342,7 @@ def attach_policy(model: torch.nn.Module, policy: Policy | str | None = None,
     _bind(policy, modules[0].config)
     for module in modules:
         setattr(module, _POLICY_ATTR, policy)
-    _set_generate_cache(model, policy)
     return policy
-
-
-def _set_generate_cache(model: torch.nn.Module, policy: Policy | None) -> None:
-    """Make ``generate`` build the cache ``policy`` keeps its KV in when the caller
-    passes none: kvplug's for ``shadowkv``, transformers' own otherwise."""
-    model.__dict__.pop("_prepare_cache_for_generation", None)
-    if not isinstance(policy, ShadowKV):
-        return
-    prepare = model._prepare_cache_for_generation
-
-    @functools.wraps(prepare)
-    def prepare_with_shadowkv(generation_config, model_kwargs, *args, **kwargs):
-        result = prepare(generation_config, model_kwargs, *args, **kwargs)
-        cache = model_kwargs.get("past_key_values")
-        if type(cache) is DynamicCache and not getattr(cache, "_is_user_defined", False):
-            model_kwargs["past_key_values"] = ShadowKVCache(policy, model.config)
-        return result
-
-    model._prepare_cache_for_generation = prepare_with_shadowkv
 
 
 @contextlib.contextmanager
@@ -276,7 +356,6 @@ def use_policy(model: torch.nn.Module, policy: Policy | str | None = None,
     finally:
         for module, old in zip(modules, previous):
             setattr(module, _POLICY_ATTR, old)
-        _set_generate_cache(model, previous[0])
 
 
 def kvplug_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor,

@@ -5,8 +5,10 @@ from dataclasses import dataclass
 import pytest
 import torch
 from transformers import AttentionInterface, AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+from transformers.cache_utils import DynamicLayer
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
 
+from kvplug.config import resolve_config
 from kvplug.integrations import transformers as kvhf
 from kvplug.integrations.hf_shadowkv import ShadowKVLayer
 from kvplug.policies import Policy
@@ -357,7 +359,9 @@ def test_shadowkv_generate_with_another_cache_is_refused(tiny_llama_dir):
         with pytest.raises(NotImplementedError, match="cannot reorder, crop or repeat"):
             model.generate(input_ids=input_ids, max_new_tokens=3, do_sample=False,
                            pad_token_id=PAD, num_beams=2)
-    assert "_prepare_cache_for_generation" not in model.__dict__  # transformers' own again
+    out = model.generate(input_ids=input_ids, max_new_tokens=2, do_sample=False, pad_token_id=PAD,
+                         return_dict_in_generate=True)
+    assert type(out.past_key_values.layers[0]) is DynamicLayer   # transformers' own again
 
 
 def test_shadowkv_bytes_kept_for_the_bundled_model(model_dir):
@@ -391,3 +395,73 @@ def test_shadowkv_cache_reset_takes_a_new_prompt():
     assert layer.get_seq_length() == 0
     layer.update(kv[:, :, :24], kv[:, :, :24])
     assert layer.store.length == 24 and layer.get_seq_length() == 24
+
+
+def test_summary_layer_extends_its_summaries_as_keys_arrive():
+    """At every step the kept summaries equal those made from every key; a cache edit
+    that moves keys (beam reordering) drops them."""
+    from kvplug.policies import SummarySpec
+
+    g = torch.Generator().manual_seed(4)
+
+    def check(layer, spec):
+        keys = layer.keys.transpose(1, 2)
+        got, want = layer.summary(spec, keys), kvhf.key_summary(spec, keys)
+        for a, b in ((got.lo, want.lo), (got.hi, want.hi), (got.min_cos, want.min_cos)):
+            assert (a is None) == (b is None) and (a is None or torch.equal(a, b))
+
+    for spec in (SummarySpec("minmax", 16), SummarySpec("landmarks", 8)):
+        layer = kvhf.SummaryLayer()
+        for n in (37, 1, 1, 10, 1):                 # a prompt, decode steps, more prompt
+            layer.update(torch.randn(2, 3, n, 8, generator=g), torch.randn(2, 3, n, 8, generator=g))
+            check(layer, spec)
+        layer.reorder_cache(torch.tensor([1, 0]))
+        check(layer, spec)
+        layer.crop(20)
+        check(layer, spec)
+
+
+def test_quest_generate_keeps_summaries_and_decodes_as_from_every_key(tiny_llama_dir):
+    from transformers import DynamicCache
+
+    input_ids = torch.randint(3, 128, (1, 100), generator=torch.Generator().manual_seed(6))
+    ref = _greedy(_load(tiny_llama_dir, "sdpa"), input_ids, torch.ones_like(input_ids), 8)
+    model = _load(tiny_llama_dir, "kvplug")
+    runs = {}
+    with kvhf.use_policy(model, "quest", budget=40, dense_layers=0), torch.no_grad():
+        for name, cache in (("generate's", None), ("a plain", DynamicCache())):
+            out = model.generate(input_ids=input_ids, do_sample=False, max_new_tokens=8,
+                                 min_new_tokens=8, pad_token_id=PAD, past_key_values=cache,
+                                 return_dict_in_generate=True, output_logits=True)
+            runs[name] = out.sequences, torch.stack(out.logits, dim=1), out.past_key_values
+    assert all(isinstance(layer, kvhf.SummaryLayer) for layer in runs["generate's"][2].layers)
+    assert not any(isinstance(layer, kvhf.SummaryLayer) for layer in runs["a plain"][2].layers)
+    assert torch.equal(runs["generate's"][0], runs["a plain"][0])
+    assert torch.equal(runs["generate's"][1], runs["a plain"][1])
+    assert not torch.allclose(runs["generate's"][1], ref[1], atol=1e-3)   # the decode is sparse
+
+
+@pytest.mark.parametrize("config, layer_type", [
+    ('{"policy": "shadowkv", "budget": 48, "rank": 4}', ShadowKVLayer),
+    ('{"policy": "quest", "budget": 40, "dense_layers": 0}', kvhf.SummaryLayer)])
+def test_generate_builds_the_policy_cache_for_the_environment_policy(tiny_llama_dir, monkeypatch,
+                                                                      config, layer_type):
+    """lm-eval's ``hf`` model loads with attn_implementation="kvplug" and attaches no
+    policy: generate still gets the cache the environment's policy reads, and decodes as
+    with the policy attached."""
+    input_ids = torch.randint(3, 128, (1, 120), generator=torch.Generator().manual_seed(8))
+    model = _load(tiny_llama_dir, "kvplug")
+    policy = resolve_config(environ={"KVPLUG_CONFIG": config}).build_policy()
+    with kvhf.use_policy(model, policy), torch.no_grad():
+        attached = model.generate(input_ids=input_ids, max_new_tokens=6, min_new_tokens=6,
+                                  do_sample=False, pad_token_id=PAD, output_logits=True,
+                                  return_dict_in_generate=True)
+    monkeypatch.setenv("KVPLUG_CONFIG", config)
+    with torch.no_grad():
+        env = model.generate(input_ids=input_ids, max_new_tokens=6, min_new_tokens=6,
+                             do_sample=False, pad_token_id=PAD, output_logits=True,
+                             return_dict_in_generate=True)
+    assert all(type(layer) is layer_type for layer in env.past_key_values.layers)
+    assert torch.equal(env.sequences, attached.sequences)
+    assert torch.equal(torch.stack(env.logits), torch.stack(attached.logits))
+

@@ -190,11 +190,12 @@ def _selection_attention(module: torch.nn.Module, query: torch.Tensor, key: torc
                               seq_lens.to(torch.int32), selection.chunk_ids,
                               selection.chunk_size, selection.n_sink, n_recent,
                               scale=kwargs.get("scaling"))[:, None]
-    if selection.dense_kv_heads is not None:
-        dense, _ = sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+    if selection.dense_kv_heads is not None:  # those kv-heads (and their query heads) read all
+        kv_heads = selection.dense_kv_heads.to(query.device).nonzero().squeeze(1)
         group = query.shape[1] // key.shape[1]
-        dense_q_heads = selection.dense_kv_heads.to(query.device).repeat_interleave(group)
-        out = torch.where(dense_q_heads[None, None, :, None], dense, out)
+        q_heads = (kv_heads[:, None] * group + torch.arange(group, device=query.device)).flatten()
+        out[:, :, q_heads], _ = sdpa_attention_forward(module, query[:, q_heads], key[:, kv_heads],
+                                                       value[:, kv_heads], attention_mask, **kwargs)
     return out, None
 
 

@@ -17,7 +17,7 @@ from kvplug.integrations.transformers import load_model, use_policy
 from kvplug.models import model_dir
 
 CONFIGS = [("full", {}), ("streamingllm", {}), ("quest", {}), ("quest", {"page_size": 32}),
-           ("tidaldecode", {}), ("shadowkv", {})]
+           ("tidaldecode", {}), ("shadowkv", {}), ("duoattention", {})]
 
 
 class StepClock(LogitsProcessor):

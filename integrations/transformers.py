@@ -24,9 +24,10 @@ the whole cache for the layer (``key``/``value``, all heads) and its policy
 object, and chooses which KV positions each query reads.  Decode-time
 selection policies without an entry share :func:`_selection_attention`,
 which scores key summaries that ``generate``'s cache keeps as tokens arrive
-(:class:`SummaryLayer`); ``shadowkv`` has its own (:func:`_shadowkv_attention`), reading the prompt
-from the cache ``generate`` gets for it, which keeps the prompt's keys as a
-low-rank store and its values in host memory (:mod:`kvplug.integrations.hf_shadowkv`).
+(:class:`SummaryLayer`); ``shadowkv`` has its own (:func:`_shadowkv_attention`),
+reading the prompt from the cache ``generate`` gets for it, which keeps the
+prompt's keys as a low-rank store and its values in host memory
+(:mod:`kvplug.integrations.hf_shadowkv`).
 
 Per-request KV accounting (``Policy.account_step``) is not done here: HF
 ``generate`` has no request lifecycle to hook without patching it.
@@ -241,7 +242,8 @@ ATTENTION_BY_POLICY: dict[str, Callable[..., tuple[torch.Tensor, torch.Tensor | 
 
 
 def register() -> None:
-    """Make ``attn_implementation="kvplug"`` loadable; idempotent.
+    """Make ``attn_implementation="kvplug"`` loadable, and ``generate`` build the cache a
+    kvplug model's policy reads (:func:`_with_kvplug_cache`); idempotent.
 
     The mask function must be registered too: transformers builds no attention
     mask (so ignores padding) for implementations it has no mask function for.
@@ -267,8 +269,9 @@ def _with_kvplug_cache(prepare: Callable[..., Any]) -> Callable[..., Any]:
         if type(cache) is not DynamicCache or getattr(cache, "_is_user_defined", False) \
                 or not modules:
             return result
-        policy = getattr(modules[0], _POLICY_ATTR, None) or _env_policy(
-            os.environ.get("KVPLUG_POLICY"), os.environ.get("KVPLUG_CONFIG"))
+        policy = getattr(modules[0], _POLICY_ATTR, None)
+        if policy is None:
+            policy = _env_policy(os.environ.get("KVPLUG_POLICY"), os.environ.get("KVPLUG_CONFIG"))
         if isinstance(policy, ShadowKV):
             model_kwargs["past_key_values"] = ShadowKVCache(policy, self.config)
         elif isinstance(policy, SelectionPolicy):

@@ -187,9 +187,14 @@ def chunk_scores_ref(q: Tensor, summary: Tensor, num_chunks: Tensor, *,
         else:
             s = (_per_kv_head_dots(q_pos, summary_max, summary_table)
                  + _per_kv_head_dots(q_neg, summary, summary_table))
-    s = s.reshape(B, H_q, n_cols) * default_scale(D, scale)
-    cols = torch.arange(n_cols, device=q.device)
-    return s.masked_fill_(cols >= num_chunks.to(q.device)[:, None, None], float("-inf"))
+    return _mask_past_chunks(s.reshape(B, H_q, n_cols) * default_scale(D, scale), num_chunks)
+
+
+def _mask_past_chunks(s: Tensor, num_chunks: Tensor) -> Tensor:
+    """``s`` (``[B, H, C]``) with the columns at or past each row's ``num_chunks`` set to
+    ``-inf``, in place."""
+    cols = torch.arange(s.shape[-1], device=s.device)
+    return s.masked_fill_(cols >= num_chunks.to(s.device)[:, None, None], float("-inf"))
 
 
 def side_by_side(left: Tensor, right: Tensor) -> Tensor | None:
@@ -255,9 +260,7 @@ def select_topk(scores: Tensor, num_kv_heads: int, num_chunks: Tensor, k: int, *
         lse = torch.logsumexp(s, dim=-1, keepdim=True)
         # sequences without valid chunks have lse=-inf; keep them at -inf, not nan
         s = torch.where(torch.isfinite(lse), torch.exp(s - lse), torch.full_like(s, float("-inf")))
-    s = s.amax(dim=2) if reduce == "max" else s.sum(dim=2)
-    cols = torch.arange(C, device=s.device)
-    s.masked_fill_(cols >= num_chunks.to(s.device)[:, None, None], float("-inf"))
+    s = _mask_past_chunks(s.amax(dim=2) if reduce == "max" else s.sum(dim=2), num_chunks)
 
     kk = min(k, C)
     ids = torch.topk(s, kk, dim=-1).indices if kk > 0 else s.new_empty(B, num_kv_heads, 0,

@@ -232,14 +232,8 @@ class DuoAttention(SelectionPolicy):
     def select(self, layer_idx, q, summary, seq_lens, ctx):
         """Made once per step: the streaming heads' reads and every layer's retrieval heads;
         the layers' selections share the streaming part (engines reuse its tables)."""
-        if "duoattention" not in ctx.scratch:
-            n_sink, recent = self.streaming_reads(seq_lens, ctx.unit)
-            window = torch.minimum(seq_lens, n_sink + recent)
-            fits = window == seq_lens
-            streaming = Selection(None, 1, n_sink, torch.where(fits, seq_lens, recent))
-            ctx.scratch["duoattention"] = (streaming, bool(fits.all()),
-                                           self.retrieval_heads(seq_lens, window).to(q.device))
-        streaming, all_fit, retrieval = ctx.scratch["duoattention"]
+        streaming, all_fit, retrieval = ctx.once(
+            "duoattention", lambda: self._streaming_step(seq_lens, ctx.unit, q.device))
         if self.reads_pages:
             return self._with_pages(layer_idx, q, summary, seq_lens, streaming,
                                     retrieval[layer_idx], ctx)
@@ -247,16 +241,28 @@ class DuoAttention(SelectionPolicy):
             return None
         return replace(streaming, dense_kv_heads=retrieval[layer_idx])
 
+    def _streaming_step(self, seq_lens: Tensor, unit: int, device) -> tuple:
+        """The streaming heads' reads, whether every row fits them, and every layer's
+        retrieval heads: the same at every layer of a step."""
+        n_sink, recent = self.streaming_reads(seq_lens, unit)
+        window = torch.minimum(seq_lens, n_sink + recent)
+        fits = window == seq_lens
+        streaming = Selection(None, 1, n_sink, torch.where(fits, seq_lens, recent))
+        return streaming, bool(fits.all()), self.retrieval_heads(seq_lens, window).to(device)
+
+    def _pages_step(self, seq_lens: Tensor, streaming: Selection) -> tuple:
+        """Whether every row fits the budget, the reads every head shares, and the pages
+        each retrieval head reads: the same at every layer of a step."""
+        window = torch.minimum(seq_lens, streaming.n_sink + streaming.n_recent)
+        fits = self.token_budgets(seq_lens) >= seq_lens
+        base = replace(streaming, n_recent=torch.where(fits, seq_lens, streaming.n_recent))
+        return bool(fits.all()), base, self.pages_per_head(seq_lens, window)
+
     def _with_pages(self, layer_idx, q, summary, seq_lens, streaming: Selection, heads: Tensor,
                     ctx) -> Selection | None:
         """Every head: sink + recent; this layer's retrieval ``heads`` also their top pages."""
-        if "duoattention_pages" not in ctx.scratch:
-            window = torch.minimum(seq_lens, streaming.n_sink + streaming.n_recent)
-            fits = self.token_budgets(seq_lens) >= seq_lens
-            base = replace(streaming, n_recent=torch.where(fits, seq_lens, streaming.n_recent))
-            ctx.scratch["duoattention_pages"] = (bool(fits.all()), base,
-                                                 self.pages_per_head(seq_lens, window))
-        all_fit, base, k_per_seq = ctx.scratch["duoattention_pages"]
+        all_fit, base, k_per_seq = ctx.once(
+            "duoattention_pages", lambda: self._pages_step(seq_lens, streaming))
         if all_fit:
             return None
         if not bool(heads.any()) or int(k_per_seq.max()) == 0:

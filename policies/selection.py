@@ -14,6 +14,7 @@ and never more than the budget.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
@@ -75,6 +76,13 @@ class StepContext:
     unit: int = 1
     num_layers: int = 0
     scratch: dict[str, Any] = field(default_factory=dict)
+
+    def once(self, name: str, make: Callable[[], Any]) -> Any:
+        """``make()``, made by the first layer of the step that asks for ``name`` and
+        shared by the others (what every layer would otherwise recompute)."""
+        if name not in self.scratch:
+            self.scratch[name] = make()
+        return self.scratch[name]
 
 
 @dataclass(frozen=True)
@@ -176,9 +184,7 @@ class StreamingLLM(SelectionPolicy):
 
     def select(self, layer_idx, q, summary, seq_lens, ctx):
         """The same key set at every layer: made once per step (engines reuse its tables)."""
-        if "streamingllm" not in ctx.scratch:
-            ctx.scratch["streamingllm"] = self._window(seq_lens, ctx.unit)
-        return ctx.scratch["streamingllm"]
+        return ctx.once("streamingllm", lambda: self._window(seq_lens, ctx.unit))
 
     def _window(self, seq_lens: Tensor, unit: int) -> Selection | None:
         budget = self.token_budgets(seq_lens)
@@ -224,9 +230,8 @@ class Quest(SelectionPolicy):
     def select(self, layer_idx, q, summary, seq_lens, ctx):
         if layer_idx < self.dense_layers:
             return None
-        if "quest" not in ctx.scratch:  # every layer spends the budget the same way
-            ctx.scratch["quest"] = self.page_budget(seq_lens, ctx.unit)
-        step = ctx.scratch["quest"]
+        # every layer spends the budget the same way
+        step = ctx.once("quest", lambda: self.page_budget(seq_lens, ctx.unit))
         if step is None:
             return None
         ids = chunk_topk(q, summary.lo, step.num_pages, step.width, summary_max=summary.hi,

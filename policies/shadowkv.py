@@ -121,10 +121,9 @@ class ShadowKV(SelectionPolicy):
         return self.chunk(unit)
 
     def select(self, layer_idx, q, summary, seq_lens, ctx):
-        if "shadowkv" not in ctx.scratch:  # every layer splits the budget the same way
-            ctx.scratch["shadowkv"] = self.budget_split(seq_lens, self.token_budgets(seq_lens),
-                                                        ctx.unit)
-        split = ctx.scratch["shadowkv"]
+        # every layer splits the budget the same way
+        split = ctx.once("shadowkv", lambda: self.budget_split(
+            seq_lens, self.token_budgets(seq_lens), ctx.unit))
         return None if split is None else self.choose(q, summary, split)[0]
 
     def choose(self, q: Tensor, summary: KeySummary,

@@ -1,5 +1,6 @@
 """kvplug policies: one small dataclass per method, selectable by name."""
 
+from kvplug.policies.compression import CompressionPolicy, KeepPlan, LayerScores
 from kvplug.policies.base import (POLICIES, Policy, RequestState, RequestStats, build_policy,
                                   param, register_policy)
 from kvplug.policies.duoattention import DuoAttention
@@ -7,9 +8,11 @@ from kvplug.policies.full import Full
 from kvplug.policies.selection import (KeySummary, Quest, Selection, SelectionPolicy,
                                        StepContext, StreamingLLM, SummarySpec, recent_tokens)
 from kvplug.policies.shadowkv import ShadowKV
+from kvplug.policies.snapkv import SnapKV
 from kvplug.policies.tidaldecode import TidalDecode
 
 __all__ = ["POLICIES", "Policy", "RequestState", "RequestStats", "build_policy", "param",
            "register_policy", "Full", "KeySummary", "Quest", "Selection", "SelectionPolicy",
            "ShadowKV", "StepContext", "StreamingLLM", "SummarySpec", "TidalDecode",
-           "recent_tokens", "DuoAttention"]
+           "recent_tokens", "DuoAttention", "CompressionPolicy", "KeepPlan", "LayerScores",
+           "SnapKV"]

@@ -75,6 +75,11 @@ class Policy:
 
     name: ClassVar[str] = ""
     summary: ClassVar[str] = ""
+    # what the policy needs an engine to do (docs/design.md, "The policy contract"):
+    # stages it acts in ("select": decode-time reads; "prefill_compress": keep less at the
+    # end of prefill) and the format its KV is stored in ("dense", "evicted")
+    stages: ClassVar[frozenset[str]] = frozenset()
+    store: ClassVar[str] = "dense"
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):
@@ -106,6 +111,17 @@ class Policy:
     def check_model(self, num_layers: int, num_kv_heads: int, unit: int) -> None:
         """Bind the policy to a model and an engine read unit (tokens); ValueError if it
         cannot run there.  Engines call it once per process, before any forward."""
+
+    def check_engine(self, engine: str, stages: frozenset[str], stores: frozenset[str]) -> None:
+        """Refuse an engine that lacks a stage or the store this policy needs (adapters
+        call it at engine start, so an unsupported pair never runs dense in silence)."""
+        missing = sorted(self.stages - stages)
+        if self.store not in stores:
+            missing.append(f"store {self.store!r}")
+        if missing:
+            raise ValueError(f"kvplug policy {self.name!r} needs {', '.join(missing)}, which "
+                             f"{engine} does not support (it supports stages {sorted(stages)} "
+                             f"and stores {sorted(stores)})")
 
     # -- description ---------------------------------------------------------
     @classmethod

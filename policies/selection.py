@@ -122,6 +122,8 @@ def check_chunk(policy: str, name: str, tokens: int, unit: int) -> int:
 
 @dataclass
 class SelectionPolicy(Policy):
+    stages = frozenset({"select"})
+
     budget: int = param(0, "KV tokens read per decode step per sequence, sink and recent "
                            "window included (0: use budget_ratio)", min=0)
     budget_ratio: float = param(0.0, "the same as a fraction of the current context "

@@ -1,0 +1,171 @@
+"""Policies that keep less: at the end of a prompt's prefill they choose, per layer
+and kv-head, which KV tokens stay stored (eviction) or what they become (merging);
+an engine then stores only that and frees the rest.
+
+The contract (docs/design.md, "Keeping less"):
+
+* ``prefill_scores(layer, queries, keys, scale)`` runs once per layer when a
+  prompt's prefill ends: ``queries`` are the prompt's last ``observation_window``
+  post-RoPE queries, ``keys`` every key of the context.  It returns what
+  ``keep_plan`` needs (a :class:`LayerScores`), and nothing is stored yet;
+* ``layer_budgets(scores, keep, span)`` turns the per-sequence budget into a
+  budget per layer once every layer has scored (uniform here; CAKE allocates);
+* ``keep_plan(scores, budget, span, keys, values)`` is what one layer keeps of
+  the tokens ``[0, span)``: a :class:`KeepPlan`.  The engine keeps the tokens at
+  and after ``span`` (the prompt's partial last block, and every decode token)
+  as they are.
+
+Budget means KV tokens kept per sequence (averaged over layers), window
+included, as ``budget`` (tokens) or ``budget_ratio`` (fraction of the prompt).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from kvplug.policies.base import Policy, param
+
+
+@dataclass(frozen=True)
+class LayerScores:
+    """What one layer's scoring at the end of prefill found.
+
+    ``token``: ``[H_kv, N]`` importance of each key of the context (higher is kept
+    first; the observation window scores ``+inf``).  ``preference``: one number per
+    layer for policies that allocate budgets across layers (CAKE), else None.
+    """
+
+    token: Tensor
+    preference: float | None = None
+
+
+@dataclass(frozen=True)
+class KeepPlan:
+    """What one layer keeps of the span ``[0, span)``, per kv-head.
+
+    ``indices``: ``[H_kv, n]`` ascending positions of the kept tokens (for a
+    merge, of each cluster's representative).  ``counts``: ``[H_kv, n]`` tokens each
+    kept slot stands for, None when every slot is one token (eviction); attention
+    over a slot of count ``c`` must weigh it as ``c`` identical keys (a ``log c``
+    bias on its score).  ``keys``/``values``: ``[H_kv, n, D]`` what to store when
+    it is not the kept tokens' own K/V (merged centroids), else None.
+    """
+
+    indices: Tensor
+    counts: Tensor | None = None
+    keys: Tensor | None = None
+    values: Tensor | None = None
+
+    @property
+    def size(self) -> int:
+        return self.indices.shape[-1]
+
+
+def window_attention(queries: Tensor, keys: Tensor, scale: float) -> Tensor:
+    """Softmax attention of the last ``W`` queries over all ``N`` keys, causal inside the
+    window: ``queries`` ``[W, H_q, D]``, ``keys`` ``[N, H_kv, D]`` -> ``[H_q, W, N]``
+    (float32).  Query ``i`` sits at position ``N - W + i``."""
+    W, num_heads, _ = queries.shape
+    N, num_kv_heads, _ = keys.shape
+    group = num_heads // num_kv_heads
+    k = keys.float().permute(1, 2, 0).repeat_interleave(group, dim=0)   # [H_q, D, N]
+    logits = torch.bmm(queries.float().transpose(0, 1), k) * scale       # [H_q, W, N]
+    future = torch.arange(N, device=keys.device) > (N - W + torch.arange(W, device=keys.device))[:, None]
+    return logits.masked_fill_(future, float("-inf")).softmax(dim=-1)
+
+
+def pool_scores(scores: Tensor, kernel_size: int) -> Tensor:
+    """Average-pool ``[..., N]`` scores over ``kernel_size`` neighbours (same length),
+    so a token next to an important one is kept with it (SnapKV's clustering).  The
+    zero padding counts at the edges, as in SnapKV's and CAKE's code."""
+    if kernel_size <= 1:
+        return scores
+    shape = scores.shape
+    pooled = F.avg_pool1d(scores.reshape(-1, 1, shape[-1]), kernel_size, stride=1,
+                          padding=kernel_size // 2)
+    return pooled.reshape(shape)
+
+
+def group_mean(scores: Tensor, num_kv_heads: int) -> Tensor:
+    """``[H_q, N]`` scores averaged over each kv-head's query group -> ``[H_kv, N]``."""
+    return scores.reshape(num_kv_heads, -1, scores.shape[-1]).mean(dim=1)
+
+
+def with_window(scores: Tensor, context_len: int, window: int) -> Tensor:
+    """``[H_kv, context_len - window]`` scores extended to the whole context, the last
+    ``window`` tokens at ``+inf`` (always kept)."""
+    pad = scores.new_full((scores.shape[0], min(window, context_len)), float("inf"))
+    return torch.cat([scores, pad], dim=-1)
+
+
+def top_tokens(scores: Tensor, budget: int, span: int) -> Tensor:
+    """The ``budget`` best-scored tokens of ``[0, span)`` per kv-head, ascending
+    (``[H_kv, budget]``); ties keep the earlier token."""
+    budget = min(budget, span)
+    if budget == span:
+        return torch.arange(span, device=scores.device).expand(scores.shape[0], span)
+    return scores[:, :span].topk(budget, dim=-1, sorted=False).indices.sort(dim=-1).values
+
+
+@dataclass
+class CompressionPolicy(Policy):
+    """Base of the policies that keep fewer KV tokens than the context (prefill eviction
+    or merging).  Subclasses implement :meth:`prefill_scores` and may override
+    :meth:`layer_budgets` and :meth:`keep_plan`."""
+
+    stages: ClassVar[frozenset[str]] = frozenset({"prefill_compress"})
+    store: ClassVar[str] = "evicted"
+
+    budget: int = param(0, "KV tokens kept per sequence (averaged over layers), observation "
+                           "window included (0: use budget_ratio)", min=0)
+    budget_ratio: float = param(0.0, "the same as a fraction of the prompt (0: use budget)",
+                                min=0.0, max=1.0)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if (self.budget > 0) == (self.budget_ratio > 0):
+            raise ValueError(f"policy {self.name!r}: set exactly one of budget (tokens) and "
+                             f"budget_ratio (fraction of the prompt); got budget={self.budget}, "
+                             f"budget_ratio={self.budget_ratio}")
+
+    @property
+    def observation_window(self) -> int:
+        """Last prompt queries the scoring reads; those tokens are always kept."""
+        raise NotImplementedError
+
+    def token_budget(self, context_len: int) -> int:
+        """KV tokens kept of a ``context_len``-token prompt, at least the window."""
+        if self.budget > 0:
+            kept = self.budget
+        else:
+            kept = math.ceil(self.budget_ratio * context_len)
+        return min(context_len, max(kept, self.observation_window))
+
+    def kv_tokens_kept(self, context_len: int) -> int:
+        return self.token_budget(context_len)
+
+    def largest_layer_budget(self, budget: int, span: int) -> int:
+        """The most tokens of ``[0, span)`` any layer may keep when the layers share
+        ``budget`` (what an engine that stores every layer alike must reserve)."""
+        return min(budget, span)
+
+    def prefill_scores(self, layer_idx: int, queries: Tensor, keys: Tensor,
+                       scale: float) -> LayerScores:
+        raise NotImplementedError
+
+    def layer_budgets(self, scores: list[LayerScores], budget: int, span: int) -> list[int]:
+        """Tokens of ``[0, span)`` each layer keeps when the sequence keeps ``budget``
+        of them per layer on average: the same for every layer."""
+        return [min(budget, span)] * len(scores)
+
+    def keep_plan(self, scores: LayerScores, budget: int, span: int, keys: Tensor,
+                  values: Tensor) -> KeepPlan:
+        """The ``budget`` best-scored tokens of ``[0, span)`` per kv-head (``keys``/``values``
+        ``[N, H_kv, D]`` are there for policies that merge)."""
+        return KeepPlan(top_tokens(scores.token, budget, span))

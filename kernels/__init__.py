@@ -17,13 +17,15 @@ Shared conventions (GQA order, paged layout, RoPE form, dispatch) are in
 from .chunk_select import (chunk_scores, chunk_scores_ref, chunk_summaries, chunk_topk,
                            chunk_topk_ref, landmarks, select_topk)
 from .common import apply_rope, gather_pages, merge_attention_states, rope_inv_freq
+from .count_attention import count_weighted_decode, count_weighted_decode_ref
 from .lowrank_rope import lowrank_rope_keys, lowrank_rope_keys_ref
 from .sparse_decode import (SparseDecodePlan, plan_sparse_decode, selected_positions,
                             sparse_paged_decode, sparse_paged_decode_ref)
 
 __all__ = [
     "SparseDecodePlan", "apply_rope", "chunk_scores", "chunk_scores_ref", "chunk_summaries",
-    "chunk_topk", "chunk_topk_ref", "gather_pages", "landmarks", "lowrank_rope_keys",
+    "chunk_topk", "chunk_topk_ref", "count_weighted_decode", "count_weighted_decode_ref",
+    "gather_pages", "landmarks", "lowrank_rope_keys",
     "lowrank_rope_keys_ref", "merge_attention_states",
     "plan_sparse_decode", "rope_inv_freq", "select_topk", "selected_positions",
     "sparse_paged_decode", "sparse_paged_decode_ref",

@@ -4,6 +4,7 @@ from kvplug.policies.compression import CompressionPolicy, KeepPlan, LayerScores
 from kvplug.policies.base import (POLICIES, Policy, RequestState, RequestStats, build_policy,
                                   param, register_policy)
 from kvplug.policies.cake import CAKE
+from kvplug.policies.chelsea import Chelsea
 from kvplug.policies.duoattention import DuoAttention
 from kvplug.policies.full import Full
 from kvplug.policies.selection import (KeySummary, Quest, Selection, SelectionPolicy,
@@ -16,4 +17,4 @@ __all__ = ["POLICIES", "Policy", "RequestState", "RequestStats", "build_policy",
            "register_policy", "Full", "KeySummary", "Quest", "Selection", "SelectionPolicy",
            "ShadowKV", "StepContext", "StreamingLLM", "SummarySpec", "TidalDecode",
            "recent_tokens", "DuoAttention", "CompressionPolicy", "KeepPlan", "LayerScores",
-           "SnapKV", "CAKE"]
+           "SnapKV", "Chelsea", "CAKE"]

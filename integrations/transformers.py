@@ -27,7 +27,14 @@ which scores key summaries that ``generate``'s cache keeps as tokens arrive
 (:class:`SummaryLayer`); ``shadowkv`` has its own (:func:`_shadowkv_attention`),
 reading the prompt from the cache ``generate`` gets for it, which keeps the
 prompt's keys as a low-rank store and its values in host memory
-(:mod:`kvplug.integrations.hf_shadowkv`).
+(:mod:`kvplug.integrations.hf_shadowkv`).  Policies that keep fewer tokens after
+prefill (``"prefill_compress"`` in their declared ``stages``) share
+:func:`_compression_attention`, and ``generate`` gets them a cache that stores only
+what their keep plans name (:mod:`kvplug.integrations.hf_compression`).
+
+What the adapter can run is declared (:data:`kvplug.integrations.capabilities.ENGINES`,
+its ``HF`` line) and checked against what a policy declares when it is attached,
+so an unsupported policy is refused instead of running dense.
 
 Per-request KV accounting (``Policy.account_step``) is not done here: HF
 ``generate`` has no request lifecycle to hook without patching it.
@@ -50,10 +57,11 @@ from transformers.masking_utils import sdpa_mask
 
 from kvplug.config import resolve_config
 from kvplug.kernels import chunk_summaries, landmarks, sparse_paged_decode
-from kvplug.integrations import hf_shadowkv
+from kvplug.integrations import capabilities, hf_compression, hf_shadowkv
+from kvplug.integrations.hf_compression import CompressedCache
 from kvplug.integrations.hf_shadowkv import ShadowKVCache
-from kvplug.policies import (KeySummary, Policy, SelectionPolicy, ShadowKV, StepContext,
-                             SummarySpec, build_policy)
+from kvplug.policies import (CompressionPolicy, KeySummary, Policy, SelectionPolicy, ShadowKV,
+                             StepContext, SummarySpec, build_policy)
 
 ATTN_IMPLEMENTATION = "kvplug"
 _POLICY_ATTR = "kvplug_policy"  # set on each attention module by attach_policy
@@ -157,6 +165,13 @@ def _step_context(module: torch.nn.Module, policy: Policy) -> StepContext:
     return ctx
 
 
+def _refuse_padding(policy: Policy, attention_mask: torch.Tensor | None) -> None:
+    """Sparse and compressed reads take each row's cache as one unpadded sequence."""
+    if attention_mask is not None and not bool(attention_mask[..., -1, :].all()):
+        raise ValueError(f"kvplug policy {policy.name!r} in the HF path needs unpadded batches "
+                         "(batch size 1, or prompts of equal length)")
+
+
 def _selection_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor,
                          value: torch.Tensor, attention_mask: torch.Tensor | None, *,
                          policy: SelectionPolicy, **kwargs: Any) -> tuple[torch.Tensor, None]:
@@ -170,9 +185,7 @@ def _selection_attention(module: torch.nn.Module, query: torch.Tensor, key: torc
     kv_len = key.shape[2]
     if q_len != 1:
         return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
-    if attention_mask is not None and not bool(attention_mask[..., -1, :].all()):
-        raise ValueError(f"kvplug policy {policy.name!r} in the HF path needs unpadded batches "
-                         "(batch size 1, or prompts of equal length)")
+    _refuse_padding(policy, attention_mask)
     keys = key.transpose(1, 2)                                   # [B, L, H_kv, D]
     layer = module.layer_idx
     ctx = _step_context(module, policy)
@@ -209,9 +222,7 @@ def _shadowkv_attention(module: torch.nn.Module, query: torch.Tensor, key: torch
     """ShadowKV: dense prefill; each decode step reads what the layer's
     :class:`~kvplug.integrations.hf_shadowkv.ShadowKVLayer` kept of the prompt
     (``key``/``value`` are then the generated tokens only)."""
-    if attention_mask is not None and not bool(attention_mask[..., -1, :].all()):
-        raise ValueError("kvplug policy 'shadowkv' in the HF path needs unpadded batches "
-                         "(batch size 1, or prompts of equal length)")
+    _refuse_padding(policy, attention_mask)
     if query.shape[2] > 1:
         return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
     layer = hf_shadowkv.layer_of(key)
@@ -230,6 +241,37 @@ def _shadowkv_attention(module: torch.nn.Module, query: torch.Tensor, key: torch
         key, value = layer.store.with_whole_prompt(key, value)
         return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
     return out[:, None], None
+
+
+def _compression_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor,
+                           value: torch.Tensor, attention_mask: torch.Tensor | None, *,
+                           policy: CompressionPolicy, **kwargs: Any) -> tuple[torch.Tensor, None]:
+    """Policies that keep less after prefill: the prompt's forward is dense SDPA, scored for
+    the policy by the layer's :class:`~kvplug.integrations.hf_compression.CompressedCache`,
+    which keeps what the policy's plans name once every layer has scored; each decode step
+    reads those slots (weighed by their counts) and the generated tokens."""
+    _refuse_padding(policy, attention_mask)
+    cache = hf_compression.cache_of(key)
+    if cache is None:
+        if key.shape[2] > query.shape[2]:
+            raise ValueError(f"kvplug policy {policy.name!r}: layer {module.layer_idx} reads a "
+                             "cache kvplug did not build, which keeps every token; let generate() "
+                             "build the cache (pass no past_key_values) or pass "
+                             "past_key_values=CompressedCache(policy, model.config)")
+        return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+    if cache.policy is not policy:
+        raise ValueError(f"kvplug policy {policy.name!r}: the cache was built for "
+                         f"{cache.policy!r}, but the layer runs {policy!r}; build the cache with "
+                         "the attached policy")
+    layer = cache.layers[module.layer_idx]
+    if layer.compressed:
+        bias = layer.decode_bias(query.shape[1], query.dtype)
+        return sdpa_attention_forward(module, query, key, value, bias, **kwargs)
+    out = sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+    scale = kwargs.get("scaling")
+    cache.score_prompt(module.layer_idx, query, key,
+                       query.shape[-1] ** -0.5 if scale is None else scale)
+    return out
 
 
 # policy name -> attention function.  Signature: transformers' attention interface,
@@ -258,8 +300,9 @@ def register() -> None:
 def _with_kvplug_cache(prepare: Callable[..., Any]) -> Callable[..., Any]:
     """transformers' ``_prepare_cache_for_generation``, then, for a model whose layers run
     kvplug attention and a caller who passed no cache, the cache its policy reads:
-    kvplug's for ``shadowkv``; for other selection policies transformers' own with its
-    full-attention layers made :class:`SummaryLayer`.  The policy is the one attached to
+    kvplug's :class:`CompressedCache` for a policy that compresses at prefill, kvplug's for
+    ``shadowkv``; for other selection policies transformers' own with its full-attention
+    layers made :class:`SummaryLayer`.  The policy is the one attached to
     the layers, else the environment's (lm-eval's ``hf`` model attaches none)."""
     @functools.wraps(prepare)
     def prepare_cache(self, generation_config, model_kwargs, *args, **kwargs):
@@ -272,9 +315,11 @@ def _with_kvplug_cache(prepare: Callable[..., Any]) -> Callable[..., Any]:
         policy = getattr(modules[0], _POLICY_ATTR, None)
         if policy is None:
             policy = _env_policy(os.environ.get("KVPLUG_POLICY"), os.environ.get("KVPLUG_CONFIG"))
-        if isinstance(policy, ShadowKV):
+        if "prefill_compress" in policy.stages:
+            model_kwargs["past_key_values"] = CompressedCache(policy, self.config)
+        elif isinstance(policy, ShadowKV):
             model_kwargs["past_key_values"] = ShadowKVCache(policy, self.config)
-        elif isinstance(policy, SelectionPolicy):
+        elif "select" in policy.stages:
             cache.layers = [SummaryLayer() if type(layer) is DynamicLayer
                             and not layer.is_initialized else layer for layer in cache.layers]
         return result
@@ -284,16 +329,20 @@ def _with_kvplug_cache(prepare: Callable[..., Any]) -> Callable[..., Any]:
 
 
 def _attention_for(policy: Policy) -> Callable[..., tuple[torch.Tensor, torch.Tensor | None]]:
-    if policy.name not in ATTENTION_BY_POLICY and isinstance(policy, SelectionPolicy):
+    """The attention function of ``policy``: by the stages it declares, else by its name."""
+    if "prefill_compress" in policy.stages:
+        return _compression_attention
+    if policy.name not in ATTENTION_BY_POLICY and "select" in policy.stages:
         return _selection_attention
     return ATTENTION_BY_POLICY[policy.name]
 
 
 def _check_supported(policy: Policy) -> Policy:
-    if policy.name not in ATTENTION_BY_POLICY and not isinstance(policy, SelectionPolicy):
+    capabilities.check_engine(policy, capabilities.HF)
+    if policy.name not in ATTENTION_BY_POLICY and not policy.stages:
         raise ValueError(f"kvplug policy {policy.name!r} is not supported by the HF transformers "
                          f"adapter; it runs {sorted(ATTENTION_BY_POLICY)} and every "
-                         "decode-time selection policy")
+                         "decode-time selection or prefill-compression policy")
     return policy
 
 

@@ -8,10 +8,12 @@ import sys
 
 def _cmd_policies(args: argparse.Namespace) -> int:
     from kvplug.config import ENGINE_KEYS
+    from kvplug.integrations.capabilities import supported_engines, what_it_saves
     from kvplug.policies import POLICIES
 
     for name, cls in sorted(POLICIES.items()):
         print(f"{name}: {cls.summary}")
+        print(f"    saves {what_it_saves(cls)}; runs on {', '.join(supported_engines(cls))}")
         params = cls.parameters()
         if not params:
             print("    (no parameters)")

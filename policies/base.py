@@ -77,7 +77,8 @@ class Policy:
     summary: ClassVar[str] = ""
     # what the policy needs an engine to do (docs/design.md, "The policy contract"):
     # stages it acts in ("select": decode-time reads; "prefill_compress": keep less at the
-    # end of prefill) and the format its KV is stored in ("dense", "evicted")
+    # end of prefill; "layer_budgets": keep a different number of tokens per layer) and the
+    # format its KV is stored in ("dense", "evicted", "merged": centroids with counts)
     stages: ClassVar[frozenset[str]] = frozenset()
     store: ClassVar[str] = "dense"
 
@@ -112,14 +113,15 @@ class Policy:
         """Bind the policy to a model and an engine read unit (tokens); ValueError if it
         cannot run there.  Engines call it once per process, before any forward."""
 
-    def check_engine(self, engine: str, stages: frozenset[str], stores: frozenset[str]) -> None:
+    @classmethod
+    def check_engine(cls, engine: str, stages: frozenset[str], stores: frozenset[str]) -> None:
         """Refuse an engine that lacks a stage or the store this policy needs (adapters
         call it at engine start, so an unsupported pair never runs dense in silence)."""
-        missing = sorted(self.stages - stages)
-        if self.store not in stores:
-            missing.append(f"store {self.store!r}")
+        missing = sorted(cls.stages - stages)
+        if cls.store not in stores:
+            missing.append(f"store {cls.store!r}")
         if missing:
-            raise ValueError(f"kvplug policy {self.name!r} needs {', '.join(missing)}, which "
+            raise ValueError(f"kvplug policy {cls.name!r} needs {', '.join(missing)}, which "
                              f"{engine} does not support (it supports stages {sorted(stages)} "
                              f"and stores {sorted(stores)})")
 

@@ -84,7 +84,7 @@ def pool_scores(scores: Tensor, kernel_size: int) -> Tensor:
     """Average-pool ``[..., N]`` scores over ``kernel_size`` neighbours (same length),
     so a token next to an important one is kept with it (SnapKV's clustering).  The
     zero padding counts at the edges, as in SnapKV's and CAKE's code."""
-    if kernel_size <= 1:
+    if kernel_size <= 1 or scores.shape[-1] == 0:
         return scores
     shape = scores.shape
     pooled = F.avg_pool1d(scores.reshape(-1, 1, shape[-1]), kernel_size, stride=1,
@@ -94,7 +94,7 @@ def pool_scores(scores: Tensor, kernel_size: int) -> Tensor:
 
 def group_mean(scores: Tensor, num_kv_heads: int) -> Tensor:
     """``[H_q, N]`` scores averaged over each kv-head's query group -> ``[H_kv, N]``."""
-    return scores.reshape(num_kv_heads, -1, scores.shape[-1]).mean(dim=1)
+    return scores.unflatten(0, (num_kv_heads, scores.shape[0] // num_kv_heads)).mean(dim=1)
 
 
 def with_window(scores: Tensor, context_len: int, window: int) -> Tensor:

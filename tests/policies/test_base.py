@@ -56,3 +56,18 @@ def test_accounting_separates_prefill_and_decode():
     assert stats["prefill_tokens"] == 100 and stats["decode_steps"] == 2
     assert stats["kv_tokens_read"] == 101 + 102 and stats["kv_tokens_read_per_step"] == 101.5
     assert stats["kv_tokens_stored"] == 102
+
+
+def test_an_engine_without_a_stage_or_store_is_refused_by_name():
+    from kvplug.integrations.capabilities import (HF, VLLM_CPU, VLLM_CUDA, check_engine,
+                                                  supported_engines)
+    from kvplug.policies import POLICIES
+
+    with pytest.raises(ValueError, match=r"kvplug policy 'cake' needs layer_budgets, which "
+                                         r"vLLM on CPU does not support"):
+        check_engine(POLICIES["cake"], VLLM_CPU)
+    with pytest.raises(ValueError, match=r"'chelsea' needs layer_budgets|store 'merged'"):
+        check_engine(POLICIES["chelsea"], VLLM_CPU)
+    with pytest.raises(ValueError, match=r"'snapkv' needs prefill_compress, .*vLLM on CUDA"):
+        check_engine(POLICIES["snapkv"], VLLM_CUDA)
+    assert supported_engines(POLICIES["snapkv"]) == [VLLM_CPU, HF]

@@ -55,3 +55,9 @@ def test_budget_covers_the_window_at_least():
 def test_bad_parameters_are_refused_by_name(params, match):
     with pytest.raises(ValueError, match=match):
         build_policy("snapkv", params)
+
+
+def test_a_prompt_no_longer_than_the_window_scores_only_the_window():
+    policy = build_policy("snapkv", {"budget": 8})
+    scores = policy.prefill_scores(0, torch.randn(10, 6, 16), torch.randn(10, 2, 16), 0.25)
+    assert scores.token.shape == (2, 10) and torch.isinf(scores.token).all()

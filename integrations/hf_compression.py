@@ -1,0 +1,204 @@
+"""HF transformers cache for the policies that keep fewer KV tokens after prefill
+(``"prefill_compress" in policy.stages``, see :mod:`kvplug.policies.compression`).
+
+transformers hands an attention function only what its cache's ``update``
+returns, so the saving has to live in the cache: :class:`CompressedCache` (one
+:class:`CompressedLayer` per layer) is what ``generate`` builds for such a policy.
+
+* The prompt comes in one forward.  Each layer stores it densely, attends to it
+  with transformers' SDPA (so the prefill's outputs are sdpa's), and the policy
+  scores it (:meth:`CompressedCache.score_prompt`).
+* Once the last layer has scored, the policy's per-layer budgets and keep plans
+  are applied to every layer: per batch row and kv-head it keeps the slots its
+  plan names, and the dense prompt is dropped.  (A budget that covers the prompt
+  keeps all of it, unscored.)
+* Each decode step appends its token and attends to the kept slots and the
+  generated tokens.  A slot standing for ``c`` tokens (a merge) gets ``log c`` on
+  its logit, which is attention over ``c`` identical keys; rows of a batch that
+  keep fewer slots than others are padded with slots of count 0 (``-inf``).
+
+Positions stay those of the uncompressed sequence: ``generate`` advances its
+``position_ids`` itself, and a forward given none takes them from
+``get_seq_length``, which counts the sequence's tokens, not the slots kept.  The
+causal mask transformers builds is therefore over that logical length; the
+decode attention reads it only to refuse padding (every slot is in the past of
+the decoding token) and passes the slots' count bias instead.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from transformers import DynamicCache
+from transformers.cache_utils import Cache, DynamicLayer, get_layer_types_and_kwargs
+
+from kvplug.policies import CompressionPolicy, KeepPlan, LayerScores
+
+# attribute of the key tensor a CompressedCache returns: the cache, for the attention function
+_CACHE_TAG = "_kvplug_compressed_cache"
+
+
+def kept_kv(plan: KeepPlan, keys: Tensor, values: Tensor) -> tuple[Tensor, Tensor]:
+    """What ``plan`` stores of one row's prompt ``keys``/``values`` ``[H_kv, N, D]``: its
+    own ``keys``/``values`` when it has them (merged), else the kept tokens' (``[H_kv, n, D]``)."""
+    index = plan.indices.to(keys.device)[..., None]
+    if plan.keys is None:
+        kept_keys = keys.gather(1, index.expand(-1, -1, keys.shape[-1]))
+    else:
+        kept_keys = plan.keys.to(keys)
+    if plan.values is None:
+        kept_values = values.gather(1, index.expand(-1, -1, values.shape[-1]))
+    else:
+        kept_values = plan.values.to(values)
+    return kept_keys, kept_values
+
+
+def slot_counts(plan: KeepPlan) -> Tensor:
+    """``[H_kv, n]`` tokens each slot of ``plan`` stands for, as floats."""
+    if plan.counts is None:
+        return torch.ones(plan.indices.shape, device=plan.indices.device)
+    return plan.counts.float()
+
+
+class CompressedLayer(DynamicLayer):
+    """One layer's cache: the prompt dense until :meth:`keep` applies the policy's plans,
+    then only the kept slots; generated tokens are appended exactly.
+
+    Cache edits that would have to plan again (cropping, beam reordering, batch
+    repeats) are refused.
+    """
+
+    is_croppable = False
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.prompt_len = 0     # tokens of the prompt
+        self.prompt_slots = 0   # slots that hold it: prompt_len until compressed
+        self.compressed = False  # the prompt is stored as kept (plans applied, or all kept)
+        # [B, H_kv, prompt_slots] log of the tokens each kept slot stands for; None: one each
+        self.log_counts: Tensor | None = None
+
+    def update(self, key_states: Tensor, value_states: Tensor, *args, **kwargs):
+        if not self.is_initialized:
+            self.prompt_len = self.prompt_slots = key_states.shape[-2]
+        return super().update(key_states, value_states, *args, **kwargs)
+
+    def keep(self, plans: list[KeepPlan]) -> None:
+        """Store only what ``plans`` (one per batch row) keep of the prompt, dropping its
+        dense K/V; rows that keep fewer slots than the others get slots of count 0."""
+        slots = max(plan.size for plan in plans)
+        weighted = any(plan.size != slots
+                       or plan.counts is not None and bool((plan.counts != 1).any())
+                       for plan in plans)
+        kept = [kept_kv(plan, self.keys[row], self.values[row]) for row, plan in enumerate(plans)]
+        self.keys, self.values = (torch.stack([F.pad(t, (0, 0, 0, slots - t.shape[1])) for t in ts])
+                                  for ts in zip(*kept))
+        self.log_counts = None
+        if weighted:
+            counts = [F.pad(slot_counts(plan), (0, slots - plan.size)) for plan in plans]
+            self.log_counts = torch.stack(counts).to(self.keys.device).log()
+        self.prompt_slots, self.compressed = slots, True
+
+    def decode_bias(self, num_heads: int, dtype: torch.dtype) -> Tensor | None:
+        """The additive SDPA mask ``[B, H_q, 1, S]`` of a decode step: ``log count`` on the
+        kept slots, 0 on the generated tokens; None when every slot is one token."""
+        if self.log_counts is None:
+            return None
+        group = num_heads // self.log_counts.shape[1]
+        generated = self.keys.shape[-2] - self.prompt_slots
+        bias = F.pad(self.log_counts, (0, generated)).repeat_interleave(group, dim=1)
+        return bias[:, :, None].to(dtype)
+
+    def get_seq_length(self) -> int:
+        """Tokens of the sequence, not slots stored: positions and masks stay those of the
+        uncompressed sequence."""
+        if not self.is_initialized:
+            return 0
+        return self.prompt_len + self.keys.shape[-2] - self.prompt_slots
+
+    def reset(self) -> None:
+        super().reset()
+        self.prompt_len = self.prompt_slots = 0
+        self.compressed, self.log_counts = False, None
+
+    def _refuse(self, *args, **kwargs):
+        raise NotImplementedError("kvplug's compressed cache (HF path) keeps what the policy chose "
+                                  "at the prefill and cannot reorder, crop or repeat it (beam "
+                                  "search, assisted decoding, batch expansion); use greedy or "
+                                  "sampled decoding with one sequence per prompt")
+
+    reorder_cache = crop = batch_repeat_interleave = batch_select_indices = _refuse
+
+
+class CompressedCache(DynamicCache):
+    """``past_key_values`` for ``generate`` with a policy that compresses at prefill (see
+    the module doc)."""
+
+    def __init__(self, policy: CompressionPolicy, config: Any):
+        config = config.get_text_config(decoder=True)
+        layer_types, _ = get_layer_types_and_kwargs(config)
+        others = sorted(set(layer_types) - {"full_attention"})
+        if others:
+            raise ValueError(f"kvplug policy {policy.name!r} in the HF path compresses "
+                             f"full-attention layers only; this model also has {others}")
+        policy.check_model(config.num_hidden_layers, config.num_key_value_heads, 1)
+        Cache.__init__(self, layers=[CompressedLayer() for _ in layer_types])
+        self.policy = policy
+        self._scores: list[list[LayerScores] | None] = [None] * len(self.layers)  # per layer, row
+
+    def update(self, key_states: Tensor, value_states: Tensor, layer_idx: int, *args, **kwargs):
+        layer = self.layers[layer_idx]
+        if layer.compressed and key_states.shape[-2] != 1:
+            raise ValueError(f"kvplug policy {self.policy.name!r} in the HF path compresses the "
+                             f"prompt at its prefill, so the prompt must come in one forward; "
+                             f"got {key_states.shape[-2]} new tokens after "
+                             f"{layer.get_seq_length()} cached ones")
+        if layer.is_initialized and not layer.compressed:
+            raise RuntimeError(f"kvplug policy {self.policy.name!r}: layer {layer_idx}'s prompt "
+                               "was never scored (its attention did not run kvplug's compression "
+                               "path); run the model with attn_implementation='kvplug' and the "
+                               "cache's policy attached")
+        keys, values = super().update(key_states, value_states, layer_idx, *args, **kwargs)
+        setattr(keys, _CACHE_TAG, self)
+        return keys, values
+
+    def score_prompt(self, layer_idx: int, query: Tensor, key: Tensor, scale: float) -> None:
+        """The policy's scores of layer ``layer_idx``'s prompt, from its prefill's ``query``
+        ``[B, H_q, N, D]`` and ``key`` ``[B, H_kv, N, D]``, per batch row; the last layer
+        to score compresses every layer (budgets may depend on all layers' scores).  A
+        budget that covers the prompt keeps all of it, unscored."""
+        span = key.shape[2]
+        if self.policy.token_budget(span) >= span:
+            self.layers[layer_idx].compressed = True
+            return
+        window = min(self.policy.observation_window, query.shape[2])
+        queries = query[:, :, -window:].transpose(1, 2)                 # [B, W, H_q, D]
+        self._scores[layer_idx] = [self.policy.prefill_scores(layer_idx, q, k, scale)
+                                   for q, k in zip(queries, key.transpose(1, 2))]
+        if all(scores is not None for scores in self._scores):
+            self._compress()
+
+    def _compress(self) -> None:
+        span = self.layers[0].prompt_len
+        budget = self.policy.token_budget(span)
+        rows = range(len(self._scores[0]))
+        budgets = [self.policy.layer_budgets([scores[row] for scores in self._scores], budget, span)
+                   for row in rows]
+        for idx, (layer, scores) in enumerate(zip(self.layers, self._scores)):
+            layer.keep([self.policy.keep_plan(scores[row], budgets[row][idx], span,
+                                              layer.keys[row].transpose(0, 1),
+                                              layer.values[row].transpose(0, 1))
+                        for row in rows])
+        self._scores = [None] * len(self.layers)
+
+    def reset(self) -> None:
+        super().reset()
+        self._scores = [None] * len(self.layers)
+
+
+def cache_of(key: Tensor) -> CompressedCache | None:
+    """The :class:`CompressedCache` that returned ``key``, if one did."""
+    return getattr(key, _CACHE_TAG, None)

@@ -1,0 +1,296 @@
+"""HF transformers path of the policies that keep fewer KV tokens after prefill
+(:mod:`kvplug.integrations.hf_compression`)."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache, LlamaConfig
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+from kvplug.integrations import transformers as kvhf
+from kvplug.integrations.capabilities import ENGINES, HF
+from kvplug.policies import CompressionPolicy, KeepPlan, LayerScores, Policy
+
+TEXT = ("The history of the printing press begins in the fifteenth century, when movable type "
+        "changed how knowledge spread across Europe. Workshops multiplied, books became cheaper, "
+        "and literacy slowly rose in cities and monasteries alike. ") * 20
+
+
+@pytest.fixture(autouse=True)
+def _clean_env(monkeypatch):
+    monkeypatch.delenv("KVPLUG_POLICY", raising=False)
+    monkeypatch.delenv("KVPLUG_CONFIG", raising=False)
+
+
+@pytest.fixture(scope="module")
+def bundled(model_dir):
+    """SmolLM2-135M with kvplug attention (30 layers, 9 query and 3 kv heads of 64)."""
+    return (kvhf.load_model(model_dir, "full", dtype=torch.float32).eval(),
+            AutoTokenizer.from_pretrained(model_dir))
+
+
+def _prompt(tok, length: int) -> torch.Tensor:
+    ids = tok(TEXT, return_tensors="pt").input_ids[:, :length]
+    assert ids.shape[1] == length
+    return ids
+
+
+def _greedy(model, input_ids, new_tokens):
+    with torch.no_grad():
+        return model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
+                              do_sample=False, max_new_tokens=new_tokens,
+                              min_new_tokens=new_tokens, pad_token_id=2,
+                              return_dict_in_generate=True, output_logits=True)
+
+
+@dataclass
+class Planted(CompressionPolicy):
+    """Keeps the prompt positions ``planted`` names per kv-head, and the last token (its
+    window): scores the test controls.  Not registered."""
+
+    name = "planted"
+    planted: tuple = ()
+
+    @property
+    def observation_window(self) -> int:
+        return 1
+
+    def prefill_scores(self, layer_idx, queries, keys, scale):
+        token = torch.zeros(keys.shape[1], keys.shape[0])
+        for head, positions in enumerate(self.planted):
+            token[head, list(positions)] = 1.0
+        token[:, -1] = float("inf")
+        return LayerScores(token)
+
+
+@dataclass
+class MergeIdentical(CompressionPolicy):
+    """Merges the prompt tokens of a kv-head whose key and value are identical into one
+    slot, the first of them, weighed by how many it stands for.  Not registered."""
+
+    name = "merge_identical"
+
+    @property
+    def observation_window(self) -> int:
+        return 1
+
+    def prefill_scores(self, layer_idx, queries, keys, scale):
+        return LayerScores(torch.zeros(keys.shape[1], keys.shape[0]))
+
+    def keep_plan(self, scores, budget, span, keys, values):
+        firsts, counts = [], []
+        for head in range(keys.shape[1]):
+            kv = torch.cat([keys[:span, head], values[:span, head]], dim=-1)
+            _, inverse, count = torch.unique(kv, dim=0, return_inverse=True, return_counts=True)
+            first = torch.full((len(count),), span).scatter_reduce(0, inverse, torch.arange(span),
+                                                                   "amin")
+            order = first.argsort()
+            firsts.append(first[order])
+            counts.append(count[order])
+        return KeepPlan(torch.stack(firsts), torch.stack(counts))
+
+
+def _attention_module(num_kv_heads=2, group=2, head_dim=16):
+    """What the HF attention interface reads of a Llama attention layer (one layer)."""
+    config = LlamaConfig(hidden_size=num_kv_heads * group * head_dim,
+                         num_attention_heads=num_kv_heads * group,
+                         num_key_value_heads=num_kv_heads, head_dim=head_dim, num_hidden_layers=1)
+    module = torch.nn.Module()
+    module.config, module.layer_idx = config, 0
+    module.num_key_value_groups, module.is_causal = group, True
+    return module
+
+
+def test_snapkv_with_budget_over_context_equals_full_and_sdpa(bundled, model_dir):
+    """A budget covering prompt and generated tokens keeps every token: greedy output and
+    logits are those of ``full`` and of transformers' SDPA, bit for bit."""
+    model, tok = bundled
+    input_ids, new_tokens = _prompt(tok, 300), 8
+    sdpa = AutoModelForCausalLM.from_pretrained(model_dir, attn_implementation="sdpa",
+                                                dtype=torch.float32).eval()
+    ref = _greedy(sdpa, input_ids, new_tokens)
+    full = _greedy(model, input_ids, new_tokens)
+    with kvhf.use_policy(model, "snapkv", budget=300 + new_tokens):
+        out = _greedy(model, input_ids, new_tokens)
+    assert isinstance(out.past_key_values, kvhf.CompressedCache)
+    assert len(set(ref.sequences[0, 300:].tolist())) > 2          # not a degenerate run
+    assert torch.equal(out.sequences, full.sequences) and torch.equal(out.sequences, ref.sequences)
+    assert torch.equal(torch.stack(out.logits), torch.stack(full.logits))
+
+
+def _position_ids_seen(module: torch.nn.Module, calls: list) -> torch.utils.hooks.RemovableHandle:
+    """Record the ``position_ids`` keyword of every call of ``module``."""
+    return module.register_forward_pre_hook(
+        lambda _, args, kwargs: calls.append(kwargs["position_ids"].tolist()), with_kwargs=True)
+
+
+@pytest.mark.parametrize("name", ["snapkv", "cake", "chelsea"])
+def test_small_budget_keeps_budget_tokens_at_logical_positions(bundled, name):
+    """Budget 96 of a 400-token prompt: the layers keep 96 slots of the prompt (on average
+    for CAKE, which budgets each layer; Chelsea's slots stand for every prompt token) and
+    one more per generated token, while positions (and ``get_seq_length``) stay those of
+    the uncompressed sequence, in ``generate`` and in a forward given none."""
+    model, tok = bundled
+    P, budget, new_tokens = 400, 96, 6
+    input_ids = _prompt(tok, P)
+    generate_positions, rope_positions = [], []
+    with kvhf.use_policy(model, name, budget=budget), torch.no_grad():
+        hook = _position_ids_seen(model.model, generate_positions)
+        try:
+            out = _greedy(model, input_ids, new_tokens)
+        finally:
+            hook.remove()
+        cache = out.past_key_values
+        assert isinstance(cache, kvhf.CompressedCache)
+        assert cache.get_seq_length() == P + new_tokens - 1     # the last token is never cached
+        hook = _position_ids_seen(model.model.rotary_emb, rope_positions)
+        try:
+            model(out.sequences[:, -1:], past_key_values=cache)
+        finally:
+            hook.remove()
+    assert out.sequences.shape == (1, P + new_tokens)
+    assert generate_positions == [[list(range(P))]] + [[[P + t]] for t in range(new_tokens - 1)]
+    assert rope_positions == [[[P + new_tokens - 1]]]
+    assert cache.get_seq_length() == P + new_tokens
+    slots = [layer.keys.shape[2] - new_tokens for layer in cache.layers]      # of the prompt
+    assert all(layer.values.shape == (1, 3, n + new_tokens, 64)
+               for layer, n in zip(cache.layers, slots))
+    assert sum(slots) == budget * len(slots)
+    assert (len(set(slots)) > 1) == (name == "cake")
+    for layer in cache.layers:
+        if name == "chelsea":
+            torch.testing.assert_close(layer.log_counts.exp().sum(-1), torch.full((1, 3), P * 1.0))
+        else:
+            assert layer.log_counts is None
+
+
+def test_kept_slots_are_the_planned_tokens_and_decoding_reads_those(bundled):
+    """A policy whose scores the test plants (other positions per kv-head): every layer keeps
+    exactly the planted tokens' K/V of a dense prefill, and the next decode step equals a
+    dense cache cut down to those tokens, decoded at the true position."""
+    model, tok = bundled
+    P = 200
+    planted = ((0, 5, 17, 100), (3, 4, 50, 150), (1, 2, 180, 198))
+    kept = torch.tensor([sorted(p) + [P - 1] for p in planted])                # [H_kv, 5]
+    input_ids = _prompt(tok, P)
+    with torch.no_grad():
+        dense = DynamicCache()
+        next_id = model(input_ids, past_key_values=dense).logits[:, -1:].argmax(-1)
+        for layer in dense.layers:
+            index = kept[None, :, :, None].expand(1, -1, -1, layer.keys.shape[-1])
+            layer.keys, layer.values = layer.keys.gather(2, index), layer.values.gather(2, index)
+        want = model(next_id, past_key_values=dense, position_ids=torch.tensor([[P]])).logits
+
+        with kvhf.use_policy(model, Planted(budget=5, planted=planted)) as policy:
+            cache = kvhf.CompressedCache(policy, model.config)
+            model(input_ids, past_key_values=cache)
+            for ours, cut in zip(cache.layers, dense.layers):
+                assert ours.log_counts is None
+                assert torch.equal(ours.keys, cut.keys[:, :, :5])
+                assert torch.equal(ours.values, cut.values[:, :, :5])
+            got = model(next_id, past_key_values=cache).logits
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_merged_slots_weighed_by_counts_equal_the_uncompressed_cache():
+    """Tokens with identical K/V merged into one slot of count c: a decode step over the
+    merged cache (a log c bias per slot) equals attention over every token.  The two rows
+    merge different numbers of tokens, so the shorter row is padded with count-0 slots."""
+    g = torch.Generator().manual_seed(0)
+    B, H, G, D, N = 2, 2, 2, 16, 24
+    module = _attention_module(H, G, D)
+    keys, values = (torch.randn(B, H, N + 1, D, generator=g) for _ in range(2))
+    for row, copies in ((0, {2: [3, 7, 8], 10: [20]}), (1, {0: [1, 2, 3, 4, 5]})):
+        for source, targets in copies.items():
+            for kv in (keys, values):
+                kv[row, :, targets] = kv[row, :, [source]]
+    prompt_q, q = torch.randn(B, H * G, N, D, generator=g), torch.randn(B, H * G, 1, D, generator=g)
+    policy = MergeIdentical(budget=1)
+    cache = kvhf.CompressedCache(policy, module.config)
+    k, v = cache.update(keys[:, :, :N], values[:, :, :N], 0)
+    kvhf._compression_attention(module, prompt_q, k, v, None, policy=policy, scaling=0.25)
+    layer = cache.layers[0]
+    assert layer.keys.shape == (B, H, N - 4, D)
+    assert torch.equal(layer.log_counts[1, :, -1], torch.full((H,), float("-inf")))  # padding
+    assert torch.allclose(layer.log_counts[0, :, 2].exp(), torch.tensor(4.0))
+
+    k, v = cache.update(keys[:, :, N:], values[:, :, N:], 0)
+    got, _ = kvhf._compression_attention(module, q, k, v, None, policy=policy, scaling=0.25)
+    want, _ = sdpa_attention_forward(module, q, keys, values, None, scaling=0.25)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    unweighed, _ = sdpa_attention_forward(module, q, k, v, None, scaling=0.25)
+    assert not torch.allclose(unweighed, want, atol=1e-3)
+
+
+def test_cache_reset_takes_a_new_prompt():
+    module = _attention_module()
+    policy = Planted(budget=2, planted=((0,), (1,)))
+    cache = kvhf.CompressedCache(policy, module.config)
+    kv = torch.randn(1, 2, 10, 16)
+    for length in (10, 6):
+        k, v = cache.update(kv[:, :, :length], kv[:, :, :length], 0)
+        kvhf._compression_attention(module, torch.randn(1, 4, length, 16), k, v, None,
+                                    policy=policy)
+        assert cache.layers[0].keys.shape[2] == 2 and cache.get_seq_length() == length
+        cache.reset()
+        assert cache.get_seq_length() == 0 and not cache.layers[0].compressed
+
+
+def test_padded_batch_is_refused(bundled):
+    model, _ = bundled
+    input_ids = torch.tensor([[2, 2, 2, 504, 3303, 314, 260], [1, 504, 3303, 314, 260, 3151, 30]])
+    attention_mask = (input_ids != 2).long()
+    with kvhf.use_policy(model, "snapkv", budget=4), torch.no_grad():
+        with pytest.raises(ValueError, match="'snapkv' in the HF path needs unpadded batches"):
+            model.generate(input_ids=input_ids, attention_mask=attention_mask, max_new_tokens=2,
+                           do_sample=False, pad_token_id=2)
+
+
+def test_edits_and_foreign_caches_are_refused(bundled):
+    model, tok = bundled
+    input_ids = _prompt(tok, 20)
+    params = {"budget": 8, "window_size": 4}
+    with kvhf.use_policy(model, "snapkv", **params) as policy, torch.no_grad():
+        with pytest.raises(NotImplementedError, match="cannot reorder, crop or repeat"):
+            model.generate(input_ids=input_ids, max_new_tokens=3, do_sample=False,
+                           pad_token_id=2, num_beams=2)
+        with pytest.raises(ValueError, match="reads a cache kvplug did not build"):
+            model.generate(input_ids=input_ids, max_new_tokens=2, do_sample=False,
+                           pad_token_id=2, past_key_values=DynamicCache())
+        cache = kvhf.CompressedCache(policy, model.config)
+        model(input_ids, past_key_values=cache)
+        assert cache.layers[0].keys.shape[2] == 8
+        with pytest.raises(ValueError, match="prompt must come in one forward; got 3 new tokens "
+                                             "after 20 cached"):
+            model(input_ids[:, :3], past_key_values=cache)
+        with pytest.raises(ValueError, match="the cache was built for"):
+            with kvhf.use_policy(model, "snapkv", **params):
+                model(input_ids[:, :1], past_key_values=cache)
+        with pytest.raises(NotImplementedError, match="cannot reorder, crop or repeat"):
+            cache.crop(-1)
+
+
+def test_policy_needing_what_hf_lacks_is_refused_when_attached(model_dir):
+    @dataclass
+    class Offloading(Policy):  # deliberately not registered
+        name = "offloading"
+        stages = frozenset({"prefill_compress", "offload"})
+        store = "paged_host"
+
+    supported = re.escape(str(sorted(ENGINES[HF][0])))
+    with pytest.raises(ValueError, match=r"kvplug policy 'offloading' needs offload, store "
+                                         r"'paged_host', which HF transformers does not support "
+                                         r"\(it supports stages " + supported):
+        kvhf.load_model(model_dir, Offloading())
+
+
+def test_dispatch_follows_declared_stages():
+    assert kvhf._attention_for(kvhf.build_policy("snapkv", {"budget": 8})) \
+        is kvhf._compression_attention
+    assert kvhf._attention_for(Planted(budget=2)) is kvhf._compression_attention
+    assert kvhf._attention_for(kvhf.build_policy("quest", {"budget": 8})) \
+        is kvhf._selection_attention

@@ -12,13 +12,15 @@ from kvplug.integrations.vllm.selection import BACKEND_NAME
 
 def register() -> None:
     """Register the ``KVPLUG`` backend and the hooks it needs (idempotent)."""
-    from kvplug.integrations.vllm import lifecycle, selection
+    from kvplug.integrations.vllm import compaction, lifecycle, selection
 
     selection.register_backend_member()
     selection.patch_cpu_platform()
     selection.patch_engine_config_validation()
     lifecycle.patch_model_runner()
     lifecycle.patch_worker_rpc()
+    compaction.patch_kv_cache_manager()
+    compaction.patch_scheduler()
 
 
 def request_states(llm) -> dict[str, int]:

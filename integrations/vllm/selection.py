@@ -16,9 +16,9 @@ import logging
 BACKEND_NAME = "KVPLUG"
 CPU_BACKEND_PATH = "kvplug.integrations.vllm.cpu_backend.KVPlugCPUBackend"
 CUDA_BACKEND_PATH = "kvplug.integrations.vllm.cuda_backend.KVPlugCudaBackend"
-# KV block size kvplug picks for a decode-time selection policy on vLLM-cpu when the
-# user sets none: the read unit of sparse decode (vLLM-cpu's own default, 128, is
-# too coarse to select within 1/16 of a 4k context); the CPU kernel needs a multiple of 32
+# KV block size kvplug picks for a selection or compressing policy on vLLM-cpu when the
+# user sets none: the read unit of sparse decode and of freeing (vLLM-cpu's own default,
+# 128, is too coarse for 1/16 of a 4k context); the CPU kernel needs a multiple of 32
 SPARSE_BLOCK_SIZE = 32
 # what to tell users whose model has layers kvplug does not handle
 PER_KIND_HINT = ("""run those layers on vLLM's own backend and only full-attention layers on """
@@ -131,16 +131,20 @@ def _check_policy(engine_args, vllm_config, recreate):
     from vllm.platforms import current_platform
 
     from kvplug.config import resolve_config
+    from kvplug.integrations.capabilities import VLLM_CPU, VLLM_CUDA, check_engine
     from kvplug.integrations.vllm.lifecycle import WorkerPolicy
-    from kvplug.policies import SelectionPolicy
 
     config = resolve_config(vllm_config.additional_config)
-    selecting = [c.policy for c in config.policy_configs()
-                 if isinstance(c.build_policy(), SelectionPolicy)]
+    policies = [c.build_policy() for c in config.policy_configs()]
+    for policy in policies:
+        check_engine(policy, VLLM_CPU if current_platform.is_cpu() else VLLM_CUDA)
+    storing = [p.name for p in policies if "prefill_compress" in p.stages]
+    if storing and len(policies) > 1:
+        raise ValueError(f"kvplug policy {storing[0]!r} changes what the KV pool stores, so "
+                         "an engine running it cannot switch policies: leave switch_to empty "
+                         "and run it alone")
+    selecting = [p.name for p in policies if p.stages & {"select", "prefill_compress"}]
     if selecting:
-        if not current_platform.is_cpu():
-            raise ValueError(f"kvplug policy {selecting[0]!r} runs in vLLM on CPU and in HF "
-                             "transformers; on CUDA vLLM kvplug runs only 'full' so far")
         cache = vllm_config.cache_config
         if not cache.user_specified_block_size and cache.block_size != SPARSE_BLOCK_SIZE:
             engine_args.block_size = SPARSE_BLOCK_SIZE

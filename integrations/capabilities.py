@@ -13,7 +13,8 @@ HF = "HF transformers"
 
 # engine -> (stages it runs, stores it keeps)
 ENGINES: dict[str, tuple[frozenset[str], frozenset[str]]] = {
-    VLLM_CPU: (frozenset({"select", "prefill_compress"}), frozenset({"dense", "evicted"})),
+    VLLM_CPU: (frozenset({"select", "prefill_compress", "layer_budgets"}),
+               frozenset({"dense", "evicted"})),
     VLLM_CUDA: (frozenset(), frozenset({"dense"})),
     HF: (frozenset({"select", "prefill_compress", "layer_budgets"}),
          frozenset({"dense", "evicted", "merged"})),

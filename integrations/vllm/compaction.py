@@ -41,6 +41,7 @@ class CompactionLayout:
     context: int
     block_size: int
     kept_blocks: int   # full blocks of kept span tokens, just before the tail block
+    span_budget: int   # span tokens a layer keeps on average (the rest of the budget is the tail)
 
     @property
     def tail_block(self) -> int:
@@ -56,23 +57,25 @@ class CompactionLayout:
         """The first block attention reads; the ones before are freed."""
         return self.tail_block - self.kept_blocks
 
-    @property
-    def kept_tokens(self) -> int:
-        """Span tokens each layer keeps (a whole number of blocks)."""
-        return self.kept_blocks * self.block_size
+    def layer_blocks(self, budget: int) -> int:
+        """Blocks a layer keeping ``budget`` span tokens fills: rounded up (the next best
+        tokens fill the last one), at most the kept region."""
+        return min(self.kept_blocks, -(-budget // self.block_size))
 
 
 def compaction_layout(policy: CompressionPolicy, context: int,
                       block_size: int) -> CompactionLayout:
-    """The layout of a ``context``-token prefill: the budget less the tail block's tokens,
-    as the largest layer budget the policy may give, in whole blocks (rounded up), and at
-    least the observation window's part inside the span."""
+    """The layout of a ``context``-token prefill: the budget less the tail block's tokens is
+    what a layer keeps of the span on average; the kept region is the largest layer budget
+    the policy may give, in whole blocks (rounded up), and at least the observation
+    window's part inside the span."""
     span_blocks = context // block_size
     tail = context - span_blocks * block_size
-    budget = policy.token_budget(context)
-    keep = policy.largest_layer_budget(max(budget - tail, 0), span_blocks * block_size)
+    span_budget = max(policy.token_budget(context) - tail, 0)
+    keep = policy.largest_layer_budget(span_budget, span_blocks * block_size)
     keep = max(keep, min(policy.observation_window, context) - tail)
-    return CompactionLayout(context, block_size, min(span_blocks, -(-keep // block_size)))
+    return CompactionLayout(context, block_size, min(span_blocks, -(-keep // block_size)),
+                            span_budget)
 
 
 class BlockReclaimer:
@@ -228,6 +231,9 @@ class RequestCompaction:
 
     layout: CompactionLayout | None = None                       # set when its prefill ends
     queries: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> last queries
+    # the first block each layer reads once compacted, where layers keep different numbers
+    # of blocks (else every layer reads from layout.first_block)
+    layer_first_blocks: tuple[int, ...] | None = None
 
 
 @dataclass

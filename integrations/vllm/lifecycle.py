@@ -46,6 +46,9 @@ class Step:
     states: tuple[RequestState, ...]
     read_from: tuple[int, ...] | None = None
     compaction: CompactionStep | None = None
+    # per row, the first block each layer reads, where its layers keep different numbers of
+    # blocks (else None); None when no row's layers differ
+    layer_read_from: tuple[tuple[int, ...] | None, ...] | None = None
 
 
 class WorkerPolicy:
@@ -136,7 +139,7 @@ class RequestTracker:
         batch = runner.input_batch
         req_ids = tuple(batch.req_ids[: batch.num_reqs])
         compressing = "prefill_compress" in policy.stages
-        states, read_from, ending, continuing = [], [], [], []
+        states, read_from, layer_read_from, ending, continuing = [], [], [], [], []
         for row, req_id in enumerate(req_ids):
             request = runner.requests[req_id]
             state = self.states.get(req_id)
@@ -152,6 +155,7 @@ class RequestTracker:
             if not compressing:
                 continue
             record = self.compactions.setdefault(req_id, RequestCompaction())
+            layer_read_from.append(record.layer_first_blocks)
             if record.layout is not None:
                 read_from.append(record.layout.first_block)
                 continue
@@ -164,7 +168,8 @@ class RequestTracker:
                 continuing.append((row, record))
         compaction = CompactionStep(tuple(ending), tuple(continuing)) if compressing else None
         self.current = Step(req_ids, tuple(states), tuple(read_from) if compressing else None,
-                            compaction)
+                            compaction, tuple(layer_read_from)
+                            if any(f is not None for f in layer_read_from) else None)
 
         self.steps += 1
         every = self.config.log_every_steps

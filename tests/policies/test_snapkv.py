@@ -61,3 +61,16 @@ def test_a_prompt_no_longer_than_the_window_scores_only_the_window():
     policy = build_policy("snapkv", {"budget": 8})
     scores = policy.prefill_scores(0, torch.randn(10, 6, 16), torch.randn(10, 2, 16), 0.25)
     assert scores.token.shape == (2, 10) and torch.isinf(scores.token).all()
+
+
+def test_stats_count_what_stays_stored_after_compression():
+    from kvplug.policies import RequestState, RequestStats
+
+    policy = build_policy("snapkv", {"budget": 100})
+    state = RequestState(RequestStats(prompt_tokens=1000))
+    policy.account_step(state, 0, 1000, True)
+    assert state.stats.kv_tokens_stored == 100     # compressed at the end of this step
+    for computed in range(1000, 1010):
+        policy.account_step(state, computed, 1, False)
+    assert state.stats.kv_tokens_read == sum(100 + i for i in range(1, 11))
+    assert state.stats.kv_tokens_stored == 110

@@ -155,14 +155,15 @@ def _bind(policy: Policy, config) -> int:
     return config.num_hidden_layers
 
 
-def _step_context(module: torch.nn.Module, policy: Policy) -> StepContext:
-    """The policy's per-step context; a new decode step starts at layer 0."""
-    ctx = _STEP_CONTEXTS.get(id(policy))
-    if ctx is None:
-        ctx = _STEP_CONTEXTS[id(policy)] = StepContext(unit=1, num_layers=_bind(policy, module.config))
-    if module.layer_idx == 0:
-        ctx.scratch.clear()
-    return ctx
+def _step_context(module: torch.nn.Module, policy: SelectionPolicy,
+                  seq_lens: torch.Tensor) -> StepContext:
+    """The policy's context of this decode step: made at layer 0, where a step starts."""
+    entry = _STEP_CONTEXTS.get(id(policy))
+    if entry is None or entry[0] is not policy or module.layer_idx == 0:
+        depth = _bind(policy, module.config) if entry is None or entry[0] is not policy \
+            else entry[1].num_layers
+        entry = _STEP_CONTEXTS[id(policy)] = (policy, policy.step_context(seq_lens, 1, depth))
+    return entry[1]
 
 
 def _refuse_padding(policy: Policy, attention_mask: torch.Tensor | None) -> None:
@@ -188,8 +189,8 @@ def _selection_attention(module: torch.nn.Module, query: torch.Tensor, key: torc
     _refuse_padding(policy, attention_mask)
     keys = key.transpose(1, 2)                                   # [B, L, H_kv, D]
     layer = module.layer_idx
-    ctx = _step_context(module, policy)
     seq_lens = torch.full((batch,), kv_len, device=query.device, dtype=torch.int64)
+    ctx = _step_context(module, policy, seq_lens)
     spec = policy.summary_spec(layer, ctx.unit)
     summaries = summary_layer_of(key)
     summary = key_summary(spec, keys) if summaries is None else summaries.summary(spec, keys)
@@ -213,7 +214,9 @@ def _selection_attention(module: torch.nn.Module, query: torch.Tensor, key: torc
     return out, None
 
 
-_STEP_CONTEXTS: dict[int, StepContext] = {}  # id(policy) -> its decode-step context
+# id(policy) -> (the policy, its decode-step context); the policy is kept to tell it from a
+# later object at the same address
+_STEP_CONTEXTS: dict[int, tuple[SelectionPolicy, StepContext]] = {}
 
 
 def _shadowkv_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor,

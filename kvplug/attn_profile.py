@@ -164,7 +164,7 @@ class _Setup:
         steps = []
         for _ in range(repeats):
             parts: dict[str, float] = {}
-            ctx = StepContext(unit=N, num_layers=a.layers)
+            ctx = policy.step_context(self.seq_lens, N, a.layers)
             plan = DecodePlan(num_rows=B, seq_lens=self.seq_lens, block_table=self.table,
                               dense=None, rest=None, ctx=ctx)
             queries = [torch.randn(B, H * G, D) for _ in range(a.layers)]

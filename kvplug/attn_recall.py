@@ -123,7 +123,7 @@ def read_masks(policy, records: list[list[tuple[Tensor, Tensor]]]) -> list[list[
     """Per prompt, per layer: the ``[H_kv, L]`` positions ``policy`` (bound to the model)
     reads, each layer selecting in order as in one decode step."""
     from kvplug.integrations.transformers import key_summary
-    from kvplug.policies import POLICIES, SelectionPolicy, StepContext
+    from kvplug.policies import POLICIES, SelectionPolicy
 
     if not isinstance(policy, SelectionPolicy):
         choices = sorted(n for n, cls in POLICIES.items() if issubclass(cls, SelectionPolicy))
@@ -131,7 +131,7 @@ def read_masks(policy, records: list[list[tuple[Tensor, Tensor]]]) -> list[list[
                          f"policy {policy.name!r} does not select (choose one of {choices})")
     masks = []
     for layers in records:
-        ctx = StepContext(unit=1, num_layers=len(layers))
+        ctx = policy.step_context(torch.tensor([layers[0][1].shape[1]]), 1, len(layers))
         masks.append([])
         for layer, (q, k) in enumerate(layers):
             H_kv, L, _ = k.shape

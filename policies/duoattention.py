@@ -229,45 +229,42 @@ class DuoAttention(SelectionPolicy):
         n = min(self.retrieval_count(L, W) for L, W in zip(seq_lens.tolist(), window.tolist()))
         return top_heads(self.alpha, n)
 
-    def select(self, layer_idx, q, summary, seq_lens, ctx):
-        """Made once per step: the streaming heads' reads and every layer's retrieval heads;
-        the layers' selections share the streaming part (engines reuse its tables)."""
-        streaming, all_fit, retrieval = ctx.once(
-            "duoattention", lambda: self._streaming_step(seq_lens, ctx.unit, q.device))
-        if self.reads_pages:
-            return self._with_pages(layer_idx, q, summary, seq_lens, streaming,
-                                    retrieval[layer_idx], ctx)
-        if all_fit or bool(retrieval[layer_idx].all()):
-            return None
-        return replace(streaming, dense_kv_heads=retrieval[layer_idx])
-
-    def _streaming_step(self, seq_lens: Tensor, unit: int, device) -> tuple:
-        """The streaming heads' reads, whether every row fits them, and every layer's
-        retrieval heads: the same at every layer of a step."""
+    def plan_step(self, seq_lens: Tensor, unit: int) -> DuoStep:
+        """The streaming heads' reads, whether every row fits them, every layer's
+        retrieval heads and, reading Quest pages, what every head shares and the pages
+        each retrieval head reads: the same at every layer of a step (the layers'
+        selections share the streaming part, so engines reuse its tables)."""
         n_sink, recent = self.streaming_reads(seq_lens, unit)
         window = torch.minimum(seq_lens, n_sink + recent)
         fits = window == seq_lens
         streaming = Selection(None, 1, n_sink, torch.where(fits, seq_lens, recent))
-        return streaming, bool(fits.all()), self.retrieval_heads(seq_lens, window).to(device)
+        step = DuoStep(streaming, bool(fits.all()), self.retrieval_heads(seq_lens, window)
+                       .to(seq_lens.device))
+        if self.reads_pages:
+            fits = self.token_budgets(seq_lens) >= seq_lens
+            step.pages_fit = bool(fits.all())
+            step.base = replace(streaming,
+                                n_recent=torch.where(fits, seq_lens, streaming.n_recent))
+            step.pages_per_head = self.pages_per_head(seq_lens, window)
+        return step
 
-    def _pages_step(self, seq_lens: Tensor, streaming: Selection) -> tuple:
-        """Whether every row fits the budget, the reads every head shares, and the pages
-        each retrieval head reads: the same at every layer of a step."""
-        window = torch.minimum(seq_lens, streaming.n_sink + streaming.n_recent)
-        fits = self.token_budgets(seq_lens) >= seq_lens
-        base = replace(streaming, n_recent=torch.where(fits, seq_lens, streaming.n_recent))
-        return bool(fits.all()), base, self.pages_per_head(seq_lens, window)
+    def select(self, layer_idx, q, summary, seq_lens, ctx):
+        step = ctx.plan
+        if self.reads_pages:
+            return self._with_pages(layer_idx, q, summary, seq_lens, step, ctx.unit)
+        if step.all_fit or bool(step.retrieval[layer_idx].all()):
+            return None
+        return replace(step.streaming, dense_kv_heads=step.retrieval[layer_idx])
 
-    def _with_pages(self, layer_idx, q, summary, seq_lens, streaming: Selection, heads: Tensor,
-                    ctx) -> Selection | None:
-        """Every head: sink + recent; this layer's retrieval ``heads`` also their top pages."""
-        all_fit, base, k_per_seq = ctx.once(
-            "duoattention_pages", lambda: self._pages_step(seq_lens, streaming))
-        if all_fit:
+    def _with_pages(self, layer_idx, q, summary, seq_lens, step: DuoStep,
+                    unit: int) -> Selection | None:
+        """Every head: sink + recent; this layer's retrieval heads also their top pages."""
+        heads, base, k_per_seq = step.retrieval[layer_idx], step.base, step.pages_per_head
+        if step.pages_fit:
             return None
         if not bool(heads.any()) or int(k_per_seq.max()) == 0:
             return base
-        page = self._page(layer_idx, ctx.unit)
+        page = self._page(layer_idx, unit)
         # candidates: pages wholly before the recent window, outside the sink
         num_pages = (seq_lens - base.n_recent).clamp_min(0) // page
         scores = chunk_scores(q, summary.lo, num_pages, summary_max=summary.hi,
@@ -277,3 +274,17 @@ class DuoAttention(SelectionPolicy):
                           k_per_seq=k_per_seq, softmax=False)
         return replace(base, chunk_ids=ids.masked_fill(~heads[None, :, None], -1),
                        chunk_size=page)
+
+
+@dataclass
+class DuoStep:
+    """One decode step of DuoAttention (:meth:`DuoAttention.plan_step`)."""
+
+    streaming: Selection        # the streaming heads' sink + recent reads
+    all_fit: bool               # every row's context fits the streaming reads
+    retrieval: Tensor           # [layers, kv_heads] the retrieval heads of this step
+    # reading Quest pages: every row fits the budget, the reads every head shares, and
+    # the [B] pages each retrieval head reads
+    pages_fit: bool = False
+    base: Selection | None = None
+    pages_per_head: Tensor | None = None

@@ -14,7 +14,6 @@ and never more than the budget.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
@@ -69,20 +68,15 @@ class StepContext:
     """Per-decode-step facts an engine hands every layer's ``select``.
 
     ``unit``: tokens the engine reads at a time; ``num_layers``: model depth;
-    ``scratch``: a dict shared by the layers of one step and cleared between
-    steps (TidalDecode keeps the last selection layer's choice there).
+    ``plan``: what the policy's :meth:`SelectionPolicy.plan_step` made for this step
+    before its first layer (its own typed object, e.g. Quest's :class:`PageBudget`),
+    shared by every layer.  Engines make one per step with
+    :meth:`SelectionPolicy.step_context`.
     """
 
     unit: int = 1
     num_layers: int = 0
-    scratch: dict[str, Any] = field(default_factory=dict)
-
-    def once(self, name: str, make: Callable[[], Any]) -> Any:
-        """``make()``, made by the first layer of the step that asks for ``name`` and
-        shared by the others (what every layer would otherwise recompute)."""
-        if name not in self.scratch:
-            self.scratch[name] = make()
-        return self.scratch[name]
+    plan: Any = None
 
 
 @dataclass(frozen=True)
@@ -159,6 +153,15 @@ class SelectionPolicy(Policy):
         """What ``select`` of this layer needs summarized; None: nothing."""
         return None
 
+    def plan_step(self, seq_lens: Tensor, unit: int) -> Any:
+        """What every layer of a decode step over rows of ``seq_lens`` tokens shares (how
+        the budget is spent, a selection the layers reuse); None: nothing."""
+        return None
+
+    def step_context(self, seq_lens: Tensor, unit: int, num_layers: int) -> StepContext:
+        """A decode step's context: made by the engine once per step, before any layer."""
+        return StepContext(unit, num_layers, self.plan_step(seq_lens, unit))
+
     def read_chunk(self, layer_idx: int, unit: int) -> int | None:
         """``Selection.chunk_size`` of this layer's selections, None if it never selects
         chunks (dense, or sink + window only).  Below ``unit`` the engine reads them token
@@ -185,10 +188,10 @@ class StreamingLLM(SelectionPolicy):
     n_sink: int = param(4, "attention-sink tokens always read", min=0)
 
     def select(self, layer_idx, q, summary, seq_lens, ctx):
-        """The same key set at every layer: made once per step (engines reuse its tables)."""
-        return ctx.once("streamingllm", lambda: self._window(seq_lens, ctx.unit))
+        """The same key set at every layer, made once per step (engines reuse its tables)."""
+        return ctx.plan
 
-    def _window(self, seq_lens: Tensor, unit: int) -> Selection | None:
+    def plan_step(self, seq_lens: Tensor, unit: int) -> Selection | None:
         budget = self.token_budgets(seq_lens)
         fits = budget >= seq_lens
         if bool(fits.all()):
@@ -230,17 +233,14 @@ class Quest(SelectionPolicy):
         return None if layer_idx < self.dense_layers else self.page(unit)
 
     def select(self, layer_idx, q, summary, seq_lens, ctx):
-        if layer_idx < self.dense_layers:
-            return None
-        # every layer spends the budget the same way
-        step = ctx.once("quest", lambda: self.page_budget(seq_lens, ctx.unit))
-        if step is None:
+        step = ctx.plan      # every layer spends the budget the same way
+        if layer_idx < self.dense_layers or step is None:
             return None
         ids = chunk_topk(q, summary.lo, step.num_pages, step.width, summary_max=summary.hi,
                          summary_table=summary.table, k_per_seq=step.k_per_seq)
         return Selection(ids, step.page, 0, step.n_recent)
 
-    def page_budget(self, seq_lens: Tensor, unit: int) -> PageBudget | None:
+    def plan_step(self, seq_lens: Tensor, unit: int) -> PageBudget | None:
         """How rows of ``seq_lens`` tokens spend their budget; None: every row reads
         its whole context."""
         budget = self.token_budgets(seq_lens)
@@ -255,7 +255,7 @@ class Quest(SelectionPolicy):
 
 
 class PageBudget(NamedTuple):
-    """A Quest step's budget, the same at every layer (:meth:`Quest.page_budget`)."""
+    """A Quest step's budget, the same at every layer (:meth:`Quest.plan_step`)."""
 
     page: int           # tokens per page
     num_pages: Tensor   # [B] candidate pages: the full pages before the current one

@@ -120,11 +120,12 @@ class ShadowKV(SelectionPolicy):
     def read_chunk(self, layer_idx, unit):
         return self.chunk(unit)
 
+    def plan_step(self, seq_lens, unit):
+        """Every layer splits the budget the same way."""
+        return self.budget_split(seq_lens, self.token_budgets(seq_lens), unit)
+
     def select(self, layer_idx, q, summary, seq_lens, ctx):
-        # every layer splits the budget the same way
-        split = ctx.once("shadowkv", lambda: self.budget_split(
-            seq_lens, self.token_budgets(seq_lens), ctx.unit))
-        return None if split is None else self.choose(q, summary, split)[0]
+        return None if ctx.plan is None else self.choose(q, summary, ctx.plan)[0]
 
     def choose(self, q: Tensor, summary: KeySummary,
                split: BudgetSplit) -> tuple[Selection, Tensor]:

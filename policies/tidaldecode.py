@@ -72,14 +72,17 @@ class TidalDecode(SelectionPolicy):
             return None
         return 1 if self.granularity == "token" else unit
 
+    def plan_step(self, seq_lens, unit):
+        return TidalStep()
+
     def select(self, layer_idx, q, summary, seq_lens, ctx):
         if layer_idx < self.dense_layers:
             return None
         if layer_idx in self._selecting:
             unit = 1 if self.granularity == "token" else ctx.unit
-            ctx.scratch["tidaldecode"] = self._choose(q, summary, seq_lens, unit)
+            ctx.plan.chosen = self._choose(q, summary, seq_lens, unit)
             return None  # a selection layer attends densely
-        return ctx.scratch.get("tidaldecode")
+        return ctx.plan.chosen
 
     def _choose(self, q, keys, seq_lens, unit) -> Selection | None:
         """Top units by their best ``q·k`` (max over the GQA group); the current unit always."""
@@ -98,3 +101,11 @@ class TidalDecode(SelectionPolicy):
         ids = select_topk(scores, keys.lo.shape[2], (seq_lens - 1) // unit, int(k_per_seq.max()),
                           k_per_seq=k_per_seq, softmax=False)
         return Selection(ids, unit, 0, torch.where(fits, seq_lens, last))
+
+
+@dataclass
+class TidalStep:
+    """One decode step of TidalDecode: the last selection layer's choice, which the layers
+    after it read (None before the first selection layer, or where every row fits)."""
+
+    chosen: Selection | None = None

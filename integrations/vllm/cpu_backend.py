@@ -48,7 +48,7 @@ from kvplug.integrations.vllm.block_summaries import (ROW_KEYS, BlockSummaries,
 from kvplug.kernels import count_weighted_decode, sparse_paged_decode_ref
 from kvplug.integrations.vllm.common import KVPlugBackendMixin, Step, current_rows, with_rows
 from kvplug.integrations.vllm.lifecycle import tracker, worker_policy
-from kvplug.policies import SelectionPolicy, StepContext, SummarySpec
+from kvplug.policies import Selection, SelectionPolicy, StepContext, SummarySpec
 
 
 @dataclass
@@ -61,11 +61,9 @@ class DecodePlan:
     dense: CPUAttentionMetadata       # the decode rows, for layers that read everything
     rest: CPUAttentionMetadata | None  # the other rows (prefill chunks), dense
     ctx: StepContext
-    # a selection's sparse part (and, keyed beside it, each pattern of dense kv-heads added
-    # to it) -> (that part, its BlockRead): layers that reuse its tensors (TidalDecode,
-    # StreamingLLM, DuoAttention's streaming heads) plan their read once per step; the
-    # cached part keeps those tensors, so their ids stay unique
-    reads: dict = field(default_factory=dict)
+    # BlockReads already planned this step: layers that reuse a selection's tensors
+    # (TidalDecode, StreamingLLM, DuoAttention's streaming part) plan their read once
+    reads: list[PlannedRead] = field(default_factory=list)
     all_blocks: torch.Tensor | None = None  # every_block(), for dense kv-heads, once per step
 
     def block_read(self, selection, block_size: int, num_kv_heads: int) -> BlockRead:
@@ -76,23 +74,41 @@ class DecodePlan:
         dense = selection.dense_kv_heads
         sparse = replace(selection, dense_kv_heads=None)
         per_head = sparse.chunk_ids is not None or dense is not None
-        key = (id(sparse.chunk_ids), id(sparse.n_recent), sparse.n_sink, sparse.chunk_size,
-               per_head)
-        if key not in self.reads:
-            self.reads[key] = (sparse, BlockRead(*selection_blocks(
-                sparse, self.seq_lens, self.block_table, block_size,
-                num_kv_heads if per_head else 1)))
-        read = self.reads[key][1]
+        read = self._planned(sparse, per_head, None, lambda: BlockRead(*selection_blocks(
+            sparse, self.seq_lens, self.block_table, block_size,
+            num_kv_heads if per_head else 1)))
         if dense is None:
             return read
-        mixed_key = (key, tuple(dense.tolist()))
-        if mixed_key not in self.reads:
-            if self.all_blocks is None:
-                self.all_blocks = every_block(self.seq_lens, self.block_table, block_size,
-                                              num_kv_heads)
-            self.reads[mixed_key] = (sparse, BlockRead(*with_dense_heads(
-                read.table, read.lens, dense, self.seq_lens, self.all_blocks)))
-        return self.reads[mixed_key][1]
+        if self.all_blocks is None:
+            self.all_blocks = every_block(self.seq_lens, self.block_table, block_size,
+                                          num_kv_heads)
+        return self._planned(sparse, per_head, tuple(dense.tolist()), lambda: BlockRead(
+            *with_dense_heads(read.table, read.lens, dense, self.seq_lens, self.all_blocks)))
+
+    def _planned(self, sparse, per_head: bool, pattern, plan) -> BlockRead:
+        """The read planned this step for these parts, else ``plan()``'s, kept."""
+        for planned in self.reads:
+            if planned.reads(sparse, per_head, pattern):
+                return planned.read
+        self.reads.append(PlannedRead(sparse, per_head, pattern, plan()))
+        return self.reads[-1].read
+
+
+@dataclass(frozen=True)
+class PlannedRead:
+    """A read planned this step, for the selection parts it was planned from (held here,
+    so compared by identity: layers that reuse a selection hand the same tensors)."""
+
+    sparse: Selection
+    per_head: bool
+    pattern: tuple[bool, ...] | None   # the dense kv-heads added to ``sparse``
+    read: BlockRead
+
+    def reads(self, sparse: Selection, per_head: bool, pattern) -> bool:
+        mine = self.sparse
+        return (mine.chunk_ids is sparse.chunk_ids and mine.n_recent is sparse.n_recent
+                and mine.n_sink == sparse.n_sink and mine.chunk_size == sparse.chunk_size
+                and self.per_head == per_head and self.pattern == pattern)
 
 
 @dataclass
@@ -179,7 +195,8 @@ class KVPlugCPUMetadataBuilder(CPUAttentionMetadataBuilder):
             num_rows=num_rows, seq_lens=md.seq_lens[:num_rows].long(),
             block_table=md.block_table[:num_rows],
             dense=self._rows(md, 0, num_rows), rest=rest,
-            ctx=StepContext(unit=self.block_size, num_layers=self.num_layers))
+            ctx=self.worker.policy.step_context(md.seq_lens[:num_rows].long(), self.block_size,
+                                                self.num_layers))
 
 
 def compacted_reads(common, read_from: tuple[int, ...], block_size: int):

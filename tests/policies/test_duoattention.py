@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from kvplug.kernels import chunk_summaries, selected_positions
-from kvplug.policies import KeySummary, StepContext, build_policy
+from kvplug.policies import KeySummary, build_policy
 from kvplug.policies.duoattention import (read_pattern, sparsity_heads, threshold_heads,
                                           write_pattern)
 
@@ -89,12 +89,12 @@ def test_budget_sets_the_number_of_retrieval_heads(pattern):
 def test_budget_picks_the_top_alpha_heads(pattern):
     policy = _policy(pattern, budget=700)
     q = torch.zeros(1, 6, 8)
-    ctx = StepContext(unit=1, num_layers=2)
+    ctx = policy.step_context(torch.tensor([1000]), 1, 2)
     sel = [policy.select(layer, q, None, torch.tensor([1000]), ctx) for layer in range(2)]
     assert sel[0].dense_kv_heads.tolist() == [True, False, True]   # α 0.9 and 0.5
     assert sel[1].dense_kv_heads.tolist() == [False, True, False]  # α 1.0
     # a longer row in the batch: the split of the tightest row (n = 1)
-    ctx = StepContext(unit=1, num_layers=2)
+    ctx = policy.step_context(torch.tensor([1000, 2000]), 1, 2)
     sel = policy.select(0, torch.zeros(2, 6, 8), None, torch.tensor([1000, 2000]), ctx)
     assert sel.dense_kv_heads.tolist() == [False, False, False]
     assert policy.select(1, q, None, torch.tensor([1000, 2000]), ctx).dense_kv_heads.tolist() \
@@ -150,7 +150,7 @@ def test_quest_on_retrieval_heads_reads_their_top_pages_within_the_budget(patter
     keys[0, 43, 0] = q[0, 0] * 5        # page 5: kv-head 0 (retrieval) aligned with its query
     keys[0, 91, 1] = q[0, 2] * 5        # page 11: kv-head 1 (streaming at layer 0)
     _, kmin, kmax = chunk_summaries(keys, page)
-    ctx = StepContext(unit=1, num_layers=2)
+    ctx = policy.step_context(torch.tensor([L]), 1, 2)
     sel = policy.select(0, q, KeySummary(kmin, kmax, None, page), torch.tensor([L]), ctx)
     assert sel.dense_kv_heads is None and sel.chunk_size == page
     pos, valid = selected_positions(torch.tensor([L]), sel.chunk_ids, page, sel.n_sink,
@@ -166,7 +166,7 @@ def test_quest_on_retrieval_heads_reads_their_top_pages_within_the_budget(patter
     assert policy.kv_tokens_read(L) == pytest.approx(20 + 3 * 80 / 6) and \
         policy.kv_tokens_read(L) <= 60
     # a row within the budget reads everything
-    ctx = StepContext(unit=1, num_layers=2)
+    ctx = policy.step_context(torch.tensor([50]), 1, 2)
     assert policy.select(0, q, KeySummary(kmin, kmax, None, page), torch.tensor([50]), ctx) \
         is None
 
@@ -187,7 +187,7 @@ def test_streaming_heads_read_only_sink_and_recent(pattern):
     policy = _policy(pattern, sink_size=4, recent_size=16)
     q = torch.zeros(3, 6, 8)
     seq_lens = torch.tensor([100, 20, 57])
-    ctx = StepContext(unit=1, num_layers=2)
+    ctx = policy.step_context(seq_lens, 1, 2)
     for layer, retrieval in ((0, [True, False, True]), (1, [False, True, False])):
         sel = policy.select(layer, q, None, seq_lens, ctx)
         assert sel.dense_kv_heads.tolist() == retrieval
@@ -196,14 +196,15 @@ def test_streaming_heads_read_only_sink_and_recent(pattern):
             streaming = set(range(4)) | set(range(L - 16, L)) if L > 20 else set(range(L))
             for h in range(3):
                 assert reads[b][h] == (set(range(L)) if retrieval[h] else streaming)
-    assert policy.select(0, q, None, torch.tensor([20, 10, 5]), StepContext(1, 2)) is None
+    short = torch.tensor([20, 10, 5])
+    assert policy.select(0, q, None, short, policy.step_context(short, 1, 2)) is None
 
 
 def test_all_retrieval_layer_is_dense(tmp_path):
     pattern = write_pattern(tmp_path / "p", torch.tensor([[1.0, 1.0], [0.0, 1.0]]), {})
     policy = build_policy("duoattention", {"pattern": str(pattern)})
     policy.check_model(2, 2, 1)
-    ctx = StepContext(unit=1, num_layers=2)
+    ctx = policy.step_context(torch.tensor([500]), 1, 2)
     assert policy.select(0, torch.zeros(1, 4, 8), None, torch.tensor([500]), ctx) is None
     assert policy.select(1, torch.zeros(1, 4, 8), None, torch.tensor([500]), ctx) is not None
 
@@ -213,7 +214,8 @@ def test_streaming_reads_whole_units(pattern):
                                            "recent_size": 64})
     policy.check_model(2, 3, 32)
     seq_lens = torch.tensor([1000, 1024, 97])
-    sel = policy.select(0, torch.zeros(3, 6, 8), None, seq_lens, StepContext(32, 2))
+    sel = policy.select(0, torch.zeros(3, 6, 8), None, seq_lens,
+                        policy.step_context(seq_lens, 32, 2))
     assert sel.n_sink == 64                                      # 40 rounded up to 2 units
     for b, L in enumerate(seq_lens.tolist()):
         read = _reads(sel, seq_lens, 3)[b][1]                    # kv-head 1 streams

@@ -6,7 +6,7 @@ import torch
 
 from kvplug.kernels import (apply_rope, landmarks, lowrank_rope_keys, rope_inv_freq,
                             selected_positions)
-from kvplug.policies import KeySummary, StepContext, build_policy
+from kvplug.policies import KeySummary, build_policy
 from kvplug.policies.shadowkv import lowrank_keys, undo_rope
 
 
@@ -151,7 +151,7 @@ def test_parameters_are_validated():
     keys, _ = _keys()
     with pytest.raises(ValueError, match="needs landmarks with min_cos over 8-token chunks"):
         policy.select(0, torch.zeros(2, 4, 16), _summary(keys, 16), torch.tensor([200, 200]),
-                      StepContext())
+                      policy.step_context(torch.tensor([200, 200]), 1, 30))
 
 
 def test_default_rank_and_outliers_scale_like_the_paper():
@@ -171,9 +171,11 @@ def test_budget_over_context_is_dense():
     keys, _ = _keys()
     policy = build_policy("shadowkv", {"budget": 200})
     q = torch.randn(2, 4, 16)
-    assert policy.select(0, q, _summary(keys, 8), torch.tensor([200, 200]), StepContext()) is None
+    assert policy.select(0, q, _summary(keys, 8), torch.tensor([200, 200]),
+                         policy.step_context(torch.tensor([200, 200]), 1, 30)) is None
     short = build_policy("shadowkv", {"budget": 4})                      # prompt within one chunk
-    assert short.select(0, q, _summary(keys[:, :6], 8), torch.tensor([6, 6]), StepContext()) is None
+    assert short.select(0, q, _summary(keys[:, :6], 8), torch.tensor([6, 6]),
+                        short.step_context(torch.tensor([6, 6]), 1, 30)) is None
 
 
 def test_window_outliers_and_top_chunks_within_budget():
@@ -185,7 +187,7 @@ def test_window_outliers_and_top_chunks_within_budget():
     summary = _summary(keys, 8)
     seq_lens = torch.tensor([L, L - 13])
     policy = build_policy("shadowkv", {"budget": 80})
-    sel = policy.select(3, q, summary, seq_lens, StepContext())
+    sel = policy.select(3, q, summary, seq_lens, policy.step_context(seq_lens, 1, 30))
     assert sel.chunk_size == 8 and sel.n_sink == 0
     ids = sel.chunk_ids
     for b in range(B):
@@ -205,7 +207,7 @@ def test_window_outliers_and_top_chunks_within_budget():
     # the outlier is chosen by min_cos alone, whatever the query
     for seed in range(5):
         q = torch.randn(B, 2 * H, D, generator=torch.Generator().manual_seed(seed))
-        assert (policy.select(3, q, summary, seq_lens, StepContext()).chunk_ids[:, 1] == 5
+        assert (policy.select(3, q, summary, seq_lens, policy.step_context(seq_lens, 1, 30)).chunk_ids[:, 1] == 5
                 ).any(dim=-1).all()
 
 
@@ -217,7 +219,8 @@ def test_no_outliers_spends_the_budget_on_top_chunks():
     q = torch.zeros(2, 4, 16)
     q[:, 0] = v
     policy = build_policy("shadowkv", {"budget": 80, "outlier_chunks": 0})
-    sel = policy.select(0, q, _summary(keys, 8), torch.tensor([200, 200]), StepContext())
+    sel = policy.select(0, q, _summary(keys, 8), torch.tensor([200, 200]),
+                         policy.step_context(torch.tensor([200, 200]), 1, 30))
     assert (sel.chunk_ids[:, 0] == 12).any(dim=-1).all()
     assert ((sel.chunk_ids >= 0).sum(-1) == (80 - 40) // 8).all()
 
@@ -231,7 +234,7 @@ def test_unit_32_and_paged_summaries():
     assert spec.kind == "landmarks" and spec.chunk_size == 32
     dense = _summary(keys, 32)
     seq_lens = torch.tensor([300, 300])
-    sel = policy.select(0, q, dense, seq_lens, StepContext(unit=32))
+    sel = policy.select(0, q, dense, seq_lens, policy.step_context(seq_lens, 32, 30))
     assert sel.chunk_size == 32 == policy.read_chunk(0, 32)
     assert (sel.chunk_ids[:, 0] == 2).any(dim=-1).all()
     for per_row in _read(sel, seq_lens, 2):
@@ -245,5 +248,5 @@ def test_unit_32_and_paged_summaries():
     lo[table.flatten(), 0] = dense.lo.flatten(0, 1)
     min_cos[table.flatten(), 0] = dense.min_cos.flatten(0, 1)
     paged = KeySummary(lo, None, table, 32, min_cos)
-    assert torch.equal(policy.select(0, q, paged, seq_lens, StepContext(unit=32)).chunk_ids,
+    assert torch.equal(policy.select(0, q, paged, seq_lens, policy.step_context(seq_lens, 32, 30)).chunk_ids,
                        sel.chunk_ids)

@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from kvplug.kernels import selected_positions
-from kvplug.policies import KeySummary, StepContext, build_policy
+from kvplug.policies import KeySummary, build_policy
 
 H_KV, G, D = 2, 3, 16
 
@@ -15,7 +15,7 @@ def _policy(num_layers=30, **params):
 
 def _decode_step(policy, q, keys, seq_lens, unit=1, num_layers=30):
     """Every layer's selection for one decode step, as an engine calls them."""
-    ctx = StepContext(unit=unit, num_layers=num_layers)
+    ctx = policy.step_context(seq_lens, unit, num_layers)
     out = []
     for layer in range(num_layers):
         spec = policy.summary_spec(layer, unit)

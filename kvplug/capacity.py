@@ -8,12 +8,14 @@ queued at once (distinct random prompts, prefix caching off); the engine admits
 what its pool holds.  Reported per backend: the most requests decoding at once,
 the decode tokens/s of the largest batch that ran decode-only steps (median
 engine step time), the fewest free blocks, preemptions, and the whole run's output
-tokens/s.  Results: ``capacity.json``, ``capacity.md`` and ``capacity.png``.
+tokens/s.  Results: ``capacity.json``, ``capacity.md`` and ``capacity.png``; each
+backend's run is kept (``run-*.json``) as it finishes, so a rerun only runs what is missing.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import shlex
@@ -61,13 +63,17 @@ def run(args: argparse.Namespace) -> int:
                 "requests": (args.default_requests or args.requests) if dense else args.requests,
                 "decode_tokens": args.decode_tokens, "kv_space_gb": args.kv_space_gb}
         label = "vLLM default" if config is None else json.dumps(config)
-        print(f"{TAG} {label}: {spec['requests']} requests of {args.context} tokens", flush=True)
-        with tempfile.TemporaryDirectory() as tmp:
-            spec_file, result_file = Path(tmp, "spec.json"), Path(tmp, "result.json")
-            spec_file.write_text(json.dumps(spec))
-            subprocess.run([sys.executable, "-m", "kvplug.capacity", str(spec_file),
-                            str(result_file)], check=True)
-            results.append({"label": label, **json.loads(result_file.read_text())})
+        # each backend's run is kept as it finishes; a rerun with the same spec reuses it
+        done = args.out / f"run-{hashlib.sha1(json.dumps(spec).encode()).hexdigest()[:12]}.json"
+        if not done.exists():
+            print(f"{TAG} {label}: {spec['requests']} requests of {args.context} tokens",
+                  flush=True)
+            with tempfile.TemporaryDirectory() as tmp:
+                spec_file = Path(tmp, "spec.json")
+                spec_file.write_text(json.dumps(spec))
+                subprocess.run([sys.executable, "-m", "kvplug.capacity", str(spec_file),
+                                str(done)], check=True)
+        results.append({"label": label, **json.loads(done.read_text())})
     report = {"command": "kvplug capacity " + shlex.join(sys.argv[2:]),
               "machine": machine(),
               "model": Path(model).name, "context": args.context,

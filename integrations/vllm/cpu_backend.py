@@ -195,8 +195,14 @@ class KVPlugCPUMetadataBuilder(CPUAttentionMetadataBuilder):
             num_rows=num_rows, seq_lens=md.seq_lens[:num_rows].long(),
             block_table=md.block_table[:num_rows],
             dense=self._rows(md, 0, num_rows), rest=rest,
-            ctx=self.worker.policy.step_context(md.seq_lens[:num_rows].long(), self.block_size,
-                                                self.num_layers))
+            ctx=self._step_context(md.seq_lens[:num_rows].long()))
+
+    def _step_context(self, seq_lens: torch.Tensor) -> StepContext:
+        """A selection policy's plan for the step; a merging one reads every slot."""
+        policy = self.worker.policy
+        if "select" in policy.stages:
+            return policy.step_context(seq_lens, self.block_size, self.num_layers)
+        return StepContext(self.block_size, self.num_layers)
 
 
 def compacted_reads(common, read_from: tuple[int, ...], block_size: int):

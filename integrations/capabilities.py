@@ -17,7 +17,7 @@ ENGINES: dict[str, tuple[frozenset[str], frozenset[str]]] = {
                frozenset({"dense", "evicted", "merged"})),
     VLLM_CUDA: (frozenset(), frozenset({"dense"})),
     HF: (frozenset({"select", "prefill_compress", "layer_budgets"}),
-         frozenset({"dense", "evicted", "merged"})),
+         frozenset({"dense", "evicted", "merged", "lowrank"})),
 }
 
 
@@ -41,8 +41,13 @@ def supported_engines(policy) -> list[str]:
 
 def what_it_saves(policy) -> str:
     """``memory``, ``bandwidth``, both or nothing, from what the policy declares: a policy
-    that keeps less saves memory and reads less; one that selects reads less."""
-    keeps_less = "prefill_compress" in policy.stages or policy.store != "dense"
-    reads_less = keeps_less or "select" in policy.stages
-    return {(True, True): "memory and bandwidth", (False, True): "bandwidth",
-            (False, False): "nothing"}[(keeps_less, reads_less)]
+    that keeps less saves memory and reads less; one that selects reads less.  Where the
+    saving depends on the engine (a store only some engines keep), the engines are named."""
+    reads_less = "select" in policy.stages or "prefill_compress" in policy.stages
+    if "prefill_compress" in policy.stages:
+        return "memory and bandwidth"
+    if policy.store != "dense":
+        where = [e for e in supported_engines(policy) if policy.store_on(ENGINES[e][1])
+                 == policy.store]
+        return f"bandwidth; memory too on {', '.join(where)}"
+    return "bandwidth" if reads_less else "nothing"

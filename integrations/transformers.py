@@ -14,19 +14,19 @@ Usage::
 Every attention layer calls :func:`kvplug_attention_forward`, which takes the
 policy attached to that layer (:func:`attach_policy` / :func:`use_policy`), or
 else the one the environment configures (``KVPLUG_POLICY`` / ``KVPLUG_CONFIG``,
-see :mod:`kvplug.config`), and dispatches to the attention function registered
-for it in :data:`ATTENTION_BY_POLICY`.
+see :mod:`kvplug.config`), and dispatches on what the policy declares (its
+``stages`` and the store it keeps here, :func:`_attention_for`).
 
 ``full`` is transformers' own ``sdpa_attention_forward`` behind transformers'
 own SDPA mask, so its outputs are identical to ``attn_implementation="sdpa"``.
-A sparse policy plugs in by adding one entry with the same signature: it gets
-the whole cache for the layer (``key``/``value``, all heads) and its policy
-object, and chooses which KV positions each query reads.  Decode-time
-selection policies without an entry share :func:`_selection_attention`,
+Every attention function has transformers' signature plus the keyword
+``policy``: it gets the whole cache for the layer (``key``/``value``, all heads)
+and chooses which KV positions each query reads.  Decode-time selection policies
+over a dense store share :func:`_selection_attention`,
 which scores key summaries that ``generate``'s cache keeps as tokens arrive
-(:class:`SummaryLayer`); ``shadowkv`` has its own (:func:`_shadowkv_attention`),
-reading the prompt from the cache ``generate`` gets for it, which keeps the
-prompt's keys as a low-rank store and its values in host memory
+(:class:`SummaryLayer`); a policy keeping the ``lowrank`` store (ShadowKV) reads the
+prompt through :func:`_shadowkv_attention` from the cache ``generate`` gets for it,
+which keeps the prompt's keys as a low-rank store and its values in host memory
 (:mod:`kvplug.integrations.hf_shadowkv`).  Policies that keep fewer tokens after
 prefill (``"prefill_compress"`` in their declared ``stages``) share
 :func:`_compression_attention`, and ``generate`` gets them a cache that stores only
@@ -60,7 +60,7 @@ from kvplug.kernels import chunk_summaries, landmarks, sparse_paged_decode
 from kvplug.integrations import capabilities, hf_compression, hf_shadowkv
 from kvplug.integrations.hf_compression import CompressedCache
 from kvplug.integrations.hf_shadowkv import ShadowKVCache
-from kvplug.policies import (CompressionPolicy, KeySummary, Policy, SelectionPolicy, ShadowKV,
+from kvplug.policies import (CompressionPolicy, KeySummary, Policy, SelectionPolicy,
                              StepContext, SummarySpec, build_policy)
 
 ATTN_IMPLEMENTATION = "kvplug"
@@ -221,7 +221,7 @@ _STEP_CONTEXTS: dict[int, tuple[SelectionPolicy, StepContext]] = {}
 
 def _shadowkv_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor,
                         value: torch.Tensor, attention_mask: torch.Tensor | None, *,
-                        policy: ShadowKV, **kwargs: Any) -> tuple[torch.Tensor, None]:
+                        policy: SelectionPolicy, **kwargs: Any) -> tuple[torch.Tensor, None]:
     """ShadowKV: dense prefill; each decode step reads what the layer's
     :class:`~kvplug.integrations.hf_shadowkv.ShadowKVLayer` kept of the prompt
     (``key``/``value`` are then the generated tokens only)."""
@@ -277,15 +277,6 @@ def _compression_attention(module: torch.nn.Module, query: torch.Tensor, key: to
     return out
 
 
-# policy name -> attention function.  Signature: transformers' attention interface,
-#   query (B, H_q, q_len, D), key/value (B, H_kv, kv_len, D), attention_mask from sdpa_mask
-#   (bool (B, 1, q_len, kv_len) or None), plus keyword ``policy``; returns ((B, q_len, H_q, D), None).
-ATTENTION_BY_POLICY: dict[str, Callable[..., tuple[torch.Tensor, torch.Tensor | None]]] = {
-    "full": _full_attention,
-    "shadowkv": _shadowkv_attention,
-}
-
-
 def register() -> None:
     """Make ``attn_implementation="kvplug"`` loadable, and ``generate`` build the cache a
     kvplug model's policy reads (:func:`_with_kvplug_cache`); idempotent.
@@ -320,7 +311,7 @@ def _with_kvplug_cache(prepare: Callable[..., Any]) -> Callable[..., Any]:
             policy = _env_policy(os.environ.get("KVPLUG_POLICY"), os.environ.get("KVPLUG_CONFIG"))
         if "prefill_compress" in policy.stages:
             model_kwargs["past_key_values"] = CompressedCache(policy, self.config)
-        elif isinstance(policy, ShadowKV):
+        elif _store(policy) == "lowrank":
             model_kwargs["past_key_values"] = ShadowKVCache(policy, self.config)
         elif "select" in policy.stages:
             cache.layers = [SummaryLayer() if type(layer) is DynamicLayer
@@ -331,21 +322,28 @@ def _with_kvplug_cache(prepare: Callable[..., Any]) -> Callable[..., Any]:
     return prepare_cache
 
 
+def _store(policy: Policy) -> str | None:
+    """The store ``policy`` keeps in this adapter."""
+    return policy.store_on(capabilities.ENGINES[capabilities.HF][1])
+
+
 def _attention_for(policy: Policy) -> Callable[..., tuple[torch.Tensor, torch.Tensor | None]]:
-    """The attention function of ``policy``: by the stages it declares, else by its name."""
+    """The attention function of ``policy``, by the stages and the store it declares.
+
+    Signature: transformers' attention interface, query (B, H_q, q_len, D), key/value
+    (B, H_kv, kv_len, D), attention_mask from sdpa_mask (bool (B, 1, q_len, kv_len) or None),
+    plus keyword ``policy``; returns ((B, q_len, H_q, D), None)."""
     if "prefill_compress" in policy.stages:
         return _compression_attention
-    if policy.name not in ATTENTION_BY_POLICY and "select" in policy.stages:
+    if _store(policy) == "lowrank":
+        return _shadowkv_attention
+    if "select" in policy.stages:
         return _selection_attention
-    return ATTENTION_BY_POLICY[policy.name]
+    return _full_attention
 
 
 def _check_supported(policy: Policy) -> Policy:
     capabilities.check_engine(policy, capabilities.HF)
-    if policy.name not in ATTENTION_BY_POLICY and not policy.stages:
-        raise ValueError(f"kvplug policy {policy.name!r} is not supported by the HF transformers "
-                         f"adapter; it runs {sorted(ATTENTION_BY_POLICY)} and every "
-                         "decode-time selection or prefill-compression policy")
     return policy
 
 

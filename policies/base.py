@@ -78,9 +78,12 @@ class Policy:
     # what the policy needs an engine to do (docs/design.md, "The policy contract"):
     # stages it acts in ("select": decode-time reads; "prefill_compress": keep less at the
     # end of prefill; "layer_budgets": keep a different number of tokens per layer) and the
-    # format its KV is stored in ("dense", "evicted", "merged": centroids with counts)
+    # format its KV is stored in ("dense", "evicted", "merged": centroids with counts,
+    # "lowrank": low-rank keys and offloaded values), and the store it runs with where an
+    # engine keeps no store of that kind (None: it runs nowhere else)
     stages: ClassVar[frozenset[str]] = frozenset()
     store: ClassVar[str] = "dense"
+    fallback_store: ClassVar[str | None] = None
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):
@@ -118,12 +121,20 @@ class Policy:
         """Refuse an engine that lacks a stage or the store this policy needs (adapters
         call it at engine start, so an unsupported pair never runs dense in silence)."""
         missing = sorted(cls.stages - stages)
-        if cls.store not in stores:
+        if cls.store_on(stores) is None:
             missing.append(f"store {cls.store!r}")
         if missing:
             raise ValueError(f"kvplug policy {cls.name!r} needs {', '.join(missing)}, which "
                              f"{engine} does not support (it supports stages {sorted(stages)} "
                              f"and stores {sorted(stores)})")
+
+    @classmethod
+    def store_on(cls, stores: frozenset[str]) -> str | None:
+        """The store this policy keeps on an engine that keeps ``stores``; None: none."""
+        for store in (cls.store, cls.fallback_store):
+            if store in stores:
+                return store
+        return None
 
     # -- description ---------------------------------------------------------
     @classmethod

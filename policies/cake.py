@@ -26,8 +26,9 @@ from dataclasses import dataclass
 import torch
 
 from kvplug.policies.base import param, register_policy
-from kvplug.policies.compression import (CompressionPolicy, LayerScores, group_mean,
-                                         pool_scores, window_attention, with_window)
+from kvplug.policies.compression import (CompressionPolicy, LayerScores, check_pooling,
+                                         group_mean, pool_scores, window_attention,
+                                         with_window)
 
 
 def share(preferences: list[float], total: int, cap: int) -> list[int]:
@@ -95,9 +96,7 @@ class CAKE(CompressionPolicy):
             if not getattr(self, name) > 0:
                 raise ValueError(f"policy 'cake': {name}={getattr(self, name)!r} is out of "
                                  "range (0, inf)")
-        if self.kernel_size % 2 == 0:
-            raise ValueError(f"policy 'cake': kernel_size={self.kernel_size} must be odd "
-                             "(the pooled scores keep the context's length)")
+        check_pooling(self.name, self.kernel_size)
 
     @property
     def observation_window(self) -> int:

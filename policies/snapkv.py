@@ -12,8 +12,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from kvplug.policies.base import param, register_policy
-from kvplug.policies.compression import (CompressionPolicy, LayerScores, group_mean,
-                                         pool_scores, window_attention, with_window)
+from kvplug.policies.compression import (CompressionPolicy, LayerScores, check_pooling,
+                                         group_mean, pool_scores, window_attention,
+                                         with_window)
 
 
 @register_policy("snapkv")
@@ -28,9 +29,7 @@ class SnapKV(CompressionPolicy):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.kernel_size % 2 == 0:
-            raise ValueError(f"policy 'snapkv': kernel_size={self.kernel_size} must be odd "
-                             "(the pooled scores keep the context's length)")
+        check_pooling(self.name, self.kernel_size)
 
     @property
     def observation_window(self) -> int:

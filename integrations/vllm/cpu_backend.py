@@ -319,6 +319,8 @@ class KVPlugCPUImpl(CPUAttentionBackendImpl):
         """Keep the last queries of continuing prefill chunks; score the rows whose prefill
         ends; after the last layer, write what each layer keeps (every layer's cache is
         in ``step.caches`` by then)."""
+        if not step.ending and not step.continuing:    # a step of decodes only
+            return
         policy = self.worker.policy
         window = policy.observation_window
         starts = md.query_start_loc.tolist()

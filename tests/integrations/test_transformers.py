@@ -125,12 +125,13 @@ def test_load_model_attaches_policy(tiny_llama_dir):
 
 def test_unsupported_policy_is_rejected(tiny_llama_dir):
     @dataclass
-    class Unported(Policy):  # a policy with no HF attention function; deliberately not registered
+    class Unported(Policy):  # needs a stage the HF adapter lacks; deliberately not registered
         name = "unported"
+        stages = frozenset({"decode_compress"})
 
     model = _load(tiny_llama_dir, "kvplug")
-    with pytest.raises(ValueError, match=r"'unported' is not supported .* it runs "
-                                         r"\['full', 'shadowkv'\] and every decode-time selection"):
+    with pytest.raises(ValueError, match=r"kvplug policy 'unported' needs decode_compress, which "
+                                         r"HF transformers does not support"):
         kvhf.attach_policy(model, Unported())
 
 

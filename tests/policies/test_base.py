@@ -80,3 +80,13 @@ def test_an_engine_without_a_stage_or_store_is_refused_by_name():
     with pytest.raises(ValueError, match=r"'snapkv' needs prefill_compress, .*vLLM on CUDA"):
         check_engine(POLICIES["snapkv"], VLLM_CUDA)
     assert supported_engines(POLICIES["snapkv"]) == [VLLM_CPU, HF]
+
+
+def test_a_policy_runs_with_its_fallback_store_where_its_own_is_not_kept():
+    from kvplug.integrations.capabilities import ENGINES, HF, VLLM_CPU
+    from kvplug.policies import POLICIES
+
+    shadowkv = POLICIES["shadowkv"]
+    assert shadowkv.store_on(ENGINES[HF][1]) == "lowrank"
+    assert shadowkv.store_on(ENGINES[VLLM_CPU][1]) == "dense"
+    assert POLICIES["snapkv"].store_on(frozenset({"dense"})) is None

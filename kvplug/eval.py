@@ -8,9 +8,11 @@ the HF engine.
 
 On the vLLM engine every kvplug config shares one engine (the others are its
 ``switch_to`` policies) with the prefix cache on: per group of
-``--samples-per-prefill`` samples, the prompts are prefilled once (densely, as
-every policy here prefills) and each config then only decodes, switched in by
-``set_policy``.  Groups are written as they finish and merged into a cell,
+``--samples-per-prefill`` samples, the prompts are prefilled once (densely, by
+the configs that keep every token, which run first) and each config then only
+decodes, switched in by ``set_policy``; a compressing config recomputes only the
+part of the prompt its compaction keeps (its prefix-cache hits stop at the
+blocks it frees unwritten), and scores its window there over the whole context.  Groups are written as they finish and merged into a cell,
 and finished groups and cells are skipped, so an interrupted run resumes.
 
 Outputs in ``--out``: ``cells/*.json`` (scores and per-sample needle depths),
@@ -141,13 +143,13 @@ def _make_lm(configs: list[CellConfig], engine: str, model: str, max_len: int):
     an engine started on the first, with the others as its ``switch_to`` policies."""
     config = configs[0]
     if engine == "hf":
-        from lm_eval.models.huggingface import HFLM
-
         from kvplug.integrations import transformers as kvhf
+        from kvplug.lm_eval_hf import ContextFirstHFLM
 
         params = {k: v for k, v in config.kvplug_config().items() if k != "policy"}
         hf_model = kvhf.load_model(model, config.policy, params=params, dtype="float32")
-        return HFLM(pretrained=hf_model, tokenizer=model, batch_size=1, max_length=max_len)
+        return ContextFirstHFLM(pretrained=hf_model, tokenizer=model, batch_size=1,
+                                max_length=max_len)
     from lm_eval.models.vllm_causallms import VLLM
 
     kwargs = dict(pretrained=model, dtype="float32", max_model_len=max_len, enforce_eager=True,
@@ -313,10 +315,10 @@ def run(args: argparse.Namespace) -> int:
                          f"{args.num_samples}], got {group}")
     configs = matrix(args.policies, args.budgets, args.engine, not args.no_baseline)
     compressing = [c.label for c in configs if _keeps_less(c)]
-    if compressing and args.protocol == "query_agnostic":
-        raise ValueError(f"{compressing}: no kvplug engine compresses a prompt's context "
-                         "before its question yet, so the query_agnostic protocol would report "
-                         "query-aware numbers; run --protocol query_aware")
+    if compressing and args.protocol == "query_agnostic" and args.engine == "vllm":
+        raise ValueError(f"{compressing}: kvplug's vLLM engine compresses a prompt when its "
+                         "prefill ends, not where its context ends, so the query_agnostic "
+                         "protocol would report query-aware numbers; run it with --engine hf")
     tasks = args.tasks or [GROUPS[args.protocol]]
     os.environ.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", "0")
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(args.kv_space_gb))
@@ -329,9 +331,10 @@ def run(args: argparse.Namespace) -> int:
         return out / "cells" / f"{config.label}-{args.protocol}-{length}{part}.json"
 
     bar = tqdm(total=len(configs) * len(args.lengths), desc="kvplug eval", unit="cell")
-    # on the vLLM engine, kvplug configs that only select share one engine; every other
-    # config (the baseline, one that changes what the pool stores) has its own
-    shared = [c for c in configs if c.policy != BASELINE and not _keeps_less(c)] \
+    # on the vLLM engine every kvplug config shares one engine, those that keep every token
+    # first: a compressing config then prefills only what its compaction keeps (its prefix
+    # hits reach the blocks it frees); the baseline has its own engine
+    shared = sorted((c for c in configs if c.policy != BASELINE), key=_keeps_less) \
         if args.engine == "vllm" else []
     for config in [c for c in configs if c not in shared]:
         lm = None

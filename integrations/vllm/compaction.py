@@ -27,11 +27,12 @@ worker to the scheduler:
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
 
-from kvplug.policies import CompressionPolicy, LayerScores
+from kvplug.policies import CompressionPolicy, LayerScores, Policy
 
 
 @dataclass(frozen=True)
@@ -82,20 +83,23 @@ class BlockReclaimer:
     """Scheduler side: which blocks of each compressed request are freed, shared, cached.
 
     A request's layout is fixed when its prefill run starts (no token computed yet:
-    a new request, or a preempted one that is recomputed) and dropped when vLLM frees
-    the request.
+    a new request, or a preempted one that is recomputed), by the policy the engine
+    runs then (``policy_now``: an engine may switch between its configured policies
+    while no request runs), and dropped when vLLM frees the request.
     """
 
-    def __init__(self, policy: CompressionPolicy, block_size: int) -> None:
-        self.policy = policy
+    def __init__(self, policy_now: Callable[[], Policy], block_size: int) -> None:
+        self.policy_now = policy_now
         self.block_size = block_size
         self.layouts: dict[str, CompactionLayout] = {}
 
     def start(self, request) -> CompactionLayout | None:
         layout = self.layouts.get(request.request_id)
         if layout is None and request.num_computed_tokens == 0:
-            layout = self.layouts[request.request_id] = compaction_layout(
-                self.policy, request.num_tokens, self.block_size)
+            policy = self.policy_now()
+            if "prefill_compress" in policy.stages:
+                layout = self.layouts[request.request_id] = compaction_layout(
+                    policy, request.num_tokens, self.block_size)
         return layout
 
     def shareable_tokens(self, request_id: str) -> int | None:
@@ -184,10 +188,13 @@ def patch_kv_cache_manager() -> None:
 
 
 def patch_scheduler() -> None:
-    """Give the scheduler of an engine whose policy compresses a :class:`BlockReclaimer`."""
+    """Give the scheduler of an engine that may run a compressing policy a
+    :class:`BlockReclaimer` that follows the worker's policy (the scheduler and the
+    worker share one process: engine-start checks refuse a switching compressing
+    engine with more than one worker)."""
     from vllm.v1.core.sched.scheduler import Scheduler
 
-    from kvplug.config import resolve_config
+    from kvplug.integrations.vllm.lifecycle import worker_policy
     from kvplug.integrations.vllm.selection import uses_kvplug
 
     init = Scheduler.__init__
@@ -198,25 +205,29 @@ def patch_scheduler() -> None:
     def __init__(self, vllm_config, *args, **kwargs):
         init(self, vllm_config, *args, **kwargs)
         if uses_kvplug(vllm_config):
-            policy = resolve_config(vllm_config.additional_config).build_policy()
-            if "prefill_compress" in policy.stages:
-                attach_reclaimer(self.kv_cache_manager, policy)
+            worker = worker_policy(vllm_config)
+            compressing = [p for p in worker.policies if "prefill_compress" in p.stages]
+            if compressing:
+                attach_reclaimer(self.kv_cache_manager, compressing[0].name,
+                                 lambda: worker.next_policy)
 
     __init__._kvplug_wrapped = True
     Scheduler.__init__ = __init__
 
 
-def attach_reclaimer(kv_cache_manager, policy: CompressionPolicy) -> BlockReclaimer:
-    """Give a scheduler's KV cache manager (and each of its full-attention managers) the
-    reclaimer of ``policy``; refuse layer kinds whose blocks kvplug cannot reclaim."""
+def attach_reclaimer(kv_cache_manager, name: str,
+                     policy_now: Callable[[], Policy]) -> BlockReclaimer:
+    """Give a scheduler's KV cache manager (and each of its full-attention managers) a
+    reclaimer; refuse layer kinds whose blocks kvplug cannot reclaim (``name``: the
+    compressing policy, for the error)."""
     from vllm.v1.core.single_type_kv_cache_manager import FullAttentionManager
 
     managers = kv_cache_manager.coordinator.single_type_managers
     others = sorted({type(m).__name__ for m in managers if type(m) is not FullAttentionManager})
     if others:
-        raise ValueError(f"kvplug policy {policy.name!r} frees KV blocks of full-attention "
+        raise ValueError(f"kvplug policy {name!r} frees KV blocks of full-attention "
                          f"layers only; this model also has {others}")
-    reclaimer = BlockReclaimer(policy, managers[0].block_size)
+    reclaimer = BlockReclaimer(policy_now, managers[0].block_size)
     kv_cache_manager._kvplug_reclaimer = reclaimer
     for manager in managers:
         manager._kvplug_reclaimer = reclaimer

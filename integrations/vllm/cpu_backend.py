@@ -179,8 +179,8 @@ class KVPlugCPUMetadataBuilder(CPUAttentionMetadataBuilder):
         md = with_rows(KVPlugCPUMetadata, md, common_attn_metadata.num_reqs)
         if step is not None and step.layer_read_from is not None:
             md.layer_reads = LayerReads(self, common_prefix_len, common_attn_metadata, step)
-        if (isinstance(self.worker.policy, SelectionPolicy) or self.worker.merged) \
-                and md.rows is not None:
+        if (isinstance(self.worker.policy, SelectionPolicy)
+                or self.worker.policy.store == "merged") and md.rows is not None:
             md.decode = self._plan(md, common_attn_metadata)
         return md
 

@@ -75,6 +75,12 @@ class WorkerPolicy:
         self.merged = any(p.store == "merged" for _, p in self.choices)
 
     @property
+    def next_policy(self) -> Policy:
+        """The policy the next step runs: a queued switch, else the active one (the
+        scheduler plans a new request's blocks before the worker applies the switch)."""
+        return (self.pending or (self.active, self.policy))[1]
+
+    @property
     def policies(self) -> list[Policy]:
         """Every policy this worker may switch to (each layer keeps all their summaries)."""
         return [p for _, p in self.choices]

@@ -139,10 +139,11 @@ def _check_policy(engine_args, vllm_config, recreate):
     for policy in policies:
         check_engine(policy, VLLM_CPU if current_platform.is_cpu() else VLLM_CUDA)
     storing = [p.name for p in policies if "prefill_compress" in p.stages]
-    if storing and len(policies) > 1:
-        raise ValueError(f"kvplug policy {storing[0]!r} changes what the KV pool stores, so "
-                         "an engine running it cannot switch policies: leave switch_to empty "
-                         "and run it alone")
+    workers = vllm_config.parallel_config.world_size
+    if storing and len(policies) > 1 and workers > 1:
+        raise ValueError(f"kvplug policy {storing[0]!r} frees blocks the scheduler plans by "
+                         f"the policy the worker runs; with {workers} worker processes a "
+                         "policy switch cannot reach the scheduler: leave switch_to empty")
     selecting = [p.name for p in policies if p.stages & {"select", "prefill_compress"}]
     if selecting:
         cache = vllm_config.cache_config

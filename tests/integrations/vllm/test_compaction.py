@@ -106,6 +106,25 @@ def test_prefix_cache_hits_give_the_same_tokens_and_leak_nothing(small_run):
     assert small_run["states"]["live"] == 0
 
 
+def test_a_switched_engine_compresses_after_a_dense_pass_as_a_fresh_one(
+        model_dir, prompts_file, small_run):
+    """One engine runs ``full``, then switches to SnapKV: the compressed pass hits the dense
+    pass's prefix cache up to the blocks compaction frees, frees them, and decodes the
+    tokens of an engine that only ran SnapKV."""
+    run = _run(model_dir, prompts_file, "switched",
+               kvplug={"policy": "full", "switch_to": [SMALL]}, blocks=200, max_tokens=24,
+               passes=3, switch=[{"policy": "full"}, SMALL, {"policy": "full"}])
+    dense, compressed, dense_again = run["passes"]
+    assert compressed["outputs"] == small_run["passes"][0]["outputs"]
+    shareable = (PROMPT_TOKENS // BLOCK - 3) * BLOCK
+    assert all(0 < hit <= shareable for hit in compressed["cached"].values())
+    last_decode = compressed["steps"][-2]["held"]
+    assert len(last_decode) == 4 and all(h == COMPACTED_BLOCKS for h in last_decode.values())
+    assert dense_again["outputs"] == dense["outputs"]
+    assert all(one_pass["free_after"] == run["total_blocks"] for one_pass in run["passes"])
+    assert run["states"]["compacted_requests"] == 4 and run["states"]["live"] == 0
+
+
 def test_preempted_and_aborted_compacted_requests_leave_no_state_or_block(tight_run):
     run = tight_run["passes"][0]
     assert max(s["preemptions"] for s in run["steps"]) > 0

@@ -12,17 +12,19 @@ returns, so the saving has to live in the cache: :class:`CompressedCache` (one
   are applied to every layer: per batch row and kv-head it keeps the slots its
   plan names, and the dense prompt is dropped.  (A budget that covers the prompt
   keeps all of it, unscored.)
-* Each decode step appends its token and attends to the kept slots and the
-  generated tokens.  A slot standing for ``c`` tokens (a merge) gets ``log c`` on
+* Later forwards append their tokens and attend to the kept slots and the tokens
+  stored since (causally among themselves): decode steps, or the question that
+  follows a context compressed before it was seen (:func:`compress_context`, the
+  query-agnostic protocol).  A slot standing for ``c`` tokens (a merge) gets ``log c`` on
   its logit, which is attention over ``c`` identical keys; rows of a batch that
   keep fewer slots than others are padded with slots of count 0 (``-inf``).
 
 Positions stay those of the uncompressed sequence: ``generate`` advances its
 ``position_ids`` itself, and a forward given none takes them from
 ``get_seq_length``, which counts the sequence's tokens, not the slots kept.  The
-causal mask transformers builds is therefore over that logical length; the
-decode attention reads it only to refuse padding (every slot is in the past of
-the decoding token) and passes the slots' count bias instead.
+causal mask transformers builds is therefore over that logical length; attention
+after the compression reads it only to refuse padding (every slot is in the past
+of the new tokens) and passes its own mask instead.
 """
 
 from __future__ import annotations
@@ -102,15 +104,23 @@ class CompressedLayer(DynamicLayer):
             self.log_counts = torch.stack(counts).to(self.keys.device).log()
         self.prompt_slots, self.compressed = slots, True
 
-    def decode_bias(self, num_heads: int, dtype: torch.dtype) -> Tensor | None:
-        """The additive SDPA mask ``[B, H_q, 1, S]`` of a decode step: ``log count`` on the
-        kept slots, 0 on the generated tokens; None when every slot is one token."""
-        if self.log_counts is None:
+    def attention_bias(self, num_heads: int, num_new: int, dtype: torch.dtype) -> Tensor | None:
+        """The additive SDPA mask ``[B, H_q or 1, num_new, S]`` of a forward after the
+        compression (a decode step, or the tokens that follow a compressed context):
+        ``log count`` on the kept slots, 0 on the tokens stored after them, causal among
+        the ``num_new`` new ones; None when no slot is weighed and one token is new."""
+        if self.log_counts is None and num_new == 1:
             return None
+        slots = self.keys.shape[-2]
+        causal = torch.ones(num_new, num_new, dtype=torch.bool, device=self.keys.device).tril()
+        visible = F.pad(causal, (slots - num_new, 0), value=True)
+        bias = torch.zeros(num_new, slots, dtype=dtype, device=self.keys.device)
+        bias = bias.masked_fill(~visible, float("-inf"))[None, None]
+        if self.log_counts is None:
+            return bias
         group = num_heads // self.log_counts.shape[1]
-        generated = self.keys.shape[-2] - self.prompt_slots
-        bias = F.pad(self.log_counts, (0, generated)).repeat_interleave(group, dim=1)
-        return bias[:, :, None].to(dtype)
+        counts = F.pad(self.log_counts, (0, slots - self.prompt_slots))
+        return bias + counts.repeat_interleave(group, dim=1)[:, :, None].to(dtype)
 
     def get_seq_length(self) -> int:
         """Tokens of the sequence, not slots stored: positions and masks stay those of the
@@ -151,11 +161,6 @@ class CompressedCache(DynamicCache):
 
     def update(self, key_states: Tensor, value_states: Tensor, layer_idx: int, *args, **kwargs):
         layer = self.layers[layer_idx]
-        if layer.compressed and key_states.shape[-2] != 1:
-            raise ValueError(f"kvplug policy {self.policy.name!r} in the HF path compresses the "
-                             f"prompt at its prefill, so the prompt must come in one forward; "
-                             f"got {key_states.shape[-2]} new tokens after "
-                             f"{layer.get_seq_length()} cached ones")
         if layer.is_initialized and not layer.compressed:
             raise RuntimeError(f"kvplug policy {self.policy.name!r}: layer {layer_idx}'s prompt "
                                "was never scored (its attention did not run kvplug's compression "

@@ -268,7 +268,7 @@ def _compression_attention(module: torch.nn.Module, query: torch.Tensor, key: to
                          "the attached policy")
     layer = cache.layers[module.layer_idx]
     if layer.compressed:
-        bias = layer.decode_bias(query.shape[1], query.dtype)
+        bias = layer.attention_bias(query.shape[1], query.shape[2], query.dtype)
         return sdpa_attention_forward(module, query, key, value, bias, **kwargs)
     out = sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
     scale = kwargs.get("scaling")
@@ -306,9 +306,7 @@ def _with_kvplug_cache(prepare: Callable[..., Any]) -> Callable[..., Any]:
         if type(cache) is not DynamicCache or getattr(cache, "_is_user_defined", False) \
                 or not modules:
             return result
-        policy = getattr(modules[0], _POLICY_ATTR, None)
-        if policy is None:
-            policy = _env_policy(os.environ.get("KVPLUG_POLICY"), os.environ.get("KVPLUG_CONFIG"))
+        policy = _model_policy(modules)
         if "prefill_compress" in policy.stages:
             model_kwargs["past_key_values"] = CompressedCache(policy, self.config)
         elif _store(policy) == "lowrank":
@@ -320,6 +318,33 @@ def _with_kvplug_cache(prepare: Callable[..., Any]) -> Callable[..., Any]:
 
     prepare_cache._kvplug_wrapped = True
     return prepare_cache
+
+
+def _model_policy(modules: list[torch.nn.Module]) -> Policy:
+    """The policy attached to a model's kvplug layers, else the environment's."""
+    policy = getattr(modules[0], _POLICY_ATTR, None)
+    if policy is None:
+        policy = _env_policy(os.environ.get("KVPLUG_POLICY"), os.environ.get("KVPLUG_CONFIG"))
+    return policy
+
+
+def compress_context(model: torch.nn.Module, input_ids: torch.Tensor,
+                     context_tokens: int) -> CompressedCache | None:
+    """The query-agnostic protocol: prefill ``input_ids[:, :context_tokens]`` (the
+    context) and compress it before the rest (the question) is seen.  Pass the returned
+    cache to ``generate`` with the whole ``input_ids``: it reads the rest over the kept
+    slots.  None for a policy that keeps every token, for which reading the prompt in
+    one forward is the same."""
+    policy = _model_policy(_attention_modules(model))
+    if "prefill_compress" not in policy.stages:
+        return None
+    if not 0 < context_tokens < input_ids.shape[1]:
+        raise ValueError(f"context_tokens must be in [1, {input_ids.shape[1] - 1}] (a context "
+                         f"and at least one token after it), got {context_tokens}")
+    cache = CompressedCache(policy, model.config)
+    with torch.no_grad():
+        model(input_ids[:, :context_tokens], past_key_values=cache, use_cache=True)
+    return cache
 
 
 def _store(policy: Policy) -> str | None:

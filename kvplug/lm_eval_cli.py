@@ -4,7 +4,9 @@ What it adds before handing ``ARGS`` to ``lm_eval``:
 
 * ``--include_path`` of kvplug's RULER tasks, unless given;
 * ``attn_implementation="kvplug"`` registered in transformers, so
-  ``--model hf --model_args ...,attn_implementation=kvplug`` loads;
+  ``--model hf --model_args ...,attn_implementation=kvplug`` loads, and the
+  ``kvplug-hf`` model (:mod:`kvplug.lm_eval_hf`): ``hf`` that runs the
+  query-agnostic tasks by compressing each context before its question;
 * a refusal of ``--model local-completions`` without ``max_length`` in
   ``--model_args``: lm-eval's default of 2048 tokens would left-truncate long
   prompts with only a log warning.
@@ -49,6 +51,7 @@ def prepare(args: list[str]) -> list[str]:
 def run(ns: argparse.Namespace) -> int:
     from lm_eval.__main__ import cli_evaluate
 
+    import kvplug.lm_eval_hf  # noqa: F401  (registers the kvplug-hf model)
     from kvplug.integrations import transformers as kvhf
 
     argv = prepare(list(ns.lm_eval_args))

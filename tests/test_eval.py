@@ -37,14 +37,14 @@ def test_matrix_rejects_bad_policies_and_budgets_before_running():
         matrix(["quest"], [1.5], "hf", baseline=False)
 
 
-def test_query_agnostic_with_a_compressing_policy_is_refused(model_dir, tmp_path):
-    """No engine compresses the context before the question yet: the run must not
-    report query-aware numbers under the query-agnostic name."""
+def test_query_agnostic_with_a_compressing_policy_on_vllm_is_refused(model_dir, tmp_path):
+    """vLLM compresses where the prefill ends: the run must not report query-aware numbers
+    under the query-agnostic name (the HF engine runs the protocol)."""
     out = subprocess.run([sys.executable, "-m", "kvplug", "eval", "--policies", "snapkv",
                           "--budgets", "0.125", "--protocol", "query_agnostic", "--out",
                           str(tmp_path)], capture_output=True, text=True, timeout=120)
     assert out.returncode == 2
-    assert "['snapkv@0.125']: no kvplug engine compresses" in out.stderr
+    assert "['snapkv@0.125']: kvplug's vLLM engine compresses a prompt when" in out.stderr
 
 
 @pytest.mark.parametrize("command", ["eval", "demo"])

@@ -60,6 +60,7 @@ from kvplug.kernels import chunk_summaries, landmarks, sparse_paged_decode
 from kvplug.integrations import capabilities, hf_compression, hf_shadowkv
 from kvplug.integrations.hf_compression import CompressedCache
 from kvplug.integrations.hf_shadowkv import ShadowKVCache
+from kvplug.policies import lowrank_store
 from kvplug.policies import (CompressionPolicy, KeySummary, Policy, SelectionPolicy,
                              StepContext, SummarySpec, build_policy)
 
@@ -238,8 +239,8 @@ def _shadowkv_attention(module: torch.nn.Module, query: torch.Tensor, key: torch
         raise ValueError(f"kvplug policy 'shadowkv': the cache was built for {layer.policy!r}, "
                          f"but the layer runs {policy!r}; build the cache with the attached "
                          "policy")
-    out = hf_shadowkv.decode(layer.store, policy, query[:, :, 0], key, value,
-                             kwargs.get("scaling"))
+    out = lowrank_store.decode(layer.store, policy, query[:, :, 0], key, value,
+                               kwargs.get("scaling"))
     if out is None:
         key, value = layer.store.with_whole_prompt(key, value)
         return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)

@@ -12,7 +12,8 @@ On the vLLM engine every kvplug config shares one engine (the others are its
 the configs that keep every token, which run first) and each config then only
 decodes, switched in by ``set_policy``; a compressing config recomputes only the
 part of the prompt its compaction keeps (its prefix-cache hits stop at the
-blocks it frees unwritten), and scores its window there over the whole context.  Groups are written as they finish and merged into a cell,
+blocks it frees unwritten), and scores its window there over the whole context.
+Groups are written as they finish and merged into a cell,
 and finished groups and cells are skipped, so an interrupted run resumes.
 
 Outputs in ``--out``: ``cells/*.json`` (scores and per-sample needle depths),
@@ -80,10 +81,11 @@ def parse_policy(text: str) -> tuple[str, tuple[tuple[str, object], ...]]:
     return name, tuple(params)
 
 
-def _csv(kind):
+def comma_separated(kind):
+    """An argparse type: a comma-separated list of ``kind`` values, at least one."""
     def parse(text: str) -> list:
         try:
-            values = [kind(v) for v in text.split(",") if v.strip()]
+            values = [kind(v.strip()) for v in text.split(",") if v.strip()]
         except ValueError:
             raise argparse.ArgumentTypeError(f"expected comma-separated {kind.__name__}s, "
                                              f"got {text!r}") from None
@@ -96,19 +98,19 @@ def _csv(kind):
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None, help="HF model directory (default: kvplug models path)")
     p.add_argument("--engine", choices=("vllm", "hf"), default="vllm")
-    p.add_argument("--policies", type=_csv(str), default=["full"],
+    p.add_argument("--policies", type=comma_separated(str), default=["full"],
                    help="comma-separated policies (see `kvplug policies`), each optionally "
                         "with parameters: name[key=value;key=value]")
-    p.add_argument("--budgets", type=_csv(float), default=[0.25, 0.125, 0.0625],
+    p.add_argument("--budgets", type=comma_separated(float), default=[0.25, 0.125, 0.0625],
                    help="budget_ratio values for policies that take a budget")
-    p.add_argument("--lengths", type=_csv(int), default=[4096, 8192])
+    p.add_argument("--lengths", type=comma_separated(int), default=[4096, 8192])
     p.add_argument("--num-samples", type=int, default=20, help="samples per task and length")
     p.add_argument("--samples-per-prefill", type=int, default=None,
                    help="vllm engine: samples per task prefilled once and decoded by every "
                         "kvplug config (default: all; the KV pool must hold tasks x this x "
                         "length tokens, or the prefix cache evicts and prefill repeats)")
     p.add_argument("--protocol", choices=tuple(GROUPS), default="query_aware")
-    p.add_argument("--tasks", type=_csv(str), default=None,
+    p.add_argument("--tasks", type=comma_separated(str), default=None,
                    help="lm-eval task names (default: the protocol's whole group)")
     p.add_argument("--no-baseline", action="store_true",
                    help="skip vLLM's default backend (vllm engine only)")

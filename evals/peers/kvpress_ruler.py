@@ -53,7 +53,7 @@ from transformers.utils import logging as transformers_logging
 
 from kvpress import (AdaKVPress, BasePress, ExpectedAttentionPress, KnormPress,
                      ObservedAttentionPress, SnapKVPress, StreamingLLMPress, TOVAPress)
-from kvplug.eval import summarize_cells, write_tables
+from kvplug.eval import comma_separated, summarize_cells, write_tables
 from kvplug.evals.ruler import LM_EVAL_TASKS_DIR, synth
 from kvplug.evals.ruler.scoring import postprocess, string_match_all
 
@@ -283,31 +283,18 @@ def configs_for(presses: list[str], budgets: list[float]) -> list[Config]:
     return [Config()] + [Config(press, budget) for press in presses for budget in budgets]
 
 
-def _csv(kind):
-    def parse(text: str) -> list:
-        try:
-            values = [kind(v.strip()) for v in text.split(",") if v.strip()]
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected comma-separated {kind.__name__}s, "
-                                             f"got {text!r}") from None
-        if not values:
-            raise argparse.ArgumentTypeError(f"expected at least one value, got {text!r}")
-        return values
-    return parse
-
-
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default=str(DEFAULT_MODEL), help="HF model directory")
-    p.add_argument("--presses", type=_csv(str), default=["snapkv"],
+    p.add_argument("--presses", type=comma_separated(str), default=["snapkv"],
                    help=f"comma-separated kvpress presses: {', '.join(PRESSES)}")
-    p.add_argument("--budgets", type=_csv(float), default=[0.25, 0.125, 0.0625],
+    p.add_argument("--budgets", type=comma_separated(float), default=[0.25, 0.125, 0.0625],
                    help="fractions of the compressed tokens kept (kvplug's budget_ratio; "
                         "kvpress compression_ratio = 1 - budget)")
-    p.add_argument("--lengths", type=_csv(int), default=[4096])
+    p.add_argument("--lengths", type=comma_separated(int), default=[4096])
     p.add_argument("--num-samples", type=int, default=20, help="samples per task and length")
-    p.add_argument("--tasks", type=_csv(str), default=list(synth.TASKS),
+    p.add_argument("--tasks", type=comma_separated(str), default=list(synth.TASKS),
                    help=f"comma-separated suite tasks (default all: {', '.join(synth.TASKS)})")
     p.add_argument("--protocol", choices=PROTOCOLS, default="query_agnostic")
     p.add_argument("--threads", type=int, default=2,
@@ -358,7 +345,10 @@ def main(argv: list[str] | None = None) -> int:
                        for n in args.lengths} for c in configs}
 
     rows = summarize_cells(cells)
-    command = shlex.join([sys.executable, *sys.argv])
+    python = Path(sys.executable)
+    if python.is_relative_to(Path.cwd()):   # the runner's venv inside the checkout
+        python = python.relative_to(Path.cwd())
+    command = shlex.join([str(python), *sys.argv])
     found = versions()
     cpu = machine()
     header = (f"RULER-style suite ({args.protocol}), {args.num_samples} samples per task and "

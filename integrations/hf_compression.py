@@ -109,18 +109,19 @@ class CompressedLayer(DynamicLayer):
         compression (a decode step, or the tokens that follow a compressed context):
         ``log count`` on the kept slots, 0 on the tokens stored after them, causal among
         the ``num_new`` new ones; None when no slot is weighed and one token is new."""
-        if self.log_counts is None and num_new == 1:
-            return None
         slots = self.keys.shape[-2]
+        counts = None
+        if self.log_counts is not None:
+            group = num_heads // self.log_counts.shape[1]
+            counts = F.pad(self.log_counts, (0, slots - self.prompt_slots))
+            counts = counts.repeat_interleave(group, dim=1)[:, :, None].to(dtype)
+        if num_new == 1:            # a decode step sees every slot: no causal part
+            return counts
         causal = torch.ones(num_new, num_new, dtype=torch.bool, device=self.keys.device).tril()
         visible = F.pad(causal, (slots - num_new, 0), value=True)
         bias = torch.zeros(num_new, slots, dtype=dtype, device=self.keys.device)
         bias = bias.masked_fill(~visible, float("-inf"))[None, None]
-        if self.log_counts is None:
-            return bias
-        group = num_heads // self.log_counts.shape[1]
-        counts = F.pad(self.log_counts, (0, slots - self.prompt_slots))
-        return bias + counts.repeat_interleave(group, dim=1)[:, :, None].to(dtype)
+        return bias if counts is None else bias + counts
 
     def get_seq_length(self) -> int:
         """Tokens of the sequence, not slots stored: positions and masks stay those of the

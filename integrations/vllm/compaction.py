@@ -206,28 +206,26 @@ def patch_scheduler() -> None:
         init(self, vllm_config, *args, **kwargs)
         if uses_kvplug(vllm_config):
             worker = worker_policy(vllm_config)
-            compressing = [p for p in worker.policies if "prefill_compress" in p.stages]
-            if compressing:
-                attach_reclaimer(self.kv_cache_manager, compressing[0].name,
-                                 lambda: worker.next_policy)
+            if any("prefill_compress" in p.stages for p in worker.policies):
+                attach_reclaimer(self.kv_cache_manager, worker)
 
     __init__._kvplug_wrapped = True
     Scheduler.__init__ = __init__
 
 
-def attach_reclaimer(kv_cache_manager, name: str,
-                     policy_now: Callable[[], Policy]) -> BlockReclaimer:
+def attach_reclaimer(kv_cache_manager, worker) -> BlockReclaimer:
     """Give a scheduler's KV cache manager (and each of its full-attention managers) a
-    reclaimer; refuse layer kinds whose blocks kvplug cannot reclaim (``name``: the
-    compressing policy, for the error)."""
+    reclaimer that follows ``worker`` (its :class:`WorkerPolicy`); refuse layer kinds whose
+    blocks kvplug cannot reclaim."""
     from vllm.v1.core.single_type_kv_cache_manager import FullAttentionManager
 
     managers = kv_cache_manager.coordinator.single_type_managers
     others = sorted({type(m).__name__ for m in managers if type(m) is not FullAttentionManager})
     if others:
+        name = next(p.name for p in worker.policies if "prefill_compress" in p.stages)
         raise ValueError(f"kvplug policy {name!r} frees KV blocks of full-attention "
                          f"layers only; this model also has {others}")
-    reclaimer = BlockReclaimer(policy_now, managers[0].block_size)
+    reclaimer = BlockReclaimer(lambda: worker.next_policy, managers[0].block_size)
     kv_cache_manager._kvplug_reclaimer = reclaimer
     for manager in managers:
         manager._kvplug_reclaimer = reclaimer

@@ -133,8 +133,10 @@ class KVPlugCudaMetadataBuilder(TritonAttentionMetadataBuilder):
             raise ValueError("kvplug: selection policies on CUDA do not run multimodal "
                              "prefix ranges or R-SWA layers")
         seq_lens = md.seq_lens[:num_rows]
+        # vLLM's table spans max_model_len; scoring reads only the blocks the rows can hold
+        width = -(-md.max_seq_len // self.block_size)
         return DecodePlan(
-            num_rows=num_rows, seq_lens=seq_lens, block_table=md.block_table[:num_rows],
+            num_rows=num_rows, seq_lens=seq_lens, block_table=md.block_table[:num_rows, :width],
             max_seq_len=md.max_seq_len, dense=rows_of(md, common, 0, num_rows),
             rest=None if num_rows == common.num_reqs else rows_of(md, common, num_rows,
                                                                   common.num_reqs),

@@ -254,6 +254,7 @@ def test_mixed_batch_sparse_fitting_and_prefill_rows(vllm_config, monkeypatch, l
     md, outs, (_, keys, values, queries) = mixed_step(backend, SEQ_LENS, QUERY_LENS)
     plan = md.decode
     assert plan.num_rows == 2 and plan.rest.num_actual_tokens == 6
+    assert plan.block_table.shape[1] == -(-max(SEQ_LENS) // BLOCK)      # not max_model_len
     assert plan.rest.query_start_loc.tolist() == [0, 6] and plan.rest.seq_lens.tolist() == [57]
     dense = dense_reference(SEQ_LENS, QUERY_LENS, keys, values, queries)
     for i, out in outs.items():

@@ -66,6 +66,11 @@ class DecodePlan:
         dense kv-heads become a per-(row, kv-head) window of the whole row."""
         n_recent = selection.n_recent
         if selection.dense_kv_heads is not None:
+            if selection.dense_kv_heads.shape[0] != num_kv_heads:
+                raise ValueError(f"kvplug: the policy flagged dense kv-heads for "
+                                 f"{selection.dense_kv_heads.shape[0]} kv-heads, this worker "
+                                 f"holds {num_kv_heads} (per-head patterns need "
+                                 f"tensor_parallel_size=1)")
             window = torch.as_tensor(n_recent, device=self.seq_lens.device).expand(
                 self.num_rows)
             dense = selection.dense_kv_heads.to(self.seq_lens.device)

@@ -352,3 +352,18 @@ def test_storage_policies_are_refused_on_cuda():
         with pytest.raises(ValueError, match=f"kvplug policy {name!r} needs .*prefill_compress"
                                              ".*which vLLM on CUDA does not support"):
             check_engine(POLICIES[name], VLLM_CUDA)
+
+
+def test_dense_kv_heads_become_whole_row_windows_and_must_match_the_worker():
+    from kvplug.integrations.vllm.cuda_backend import DecodePlan
+    from kvplug.policies import Selection, StepContext
+
+    plan = DecodePlan(num_rows=2, seq_lens=torch.tensor([300, 40], dtype=torch.int32),
+                      block_table=torch.zeros(2, 19, dtype=torch.int32), max_seq_len=300,
+                      dense=None, rest=None, ctx=StepContext(BLOCK))
+    streaming = Selection(None, 1, 16, torch.tensor([32, 40]), torch.tensor([False, True, False]))
+    *_, n_recent, widest = plan.kernel_read(streaming, H_KV)
+    assert n_recent.tolist() == [[32, 300, 32], [40, 40, 40]] and widest == 300
+    with pytest.raises(ValueError, match="dense kv-heads for 3 kv-heads, this worker holds 1 "
+                                         r"\(per-head patterns need tensor_parallel_size=1\)"):
+        plan.kernel_read(streaming, 1)

@@ -15,7 +15,7 @@ HF = "HF transformers"
 ENGINES: dict[str, tuple[frozenset[str], frozenset[str]]] = {
     VLLM_CPU: (frozenset({"select", "prefill_compress", "layer_budgets"}),
                frozenset({"dense", "evicted", "merged"})),
-    VLLM_CUDA: (frozenset(), frozenset({"dense"})),
+    VLLM_CUDA: (frozenset({"select"}), frozenset({"dense"})),
     HF: (frozenset({"select", "prefill_compress", "layer_budgets"}),
          frozenset({"dense", "evicted", "merged", "lowrank"})),
 }

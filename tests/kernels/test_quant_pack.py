@@ -131,6 +131,9 @@ def test_fused_decode_matches_reference(bits, H, group, n, D, assert_close):
     ref_out, ref_lse = quantized_decode_ref(q, part)
     assert_close("out", out, ref_out)
     assert_close("lse", lse, ref_lse)
+    tiled_out, tiled_lse = quantized_decode_ref(q, part, tile=16)      # the CPU path's tiles
+    assert_close("tiled out", tiled_out, ref_out)
+    assert_close("tiled lse", tiled_lse, ref_lse)
     if n:  # the reference is attention over the dequantized keys and values
         k, v = dequantize_kv(part)
         kk, vv = (t.repeat_interleave(group, dim=1) for t in (k, v))

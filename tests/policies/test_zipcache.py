@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from kvplug.integrations.capabilities import HF, VLLM_CPU, check_engine
 from kvplug.policies import build_policy
 from kvplug.policies.quantized_store import decode, dequantized, quantize_segment
 
@@ -29,6 +30,14 @@ def test_defaults_are_the_official_ones():
     assert (p.bits_salient, p.bits_other, p.k_unimportant_ratio, p.streaming_gap,
             p.probe_ratio) == (4, 2, 0.4, 100, 0.05)
     assert p.store == "quantized" and p.fallback_store is None
+
+
+def test_engines():
+    """HF keeps the quantized store; vLLM-cpu does not yet and refuses it, saying what."""
+    policy = build_policy("zipcache")
+    check_engine(policy, HF)
+    with pytest.raises(ValueError, match=r"'zipcache' needs store 'quantized', which vLLM on CPU"):
+        check_engine(policy, VLLM_CPU)
 
 
 def test_probe_positions():

@@ -33,7 +33,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .common import LOG2E, default_scale, group_size, next_pow2, use_triton
+from .common import (LOG2E, default_scale, group_size, merge_attention_states, next_pow2,
+                     use_triton)
 
 BITS = (2, 4, 8)
 PARAM_DTYPE = torch.float16
@@ -322,9 +323,12 @@ def quantized_decode(q: Tensor, part: PackedKV, *, scale: float | None = None) -
     return out, lse
 
 
-def quantized_decode_ref(q: Tensor, part: PackedKV, *,
-                         scale: float | None = None) -> tuple[Tensor, Tensor]:
+def quantized_decode_ref(q: Tensor, part: PackedKV, *, scale: float | None = None,
+                         tile: int = 4096) -> tuple[Tensor, Tensor]:
     """One decode query per sequence attending to every token of a packed part.
+
+    The CPU path: ``tile`` tokens at a time are unpacked and dequantized, attended to,
+    and merged by LSE, so no full-precision copy of the part is made.
 
     Parameters
     ----------
@@ -334,6 +338,8 @@ def quantized_decode_ref(q: Tensor, part: PackedKV, *,
         ``n`` tokens per (sequence, kv-head) (``n`` may be 0).
     scale : float, optional
         Softmax scale (default ``1 / sqrt(D)``).
+    tile : int
+        Tokens dequantized at once.
 
     Returns
     -------
@@ -344,10 +350,21 @@ def quantized_decode_ref(q: Tensor, part: PackedKV, *,
         to merge with attention over other tokens.
     """
     B, H_q, H_kv, D, G = _check_decode(q, part)
-    keys, values = dequantize_kv(part)
-    s = torch.einsum("bhgd,bhnd->bhgn", q.float().view(B, H_kv, G, D), keys) \
-        * default_scale(D, scale)
-    lse = torch.logsumexp(s, dim=-1)                                          # [B, H, G]
-    p = torch.exp(s - torch.where(torch.isfinite(lse), lse, 0.0)[..., None])
-    out = torch.einsum("bhgn,bhnd->bhgd", p, values).reshape(B, H_q, D)
-    return out, lse.reshape(B, H_q)
+    qg = q.float().view(B, H_kv, G, D) * default_scale(D, scale)
+    outs, lses = [], []
+    for start in range(0, max(part.num_tokens, 1), tile):
+        keys, values = dequantize_kv(_tokens(part, slice(start, start + tile)))
+        s = qg @ keys.transpose(-1, -2)                                       # [B, H, G, t]
+        lse = torch.logsumexp(s, dim=-1)                                      # [B, H, G]
+        p = torch.exp(s - torch.where(torch.isfinite(lse), lse, 0.0)[..., None])
+        outs.append((p @ values).reshape(B, H_q, D))
+        lses.append(lse.reshape(B, H_q))
+    if len(outs) == 1:
+        return outs[0], lses[0]
+    return merge_attention_states(torch.stack(outs, dim=2), torch.stack(lses, dim=2), dim=2)
+
+
+def _tokens(part: PackedKV, tokens: slice) -> PackedKV:
+    """The tokens ``tokens`` of a part, as a part (views)."""
+    return part._replace(k_codes=part.k_codes[:, :, tokens], v_codes=part.v_codes[:, :, tokens],
+                         v_zero=part.v_zero[:, :, tokens], v_step=part.v_step[:, :, tokens])

@@ -120,7 +120,7 @@ class ZipCache(Policy):
         B, H_q, D = query.shape
         H_kv = keys.shape[1]
         q = query.float().view(B, H_kv, H_q // H_kv, D)
-        logits = torch.einsum("bhgd,bhnd->bhgn", q, keys.float()) * scale
+        logits = q @ keys.float().transpose(-1, -2) * scale                  # [B, H, G, g]
         probs = torch.exp(logits - lse.view(B, H_kv, -1, 1).float())
         return probs.sum(dim=2)
 

@@ -17,7 +17,7 @@ ENGINES: dict[str, tuple[frozenset[str], frozenset[str]]] = {
                frozenset({"dense", "evicted", "merged"})),
     VLLM_CUDA: (frozenset({"select"}), frozenset({"dense"})),
     HF: (frozenset({"select", "prefill_compress", "layer_budgets"}),
-         frozenset({"dense", "evicted", "merged", "lowrank"})),
+         frozenset({"dense", "evicted", "merged", "lowrank", "quantized"})),
 }
 
 

@@ -27,7 +27,9 @@ which scores key summaries that ``generate``'s cache keeps as tokens arrive
 (:class:`SummaryLayer`); a policy keeping the ``lowrank`` store (ShadowKV) reads the
 prompt through :func:`_shadowkv_attention` from the cache ``generate`` gets for it,
 which keeps the prompt's keys as a low-rank store and its values in host memory
-(:mod:`kvplug.integrations.hf_shadowkv`).  Policies that keep fewer tokens after
+(:mod:`kvplug.integrations.hf_shadowkv`); one keeping the ``quantized`` store (ZipCache)
+through :func:`_quantized_attention` from a cache that keeps the past packed
+(:mod:`kvplug.integrations.hf_quantized`).  Policies that keep fewer tokens after
 prefill (``"prefill_compress"`` in their declared ``stages``) share
 :func:`_compression_attention`, and ``generate`` gets them a cache that stores only
 what their keep plans name (:mod:`kvplug.integrations.hf_compression`).
@@ -57,8 +59,9 @@ from transformers.masking_utils import sdpa_mask
 
 from kvplug.config import resolve_config
 from kvplug.kernels import chunk_summaries, landmarks, sparse_paged_decode
-from kvplug.integrations import capabilities, hf_compression, hf_shadowkv
+from kvplug.integrations import capabilities, hf_compression, hf_quantized, hf_shadowkv
 from kvplug.integrations.hf_compression import CompressedCache
+from kvplug.integrations.hf_quantized import QuantizedCache
 from kvplug.integrations.hf_shadowkv import ShadowKVCache
 from kvplug.policies import lowrank_store
 from kvplug.policies import (CompressionPolicy, KeySummary, Policy, SelectionPolicy,
@@ -278,6 +281,37 @@ def _compression_attention(module: torch.nn.Module, query: torch.Tensor, key: to
     return out
 
 
+def _quantized_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor,
+                         value: torch.Tensor, attention_mask: torch.Tensor | None, *,
+                         policy: Policy, **kwargs: Any) -> tuple[torch.Tensor, None]:
+    """A policy keeping the ``quantized`` store: the prompt's forward is dense SDPA, then the
+    layer's :class:`~kvplug.integrations.hf_quantized.QuantizedLayer` quantizes the prompt
+    by the policy's saliency; each decode step reads the packed segments and the exact
+    tokens not yet quantized (``key``/``value`` are those exact tokens)."""
+    _refuse_padding(policy, attention_mask)
+    cache = hf_quantized.cache_of(key)
+    if cache is None:
+        if key.shape[2] > query.shape[2]:
+            raise ValueError(f"kvplug policy {policy.name!r}: layer {module.layer_idx} reads a "
+                             "cache kvplug did not build, which keeps every token in full "
+                             "precision; let generate() build the cache (pass no "
+                             "past_key_values) or pass past_key_values=QuantizedCache(policy, "
+                             "model.config)")
+        return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+    if cache.policy is not policy:
+        raise ValueError(f"kvplug policy {policy.name!r}: the cache was built for "
+                         f"{cache.policy!r}, but the layer runs {policy!r}; build the cache with "
+                         "the attached policy")
+    layer = cache.layers[module.layer_idx]
+    scale = kwargs.get("scaling")
+    scale = query.shape[-1] ** -0.5 if scale is None else scale
+    if layer.prompt_quantized:
+        return layer.decode_step(policy, query[:, :, 0], scale)[:, None], None
+    out = sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+    layer.quantize_prompt(policy, module.layer_idx, query, scale)
+    return out
+
+
 def register() -> None:
     """Make ``attn_implementation="kvplug"`` loadable, and ``generate`` build the cache a
     kvplug model's policy reads (:func:`_with_kvplug_cache`); idempotent.
@@ -296,7 +330,7 @@ def _with_kvplug_cache(prepare: Callable[..., Any]) -> Callable[..., Any]:
     """transformers' ``_prepare_cache_for_generation``, then, for a model whose layers run
     kvplug attention and a caller who passed no cache, the cache its policy reads:
     kvplug's :class:`CompressedCache` for a policy that compresses at prefill, kvplug's for
-    ``shadowkv``; for other selection policies transformers' own with its full-attention
+    ``shadowkv``, :class:`QuantizedCache` for a policy keeping the ``quantized`` store; for other selection policies transformers' own with its full-attention
     layers made :class:`SummaryLayer`.  The policy is the one attached to
     the layers, else the environment's (lm-eval's ``hf`` model attaches none)."""
     @functools.wraps(prepare)
@@ -312,6 +346,8 @@ def _with_kvplug_cache(prepare: Callable[..., Any]) -> Callable[..., Any]:
             model_kwargs["past_key_values"] = CompressedCache(policy, self.config)
         elif _store(policy) == "lowrank":
             model_kwargs["past_key_values"] = ShadowKVCache(policy, self.config)
+        elif _store(policy) == "quantized":
+            model_kwargs["past_key_values"] = QuantizedCache(policy, self.config)
         elif "select" in policy.stages:
             cache.layers = [SummaryLayer() if type(layer) is DynamicLayer
                             and not layer.is_initialized else layer for layer in cache.layers]
@@ -363,6 +399,8 @@ def _attention_for(policy: Policy) -> Callable[..., tuple[torch.Tensor, torch.Te
         return _compression_attention
     if _store(policy) == "lowrank":
         return _shadowkv_attention
+    if _store(policy) == "quantized":
+        return _quantized_attention
     if "select" in policy.stages:
         return _selection_attention
     return _full_attention

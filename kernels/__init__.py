@@ -9,6 +9,8 @@ fall back to it on CPU tensors unless Triton runs in interpreter mode.
   selected chunks of a paged KV cache (dense and StreamingLLM as special cases);
   :func:`plan_sparse_decode` does its host work once per step (plan/run).
 * :func:`lowrank_rope_keys`: ShadowKV low-rank key reconstruction fused with RoPE.
+* :func:`quantize_kv` / :func:`quantized_decode`: ZipCache's 2/4/8-bit KV packed into
+  bytes, and decode attention that dequantizes the packed codes tile by tile.
 
 Shared conventions (GQA order, paged layout, RoPE form, dispatch) are in
 :mod:`kvplug.kernels.common`.
@@ -19,6 +21,8 @@ from .chunk_select import (chunk_scores, chunk_scores_ref, chunk_summaries, chun
 from .common import apply_rope, gather_pages, merge_attention_states, rope_inv_freq
 from .count_attention import count_weighted_decode, count_weighted_decode_ref
 from .lowrank_rope import lowrank_rope_keys, lowrank_rope_keys_ref
+from .quant_pack import (PackedKV, dequantize_kv, pack_codes, quantize_kv, quantize_pack,
+                         quantize_pack_ref, quantized_decode, quantized_decode_ref, unpack_codes)
 from .sparse_decode import (SparseDecodePlan, plan_sparse_decode, selected_positions,
                             sparse_paged_decode, sparse_paged_decode_ref)
 
@@ -27,6 +31,8 @@ __all__ = [
     "chunk_topk", "chunk_topk_ref", "count_weighted_decode", "count_weighted_decode_ref",
     "gather_pages", "landmarks", "lowrank_rope_keys",
     "lowrank_rope_keys_ref", "merge_attention_states",
+    "PackedKV", "dequantize_kv", "pack_codes", "quantize_kv", "quantize_pack",
+    "quantize_pack_ref", "quantized_decode", "quantized_decode_ref", "unpack_codes",
     "plan_sparse_decode", "rope_inv_freq", "select_topk", "selected_positions",
     "sparse_paged_decode", "sparse_paged_decode_ref",
 ]

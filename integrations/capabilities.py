@@ -16,7 +16,7 @@ ENGINES: dict[str, tuple[frozenset[str], frozenset[str]]] = {
     VLLM_CPU: (frozenset({"select", "prefill_compress", "layer_budgets"}),
                frozenset({"dense", "evicted", "merged"})),
     VLLM_CUDA: (frozenset(), frozenset({"dense"})),
-    HF: (frozenset({"select", "prefill_compress", "layer_budgets"}),
+    HF: (frozenset({"select", "prefill_compress", "layer_budgets", "decode_compress"}),
          frozenset({"dense", "evicted", "merged", "lowrank"})),
 }
 

@@ -13,7 +13,7 @@ HF = "HF transformers"
 
 # engine -> (stages it runs, stores it keeps)
 ENGINES: dict[str, tuple[frozenset[str], frozenset[str]]] = {
-    VLLM_CPU: (frozenset({"select", "prefill_compress", "layer_budgets"}),
+    VLLM_CPU: (frozenset({"select", "prefill_compress", "layer_budgets", "decode_compress"}),
                frozenset({"dense", "evicted", "merged"})),
     VLLM_CUDA: (frozenset(), frozenset({"dense"})),
     HF: (frozenset({"select", "prefill_compress", "layer_budgets", "decode_compress"}),

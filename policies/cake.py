@@ -81,7 +81,8 @@ class CAKE(CompressionPolicy):
     # layer is evicted again as decode grows it past its budget
     stages = frozenset({"prefill_compress", "layer_budgets", "decode_compress"})
     summary = ("gives each layer its own budget from its attention dispersion and shift and "
-               "keeps its most important tokens; the rest is evicted at prefill (memory)")
+               "keeps its most important tokens; the rest is evicted at prefill and again as "
+               "decode grows a layer past its budget (memory)")
     window_size: int = param(32, "observation window: last prompt queries that score the "
                                  "tokens (always kept; 2+ for the variance)", min=2)
     gamma: float = param(200.0, "weight of the attention variance in the eviction indicator "

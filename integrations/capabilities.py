@@ -13,10 +13,10 @@ HF = "HF transformers"
 
 # engine -> (stages it runs, stores it keeps)
 ENGINES: dict[str, tuple[frozenset[str], frozenset[str]]] = {
-    VLLM_CPU: (frozenset({"select", "prefill_compress", "layer_budgets"}),
+    VLLM_CPU: (frozenset({"select", "prefill_compress", "layer_budgets", "decode_compress"}),
                frozenset({"dense", "evicted", "merged"})),
     VLLM_CUDA: (frozenset({"select"}), frozenset({"dense"})),
-    HF: (frozenset({"select", "prefill_compress", "layer_budgets"}),
+    HF: (frozenset({"select", "prefill_compress", "layer_budgets", "decode_compress"}),
          frozenset({"dense", "evicted", "merged", "lowrank", "quantized"})),
 }
 

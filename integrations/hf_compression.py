@@ -18,6 +18,11 @@ returns, so the saving has to live in the cache: :class:`CompressedCache` (one
   query-agnostic protocol).  A slot standing for ``c`` tokens (a merge) gets ``log c`` on
   its logit, which is attention over ``c`` identical keys; rows of a batch that
   keep fewer slots than others are padded with slots of count 0 (``-inf``).
+* A policy that also compresses at decode (``"decode_compress"``) gives each layer
+  a budget per row (its prefill budget; where the prompt was kept whole, the
+  policy's budget): after a forward's attention has read every slot, a row holding
+  more than its budget keeps what ``policy.decode_keep`` names of its slots, so
+  between forwards no layer holds more than its budget.
 
 Positions stay those of the uncompressed sequence: ``generate`` advances its
 ``position_ids`` itself, and a forward given none takes them from
@@ -77,15 +82,19 @@ class CompressedLayer(DynamicLayer):
 
     def __init__(self) -> None:
         super().__init__()
+        self.tokens = 0         # tokens of the sequence stored so far, kept or not
         self.prompt_len = 0     # tokens of the prompt
-        self.prompt_slots = 0   # slots that hold it: prompt_len until compressed
+        self.counted_slots = 0  # leading slots log_counts covers (the prompt's until compressed)
         self.compressed = False  # the prompt is stored as kept (plans applied, or all kept)
-        # [B, H_kv, prompt_slots] log of the tokens each kept slot stands for; None: one each
+        # [B, H_kv, counted_slots] log of the tokens each slot stands for; None: one each
         self.log_counts: Tensor | None = None
+        # per batch row, the slots a forward may leave (decode_compress); None: no limit
+        self.budgets: list[int] | None = None
 
     def update(self, key_states: Tensor, value_states: Tensor, *args, **kwargs):
         if not self.is_initialized:
-            self.prompt_len = self.prompt_slots = key_states.shape[-2]
+            self.prompt_len = self.counted_slots = key_states.shape[-2]
+        self.tokens += key_states.shape[-2]
         return super().update(key_states, value_states, *args, **kwargs)
 
     def keep(self, plans: list[KeepPlan]) -> None:
@@ -102,7 +111,48 @@ class CompressedLayer(DynamicLayer):
         if weighted:
             counts = [F.pad(slot_counts(plan), (0, slots - plan.size)) for plan in plans]
             self.log_counts = torch.stack(counts).to(self.keys.device).log()
-        self.prompt_slots, self.compressed = slots, True
+        self.counted_slots, self.compressed = slots, True
+
+    def evict(self, policy: CompressionPolicy, layer_idx: int, query: Tensor,
+              scale: float) -> None:
+        """Decode-time compression, after a forward's attention read every slot: each batch
+        row holding more than its budget keeps the slots ``policy.decode_keep`` names, scored
+        by the forward's ``query`` ``[B, H_q, Q, D]`` over the row's slots (padding
+        excluded); rows that then keep fewer slots than others are padded with count 0."""
+        num_kv_heads, slots = self.keys.shape[1], self.keys.shape[-2]
+        log_counts = self.slot_log_counts()
+        kept, evicted = [], False
+        for row, budget in enumerate(self.budgets):
+            real = torch.arange(slots, device=self.keys.device)
+            if log_counts is not None:
+                real = real[log_counts[row, 0] > float("-inf")]
+            keep = policy.decode_keep(layer_idx, query[row].transpose(0, 1),
+                                      self.keys[row, :, real].transpose(0, 1), budget, scale)
+            evicted |= keep is not None
+            kept.append(real.expand(num_kv_heads, -1) if keep is None
+                        else real[keep.to(real.device)])
+        if not evicted:
+            return
+        width = max(index.shape[-1] for index in kept)
+        rows = []
+        for row, index in enumerate(kept):
+            gathered = [t[row].gather(1, index[..., None].expand(-1, -1, t.shape[-1]))
+                        for t in (self.keys, self.values)]
+            counts = (torch.zeros(index.shape, device=index.device) if log_counts is None
+                      else log_counts[row].gather(1, index))
+            pad = width - index.shape[-1]
+            rows.append([F.pad(t, (0, 0, 0, pad)) for t in gathered]
+                        + [F.pad(counts, (0, pad), value=float("-inf"))])
+        self.keys, self.values, counts = (torch.stack(ts) for ts in zip(*rows))
+        self.log_counts = counts if bool(counts.ne(0).any()) else None
+        self.counted_slots = width
+
+    def slot_log_counts(self) -> Tensor | None:
+        """``[B, H_kv, slots]`` log of the tokens each slot stands for (0 after the counted
+        ones); None when every slot is one token."""
+        if self.log_counts is None:
+            return None
+        return F.pad(self.log_counts, (0, self.keys.shape[-2] - self.counted_slots))
 
     def attention_bias(self, num_heads: int, num_new: int, dtype: torch.dtype) -> Tensor | None:
         """The additive SDPA mask ``[B, H_q or 1, num_new, S]`` of a forward after the
@@ -110,10 +160,9 @@ class CompressedLayer(DynamicLayer):
         ``log count`` on the kept slots, 0 on the tokens stored after them, causal among
         the ``num_new`` new ones; None when no slot is weighed and one token is new."""
         slots = self.keys.shape[-2]
-        counts = None
-        if self.log_counts is not None:
-            group = num_heads // self.log_counts.shape[1]
-            counts = F.pad(self.log_counts, (0, slots - self.prompt_slots))
+        counts = self.slot_log_counts()
+        if counts is not None:
+            group = num_heads // counts.shape[1]
             counts = counts.repeat_interleave(group, dim=1)[:, :, None].to(dtype)
         if num_new == 1:            # a decode step sees every slot: no causal part
             return counts
@@ -126,14 +175,12 @@ class CompressedLayer(DynamicLayer):
     def get_seq_length(self) -> int:
         """Tokens of the sequence, not slots stored: positions and masks stay those of the
         uncompressed sequence."""
-        if not self.is_initialized:
-            return 0
-        return self.prompt_len + self.keys.shape[-2] - self.prompt_slots
+        return self.tokens
 
     def reset(self) -> None:
         super().reset()
-        self.prompt_len = self.prompt_slots = 0
-        self.compressed, self.log_counts = False, None
+        self.tokens = self.prompt_len = self.counted_slots = 0
+        self.compressed, self.log_counts, self.budgets = False, None, None
 
     def _refuse(self, *args, **kwargs):
         raise NotImplementedError("kvplug's compressed cache (HF path) keeps what the policy chose "
@@ -178,7 +225,10 @@ class CompressedCache(DynamicCache):
         budget that covers the prompt keeps all of it, unscored."""
         span = key.shape[2]
         if self.policy.token_budget(span) >= span:
-            self.layers[layer_idx].compressed = True
+            layer = self.layers[layer_idx]
+            layer.compressed = True
+            if "decode_compress" in self.policy.stages:
+                layer.budgets = [self.policy.kept_budget(span)] * key.shape[0]
             return
         window = min(self.policy.observation_window, query.shape[2])
         queries = query[:, :, -window:].transpose(1, 2)                 # [B, W, H_q, D]
@@ -198,7 +248,16 @@ class CompressedCache(DynamicCache):
                                               layer.keys[row].transpose(0, 1),
                                               layer.values[row].transpose(0, 1))
                         for row in rows])
+            if "decode_compress" in self.policy.stages:
+                layer.budgets = [budgets[row][idx] for row in rows]
         self._scores = [None] * len(self.layers)
+
+    def compress_decode(self, layer_idx: int, query: Tensor, scale: float) -> None:
+        """Decode-time compression of layer ``layer_idx`` after a forward's attention (see
+        :meth:`CompressedLayer.evict`); nothing for a policy that keeps every later token."""
+        layer = self.layers[layer_idx]
+        if layer.budgets is not None:
+            layer.evict(self.policy, layer_idx, query, scale)
 
     def reset(self) -> None:
         super().reset()

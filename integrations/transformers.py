@@ -256,7 +256,8 @@ def _compression_attention(module: torch.nn.Module, query: torch.Tensor, key: to
     """Policies that keep less after prefill: the prompt's forward is dense SDPA, scored for
     the policy by the layer's :class:`~kvplug.integrations.hf_compression.CompressedCache`,
     which keeps what the policy's plans name once every layer has scored; each decode step
-    reads those slots (weighed by their counts) and the generated tokens."""
+    reads those slots (weighed by their counts) and the generated tokens, after which a
+    policy that compresses at decode keeps the layer within its budget."""
     _refuse_padding(policy, attention_mask)
     cache = hf_compression.cache_of(key)
     if cache is None:
@@ -271,13 +272,15 @@ def _compression_attention(module: torch.nn.Module, query: torch.Tensor, key: to
                          f"{cache.policy!r}, but the layer runs {policy!r}; build the cache with "
                          "the attached policy")
     layer = cache.layers[module.layer_idx]
+    scale = kwargs.get("scaling")
+    scale = query.shape[-1] ** -0.5 if scale is None else scale
     if layer.compressed:
         bias = layer.attention_bias(query.shape[1], query.shape[2], query.dtype)
-        return sdpa_attention_forward(module, query, key, value, bias, **kwargs)
+        out = sdpa_attention_forward(module, query, key, value, bias, **kwargs)
+        cache.compress_decode(module.layer_idx, query, scale)
+        return out
     out = sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
-    scale = kwargs.get("scaling")
-    cache.score_prompt(module.layer_idx, query, key,
-                       query.shape[-1] ** -0.5 if scale is None else scale)
+    cache.score_prompt(module.layer_idx, query, key, scale)
     return out
 
 

@@ -77,7 +77,8 @@ class Policy:
     summary: ClassVar[str] = ""
     # what the policy needs an engine to do (docs/design.md, "The policy contract"):
     # stages it acts in ("select": decode-time reads; "prefill_compress": keep less at the
-    # end of prefill; "layer_budgets": keep a different number of tokens per layer) and the
+    # end of prefill; "decode_compress": keep less again as decode adds tokens;
+    # "layer_budgets": keep a different number of tokens per layer) and the
     # format its KV is stored in ("dense", "evicted", "merged": centroids with counts,
     # "lowrank": low-rank keys and offloaded values), and the store it runs with where an
     # engine keeps no store of that kind (None: it runs nowhere else)

@@ -13,7 +13,11 @@ the prompt's last ``window_size`` queries over the keys before the window:
   over the GQA group) ranks its tokens: a token whose importance varies across the
   window may matter to a later query even when its mean is low.
 
-The window itself is always kept.  ``tau1``/``tau2`` were tuned per model and
+The window itself is always kept.  During decode (``CakeDecodingKVCache_LayerWise``)
+a layer that holds more than its budget after a forward keeps its last
+``window_size`` slots and the ``budget - window_size`` others the forward's
+queries attend to most (average-pooled, averaged over the GQA group), so it never
+holds more than its budget between steps.  ``tau1``/``tau2`` were tuned per model and
 budget in the paper (``experiments/LongBench/config/model2tau.json``, e.g.
 Llama-3.1-8B at 1024 tokens: 1.6/0.4); 1.0/1.0 is the official fallback.
 """
@@ -27,8 +31,8 @@ import torch
 
 from kvplug.policies.base import param, register_policy
 from kvplug.policies.compression import (CompressionPolicy, LayerScores, check_pooling,
-                                         group_mean, pool_scores, window_attention,
-                                         with_window)
+                                         group_mean, pool_scores, top_tokens,
+                                         window_attention, with_window)
 
 
 def share(preferences: list[float], total: int, cap: int) -> list[int]:
@@ -73,10 +77,12 @@ def share(preferences: list[float], total: int, cap: int) -> list[int]:
 @register_policy("cake")
 @dataclass
 class CAKE(CompressionPolicy):
-    # budgets differ per layer: an engine must read (and may free) each layer apart
-    stages = frozenset({"prefill_compress", "layer_budgets"})
+    # budgets differ per layer: an engine must read (and may free) each layer apart; and a
+    # layer is evicted again as decode grows it past its budget
+    stages = frozenset({"prefill_compress", "layer_budgets", "decode_compress"})
     summary = ("gives each layer its own budget from its attention dispersion and shift and "
-               "keeps its most important tokens; the rest is evicted at prefill (memory)")
+               "keeps its most important tokens; the rest is evicted at prefill and again as "
+               "decode grows a layer past its budget (memory)")
     window_size: int = param(32, "observation window: last prompt queries that score the "
                                  "tokens (always kept; 2+ for the variance)", min=2)
     gamma: float = param(200.0, "weight of the attention variance in the eviction indicator "
@@ -117,6 +123,24 @@ class CAKE(CompressionPolicy):
         indicator = pool_scores(probs.mean(dim=1) + self.gamma * var, self.kernel_size)
         scores = group_mean(indicator, keys.shape[1])
         return LayerScores(with_window(scores, context, window), preference)
+
+    def decode_keep(self, layer_idx, queries, keys, budget, scale):
+        """CAKE's decode-time eviction (``cake_cache.py``, ``CakeDecodingKVCache_LayerWise``,
+        called after the step's attention, which read every slot): the attention of the
+        forward's last ``window_size`` queries (one at a decode step) over every slot,
+        averaged over those queries, on the slots before the last ``window_size``;
+        average-pooled, averaged over the GQA group; the top ``budget - window_size`` and
+        the window stay.  No variance term, as there.  The official cache keeps its slots
+        in top-k order, so its pooling there runs over neighbours in score order; kvplug
+        keeps slots in position order and pools over neighbouring kept tokens."""
+        slots = keys.shape[0]
+        if slots <= budget:
+            return None
+        window = min(self.window_size, budget)
+        probs = window_attention(queries[-self.window_size:], keys, scale)
+        scores = pool_scores(probs[..., :slots - window].mean(dim=1), self.kernel_size)
+        return top_tokens(with_window(group_mean(scores, keys.shape[1]), slots, window),
+                          budget, slots)
 
     def largest_layer_budget(self, budget, span):
         """``max_layer_ratio * budget`` tokens, clipped to the span: known before any layer

@@ -13,7 +13,10 @@ The contract (docs/design.md, "Keeping less"):
 * ``keep_plan(scores, budget, span, keys, values)`` is what one layer keeps of
   the tokens ``[0, span)``: a :class:`KeepPlan`.  The engine keeps the tokens at
   and after ``span`` (the prompt's partial last block, and every decode token)
-  as they are.
+  as they are;
+* policies that also declare ``decode_compress`` keep less again as decode adds
+  tokens: once a layer holds more than its budget, ``decode_keep(layer, queries,
+  keys, budget, scale)`` says which of its slots stay (CAKE's decode-time eviction).
 
 Budget means KV tokens kept per sequence (averaged over layers), window
 included, as ``budget`` (tokens) or ``budget_ratio`` (fraction of the prompt).
@@ -148,16 +151,25 @@ class CompressionPolicy(Policy):
 
     def token_budget(self, context_len: int) -> int:
         """KV tokens kept of a ``context_len``-token prompt, at least the window."""
+        return min(context_len, self.kept_budget(context_len))
+
+    def kept_budget(self, prompt_len: int) -> int:
+        """KV tokens per layer (on average) a sequence with a ``prompt_len``-token prompt may
+        keep, not clipped to the prompt: what decode-time compression holds a layer to where
+        the prompt fitted its budget."""
         if self.budget > 0:
             kept = self.budget
         else:
-            kept = math.ceil(self.budget_ratio * context_len)
-        return min(context_len, max(kept, self.observation_window))
+            kept = math.ceil(self.budget_ratio * prompt_len)
+        return max(kept, self.observation_window)
 
     def kv_tokens_kept(self, context_len: int, prompt_len: int | None = None) -> int:
         """KV tokens stored once a ``prompt_len``-token prompt is compressed and the context
-        has grown to ``context_len`` (decode tokens are kept as they come)."""
+        has grown to ``context_len`` (decode tokens are kept as they come, or, with
+        ``decode_compress``, up to the budget)."""
         prompt_len = context_len if prompt_len is None else prompt_len
+        if "decode_compress" in self.stages:
+            return min(context_len, self.kept_budget(prompt_len))
         return min(context_len, self.token_budget(prompt_len) + context_len - prompt_len)
 
     def account_step(self, state, computed_before: int, new_tokens: int,
@@ -186,6 +198,16 @@ class CompressionPolicy(Policy):
         """Tokens of ``[0, span)`` each layer keeps when the sequence keeps ``budget``
         of them per layer on average: the same for every layer."""
         return [min(budget, span)] * len(scores)
+
+    def decode_keep(self, layer_idx: int, queries: Tensor, keys: Tensor, budget: int,
+                    scale: float) -> Tensor | None:
+        """Policies declaring ``decode_compress``: which slots a layer keeps once a forward
+        after the prompt's compression has left it more than ``budget`` slots.  ``queries``
+        ``[Q, H_q, D]``: that forward's post-RoPE queries, the last at the last slot;
+        ``keys`` ``[S, H_kv, D]``: every slot the layer holds, in position order, the
+        forward's tokens last.  Returns ``[H_kv, budget]`` ascending slot indices, or None
+        when ``S <= budget`` (nothing to evict)."""
+        raise NotImplementedError
 
     def keep_plan(self, scores: LayerScores, budget: int, span: int, keys: Tensor,
                   values: Tensor) -> KeepPlan:

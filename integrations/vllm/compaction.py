@@ -22,6 +22,15 @@ worker to the scheduler:
 * the worker (:class:`CompactionStep`) scores and moves the KV during the step that
   ends the prefill, after that step's attention, and shifts the reads of later
   steps by ``first_block``.
+
+Policies that also compress at decode (``"decode_compress"``) re-compact block by
+block: each time a decode step fills a block past the kept region, every layer
+keeps what ``decode_keep`` names of its region and that block, written into the
+region's blocks moved one block on (ending at the block that receives the next
+token), and the scheduler frees the block before them.  The layout stays a function
+of the same numbers and of the request's token count
+(:meth:`CompactionLayout.first_block_at`), so both sides still derive it alone; a
+request then holds its kept region and one partial block however long it decodes.
 """
 
 from __future__ import annotations
@@ -43,6 +52,7 @@ class CompactionLayout:
     block_size: int
     kept_blocks: int   # full blocks of kept span tokens, just before the tail block
     span_budget: int   # span tokens a layer keeps on average (the rest of the budget is the tail)
+    recompacts: bool = False  # decode_compress: the kept region moves on as blocks fill
 
     @property
     def tail_block(self) -> int:
@@ -55,8 +65,23 @@ class CompactionLayout:
 
     @property
     def first_block(self) -> int:
-        """The first block attention reads; the ones before are freed."""
-        return self.tail_block - self.kept_blocks
+        """The first block attention reads after the prefill; the ones before are freed."""
+        return max(0, self.tail_block - self.kept_blocks)
+
+    def first_block_at(self, tokens: int, kept_blocks: int | None = None) -> int:
+        """The first block a layer keeping ``kept_blocks`` blocks (default: the region) reads
+        once ``tokens >= context`` tokens are computed.  A re-compacting layout's region ends
+        at the block that receives the next token, so it moves on one block each time a
+        block fills."""
+        kept = self.kept_blocks if kept_blocks is None else kept_blocks
+        tail = tokens // self.block_size if self.recompacts else self.tail_block
+        return max(0, tail - kept)
+
+    def recompacts_in(self, computed: int, new: int) -> bool:
+        """Whether the step that takes the request from ``computed`` to ``computed + new``
+        tokens (a decode step, after the prefill) moves its region on."""
+        return (self.recompacts and computed >= self.context
+                and self.first_block_at(computed + new) > self.first_block_at(computed))
 
     def layer_blocks(self, budget: int) -> int:
         """Blocks a layer keeping ``budget`` span tokens fills: rounded up (the next best
@@ -75,8 +100,11 @@ def compaction_layout(policy: CompressionPolicy, context: int,
     span_budget = max(policy.token_budget(context) - tail, 0)
     keep = policy.largest_layer_budget(span_budget, span_blocks * block_size)
     keep = max(keep, min(policy.observation_window, context) - tail)
-    return CompactionLayout(context, block_size, min(span_blocks, -(-keep // block_size)),
-                            span_budget)
+    kept_blocks = min(span_blocks, -(-keep // block_size))
+    recompacts = "decode_compress" in policy.stages
+    if recompacts and kept_blocks == span_blocks:   # the prompt fits: decode fills the budget
+        kept_blocks = max(span_blocks, -(-policy.kept_budget(context) // block_size))
+    return CompactionLayout(context, block_size, kept_blocks, span_budget, recompacts)
 
 
 class BlockReclaimer:
@@ -113,7 +141,7 @@ class BlockReclaimer:
         layout = self.layouts.get(request_id)
         if layout is None or committed_tokens < layout.context:
             return 0
-        return layout.first_block
+        return layout.first_block_at(committed_tokens)
 
     def drop(self, request_id: str) -> None:
         self.layouts.pop(request_id, None)
@@ -240,9 +268,22 @@ class RequestCompaction:
 
     layout: CompactionLayout | None = None                       # set when its prefill ends
     queries: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> last queries
-    # the first block each layer reads once compacted, where layers keep different numbers
-    # of blocks (else every layer reads from layout.first_block)
-    layer_first_blocks: tuple[int, ...] | None = None
+    # the blocks each layer keeps once compacted, where layers keep different numbers of
+    # blocks (else every layer keeps layout.kept_blocks)
+    layer_kept_blocks: tuple[int, ...] | None = None
+
+    def kept_blocks(self, layer_idx: int) -> int:
+        """Blocks of kept tokens layer ``layer_idx`` holds before the tail block."""
+        if self.layer_kept_blocks is None:
+            return self.layout.kept_blocks
+        return self.layer_kept_blocks[layer_idx]
+
+    def layer_first_blocks(self, tokens: int) -> tuple[int, ...] | None:
+        """The first block each layer reads once ``tokens`` are computed, where layers keep
+        different numbers of blocks; None: each reads from the region's first block."""
+        if self.layer_kept_blocks is None:
+            return None
+        return tuple(self.layout.first_block_at(tokens, kept) for kept in self.layer_kept_blocks)
 
 
 @dataclass
@@ -250,10 +291,13 @@ class CompactionStep:
     """This step's prefill rows of a compressing policy: ``ending`` (row, record) pairs
     end their prefill here and are scored layer by layer, then compacted after the
     step's last layer (a policy may budget layers by every layer's scores);
-    ``continuing`` ones keep their chunk's last queries for the ending chunk."""
+    ``continuing`` ones keep their chunk's last queries for the ending chunk;
+    ``recompacting`` (row, record, tokens computed before the step) decode a token that
+    fills a block past their region, and each layer re-compacts after its attention."""
 
     ending: tuple[tuple[int, RequestCompaction], ...]
     continuing: tuple[tuple[int, RequestCompaction], ...]
+    recompacting: tuple[tuple[int, RequestCompaction, int], ...] = ()
     scores: dict[int, list[LayerScores]] = field(default_factory=dict)  # row -> per layer
     caches: dict[int, torch.Tensor] = field(default_factory=dict)        # layer -> its cache
     log_counts: dict[int, torch.Tensor] = field(default_factory=dict)    # layer -> its counts

@@ -25,6 +25,8 @@ Compressing policies (prefill eviction, :mod:`.compaction`): the builder
 shifts each compacted row's block table and length to its first kept block;
 per layer, the impl scores the rows whose prefill ends in the step, and the
 step's last layer writes what every layer keeps into the request's kept blocks.
+With decode-time compression, a decode row that fills a block past its region is
+re-compacted by each layer after its attention (:meth:`KVPlugCPUImpl._recompact`).
 """
 
 from __future__ import annotations
@@ -48,7 +50,7 @@ from kvplug.integrations.vllm.common import (KVPlugBackendMixin, LayerSummaries,
                                              current_rows, decode_rows, step_context,
                                              with_rows)
 from kvplug.integrations.vllm.lifecycle import tracker, worker_policy
-from kvplug.policies import Selection, SelectionPolicy, StepContext
+from kvplug.policies import KeepPlan, Selection, SelectionPolicy, StepContext
 
 
 @dataclass
@@ -297,12 +299,17 @@ class KVPlugCPUImpl(LayerSummaries, CPUAttentionBackendImpl):
     def _compaction(self, layer, query, kv_cache, md, step: CompactionStep) -> None:
         """Keep the last queries of continuing prefill chunks; score the rows whose prefill
         ends; after the last layer, write what each layer keeps (every layer's cache is
-        in ``step.caches`` by then)."""
-        if not step.ending and not step.continuing:    # a step of decodes only
-            return
+        in ``step.caches`` by then).  Rows whose decode fills a block past their region
+        re-compact this layer at once."""
+        if not step.ending and not step.continuing and not step.recompacting:
+            return                                     # a step of decodes only
         policy = self.worker.policy
         window = policy.observation_window
         starts = md.query_start_loc.tolist()
+        for row, record, computed in step.recompacting:
+            self._recompact(query[starts[row]:starts[row + 1]], kv_cache,
+                            md.block_table[row].long(), md.rows.read_from[row], record,
+                            computed, layer.isa)
         step.caches[self.layer_idx] = kv_cache
         if self.log_counts is not None:
             step.log_counts[self.layer_idx] = self.log_counts
@@ -349,8 +356,35 @@ class KVPlugCPUImpl(LayerSummaries, CPUAttentionBackendImpl):
                 step.log_counts[layer_idx][blocks] = 0 if log_counts is None else \
                     log_counts.view(blocks.shape[0], layout.block_size, -1)
         if any(first != layout.first_block for first in firsts):
-            record.layer_first_blocks = tuple(firsts)
+            record.layer_kept_blocks = tuple(layout.tail_block - first for first in firsts)
         tracker().counts["compacted_requests"] += 1
+
+    def _recompact(self, query, kv_cache, table, offset: int, record, computed: int,
+                   isa: str) -> None:
+        """Decode-time compression of one row at this layer, after its attention read the
+        layer's region and the block this step filled: the policy's ``decode_keep`` (scored
+        by the step's query) picks the region's worth of them, written into the blocks that
+        end where the next token goes.  ``table`` is the row's block table read from block
+        ``offset`` on."""
+        layout, block_size = record.layout, kv_cache.shape[2]
+        kept = record.kept_blocks(self.layer_idx)
+        if self.layer_idx == 0:
+            tracker().counts["decode_compactions"] += 1
+        if kept == 0:                                  # this layer keeps none of the span
+            return
+        start = layout.first_block_at(computed, kept)
+        tail = (computed + query.shape[0]) // block_size
+        blocks = table[start - offset:tail - offset]
+        keys, values = context_kv(kv_cache, blocks, blocks.shape[0] * block_size, isa)
+        plan = KeepPlan(self.worker.policy.decode_keep(self.layer_idx, query, keys,
+                                                       kept * block_size, self.scale))
+        kept_keys, kept_values, _ = gather_kept(plan, keys, values)
+        target = table[tail - kept - offset:tail - offset]
+        write_kept(kv_cache, target, kept_keys, kept_values, isa)
+        if self.log_counts is not None:               # merged slots keep their counts
+            counts = self.log_counts[blocks].flatten(0, 1)           # [slots, H_kv]
+            self.log_counts[target] = counts.gather(0, plan.indices.t()).view(
+                kept, block_size, -1)
 
     def _sparse_decode(self, layer, query, kv_cache, plan, selection, output) -> None:
         _, num_kv_heads, block_size, _ = kv_cache.shape

@@ -39,7 +39,8 @@ class Step:
 
     With a compressing policy, ``read_from`` is the first KV block each row's
     attention reads (0: all; compacted requests freed the blocks before it) and
-    ``compaction`` the rows whose prefill this step scores or ends.
+    ``compaction`` the rows whose prefill this step scores or ends, or whose kept region
+    it moves on.
     """
 
     req_ids: tuple[str, ...]
@@ -147,7 +148,8 @@ class RequestTracker:
         batch = runner.input_batch
         req_ids = tuple(batch.req_ids[: batch.num_reqs])
         compressing = "prefill_compress" in policy.stages
-        states, read_from, layer_read_from, ending, continuing = [], [], [], [], []
+        states, read_from, layer_read_from = [], [], []
+        ending, continuing, recompacting = [], [], []
         for row, req_id in enumerate(req_ids):
             request = runner.requests[req_id]
             state = self.states.get(req_id)
@@ -163,18 +165,22 @@ class RequestTracker:
             if not compressing:
                 continue
             record = self.compactions.setdefault(req_id, RequestCompaction())
-            layer_read_from.append(record.layer_first_blocks)
             if record.layout is not None:
-                read_from.append(record.layout.first_block)
+                read_from.append(record.layout.first_block_at(computed))
+                layer_read_from.append(record.layer_first_blocks(computed))
+                if record.layout.recompacts_in(computed, new):
+                    recompacting.append((row, record, computed))
                 continue
             read_from.append(0)
+            layer_read_from.append(None)
             if computed + new == request.num_tokens:  # the prefill run ends in this step
                 record.layout = compaction_layout(policy, computed + new, self.block_size)
                 if record.layout.first_block:        # else it keeps every token as it is
                     ending.append((row, record))
             else:
                 continuing.append((row, record))
-        compaction = CompactionStep(tuple(ending), tuple(continuing)) if compressing else None
+        compaction = (CompactionStep(tuple(ending), tuple(continuing), tuple(recompacting))
+                      if compressing else None)
         self.current = Step(req_ids, tuple(states), tuple(read_from) if compressing else None,
                             compaction, tuple(layer_read_from)
                             if any(f is not None for f in layer_read_from) else None)

@@ -144,6 +144,11 @@ def _check_policy(engine_args, vllm_config, recreate):
         raise ValueError(f"kvplug policy {storing[0]!r} frees blocks the scheduler plans by "
                          f"the policy the worker runs; with {workers} worker processes a "
                          "policy switch cannot reach the scheduler: leave switch_to empty")
+    recompacting = [p.name for p in policies if "decode_compress" in p.stages]
+    if recompacting and vllm_config.speculative_config is not None:
+        raise ValueError(f"kvplug policy {recompacting[0]!r} compresses a request's KV again "
+                         "each time a decoded token fills a block, one token a step; "
+                         "speculative decoding is not supported with it")
     selecting = [p.name for p in policies if p.stages & {"select", "prefill_compress"}]
     if selecting:
         cache = vllm_config.cache_config

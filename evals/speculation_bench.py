@@ -53,14 +53,20 @@ def configs(gamma: int, budget: int) -> dict[str, dict]:
 def prompt_ids(tok, context: int) -> list[int]:
     """The essays cut so that the chat-formatted request is ``context`` tokens."""
     ask = "\n\nSummarize the essays above in detail."
-    overhead = len(tok.apply_chat_template([{"role": "user", "content": ask}],
-                                           add_generation_prompt=True))
+
+    def chat(text: str) -> list[int]:
+        formatted = tok.apply_chat_template([{"role": "user", "content": text}],
+                                            add_generation_prompt=True, tokenize=False)
+        return tok(formatted, add_special_tokens=False)["input_ids"]
+
+    overhead = len(chat(ask))
     essays = tok(ESSAYS.read_text(), add_special_tokens=False)["input_ids"]
     if len(essays) < context - overhead:
         raise ValueError(f"context {context} exceeds the essays ({len(essays) + overhead} tokens)")
-    text = tok.decode(essays[:context - overhead]) + ask
-    return tok.apply_chat_template([{"role": "user", "content": text}],
-                                   add_generation_prompt=True)[:context]
+    keep = context - overhead
+    while len(ids := chat(tok.decode(essays[:keep]) + ask)) > context:
+        keep -= len(ids) - context     # re-tokenizing the cut text may merge differently
+    return ids
 
 
 def _counter(metrics, name: str) -> float:

@@ -19,6 +19,11 @@ engine may be switched to while idle
 (:func:`kvplug.integrations.vllm.set_policy`): their key summaries are kept
 from the start, so one engine and its prefix cache serve several policies
 (``kvplug eval`` compares policies on one prefill this way).
+
+``draft`` is the selection policy (``{"policy": ..., params}``) the model reads
+through when it drafts tokens for itself (self-speculation, vLLM's
+``--speculative-config`` naming kvplug's drafter); the policy it verifies with
+must read every token, so the output is the dense model's.
 """
 
 from __future__ import annotations
@@ -39,6 +44,8 @@ ENGINE_KEYS: dict[str, tuple[type, Any, str]] = {
     "log_request_stats": (bool, True, "log each request's KV stats when it finishes"),
     "switch_to": (list, [], "policy configs ({\"policy\": ..., params}) the engine may be "
                             "switched to while idle; their key summaries are kept from the start"),
+    "draft": (dict, None, "selection policy config ({\"policy\": ..., params}) the model reads "
+                          "through when it drafts for itself (self-speculation)"),
 }
 
 
@@ -74,6 +81,7 @@ class KVPlugConfig(PolicyConfig):
     log_every_steps: int = ENGINE_KEYS["log_every_steps"][1]
     log_request_stats: bool = ENGINE_KEYS["log_request_stats"][1]
     switch_to: tuple[PolicyConfig, ...] = ()
+    draft: PolicyConfig | None = None
     sources: tuple[str, ...] = ()
 
     def policy_configs(self) -> tuple[PolicyConfig, ...]:
@@ -85,6 +93,8 @@ class KVPlugConfig(PolicyConfig):
         switch = ""
         if self.switch_to:
             switch = " switch_to=" + json.dumps([c.as_dict() for c in self.switch_to])
+        if self.draft is not None:
+            switch += " draft=" + json.dumps(self.draft.as_dict())
         return (f"kvplug config: policy={self.policy} params={policy.params()} "
                 f"log_every_steps={self.log_every_steps}{switch} "
                 f"from {', '.join(self.sources) or 'defaults'}")
@@ -150,4 +160,24 @@ def _validate(merged: dict[str, Any], sources: tuple[str, ...]) -> KVPlugConfig:
         engine["switch_to"] = tuple(PolicyConfig.parse(c, f"kvplug config switch_to[{i}]")
                                     for i, c in enumerate(engine["switch_to"]))
     first = PolicyConfig.parse(merged, "kvplug config")
+    if "draft" in engine:
+        engine["draft"] = _draft_config(engine["draft"], first, engine.get("switch_to", ()))
     return KVPlugConfig(policy=first.policy, params=first.params, sources=sources, **engine)
+
+
+def _draft_config(data: Any, target: PolicyConfig,
+                  switch_to: tuple[PolicyConfig, ...]) -> PolicyConfig:
+    """The draft policy: a selection policy, drafting for a target that reads every token
+    (verification must be the dense model for the output to be lossless)."""
+    draft = PolicyConfig.parse(data, "kvplug config draft")
+    stages = draft.build_policy().stages
+    if stages != {"select"}:
+        raise ValueError(f"kvplug config draft: policy {draft.policy!r} has stages "
+                         f"{sorted(stages)}; a draft policy must only select what a decode "
+                         f"step reads (stages ['select'])")
+    if target.build_policy().stages:
+        raise ValueError(f"kvplug config draft: the verifying policy {target.policy!r} must "
+                         f"read every token (e.g. 'full') for drafts to be verified densely")
+    if switch_to:
+        raise ValueError("kvplug config draft cannot be combined with switch_to")
+    return draft

@@ -58,3 +58,21 @@ def test_config_file_json_and_errors(tmp_path):
         resolve_config(None, environ={"KVPLUG_CONFIG": "{policy: full}"})
     with pytest.raises(ValueError, match="must be an object"):
         resolve_config({"kvplug": "full"}, environ={})
+
+
+def test_draft_policy_is_validated():
+    draft = {"policy": "streamingllm", "budget": 256}
+    config = resolve_config({"kvplug": {"draft": draft}}, environ={})
+    assert config.draft.as_dict() == draft and config.policy == "full"
+    assert '"policy": "streamingllm"' in config.describe()
+    with pytest.raises(ValueError, match=r"draft: unknown kvplug policy 'nope'"):
+        resolve_config({"kvplug": {"draft": {"policy": "nope"}}}, environ={})
+    with pytest.raises(ValueError, match=r"'draft' must be dict, got 'quest'"):
+        resolve_config({"kvplug": {"draft": "quest"}}, environ={})
+    with pytest.raises(ValueError, match=r"draft: policy 'snapkv' has stages \['prefill_compress'\]"):
+        resolve_config({"kvplug": {"draft": {"policy": "snapkv", "budget": 64}}}, environ={})
+    with pytest.raises(ValueError, match=r"verifying policy 'quest' must read every token"):
+        resolve_config({"kvplug": {"policy": "quest", "budget": 64, "draft": draft}}, environ={})
+    with pytest.raises(ValueError, match=r"draft cannot be combined with switch_to"):
+        resolve_config({"kvplug": {"draft": draft, "switch_to": [{"policy": "full"}]}},
+                       environ={})

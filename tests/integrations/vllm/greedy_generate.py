@@ -4,7 +4,9 @@ Used by the exactness test so the kvplug engine and vLLM's default one never
 share a process.  ``python greedy_generate.py MODEL BACKEND PROMPTS.json OUT.json
 [SWITCH.json]`` (BACKEND ``default`` = no --attention-backend).  With
 ``SWITCH.json`` (a list of kvplug policy configs) the engine is switched to
-each in turn (``set_policy``) and runs both passes under each.
+each in turn (``set_policy``) and runs both passes under each.  The engine
+speculates with the JSON speculative config in ``KVPLUG_TEST_SPECULATIVE_CONFIG``
+when it is set.
 """
 
 import json
@@ -33,6 +35,8 @@ def main(model: str, backend: str, prompts_path: str, out_path: str,
 
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
     extra = {} if backend == "default" else {"attention_backend": backend}
+    if os.environ.get("KVPLUG_TEST_SPECULATIVE_CONFIG"):
+        extra["speculative_config"] = json.loads(os.environ["KVPLUG_TEST_SPECULATIVE_CONFIG"])
     llm = LLM(model, **ENGINE_ARGS, **extra)
     prompts = [TokensPrompt(prompt_token_ids=ids) for ids in json.load(open(prompts_path))]
     params = SamplingParams(max_tokens=32, temperature=0.0, ignore_eos=True)

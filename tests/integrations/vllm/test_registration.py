@@ -132,3 +132,25 @@ def test_decode_compression_refuses_speculative_decoding(model_dir, monkeypatch)
     with pytest.raises(ValueError, match="kvplug policy 'cake' compresses a request's KV again "
                                          ".*speculative decoding is not supported"):
         args.create_engine_config()
+
+
+def test_self_speculation_needs_draft_and_drafter_and_reserves_lookahead(model_dir, monkeypatch):
+    from vllm.engine.arg_utils import EngineArgs
+
+    from kvplug.integrations.vllm.speculation import SELF_DRAFTER_PATH
+
+    drafter = {"method": "custom_class", "model": SELF_DRAFTER_PATH, "num_speculative_tokens": 3}
+
+    def config(speculative):
+        return EngineArgs(model=str(model_dir), dtype="float32", attention_backend="kvplug",
+                          speculative_config=speculative).create_engine_config()
+
+    monkeypatch.setenv("KVPLUG_CONFIG", '{"policy": "full"}')
+    with pytest.raises(ValueError, match=r"needs both the kvplug config's 'draft'.*got draft=None"):
+        config(drafter)
+    monkeypatch.setenv("KVPLUG_CONFIG", '{"draft": {"policy": "streamingllm", "budget": 64}}')
+    with pytest.raises(ValueError, match=r"needs both .*speculative_config=None"):
+        config(None)
+    vllm_config = config(drafter)
+    assert vllm_config.num_lookahead_tokens == 3      # the drafts' KV slots
+    assert vllm_config.cache_config.block_size == 32  # the draft policy's read unit

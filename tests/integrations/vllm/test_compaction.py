@@ -18,6 +18,7 @@ from kvplug.evals.passkey import passkey_sample
 from kvplug.integrations.capabilities import VLLM_CPU, supported_engines
 from kvplug.policies import POLICIES
 from policy_matrix import COMPRESSING
+from engine_process import run_engine_script
 
 pytestmark = pytest.mark.engine
 SCRIPT = Path(__file__).with_name("compaction_run.py")
@@ -42,8 +43,8 @@ def _run(model_dir, prompts_file, name, **config) -> dict:
     config_file = prompts_file.with_name(f"{name}.config.json")
     config_file.write_text(json.dumps(config))
     out = prompts_file.with_name(f"{name}.json")
-    subprocess.run([sys.executable, str(SCRIPT), str(model_dir), str(config_file),
-                    str(prompts_file), str(out)], check=True, timeout=900)
+    run_engine_script([sys.executable, str(SCRIPT), str(model_dir), str(config_file),
+                       str(prompts_file), str(out)], timeout=900)
     return json.loads(out.read_text())
 
 

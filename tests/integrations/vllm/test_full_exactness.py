@@ -6,7 +6,6 @@ runs in its own process (greedy_generate.py).
 """
 
 import json
-import subprocess
 import sys
 from pathlib import Path
 
@@ -14,6 +13,7 @@ import pytest
 from transformers import AutoTokenizer
 
 from kvplug.evals.passkey import passkey_sample
+from engine_process import run_engine_script
 
 pytestmark = pytest.mark.engine
 SCRIPT = Path(__file__).with_name("greedy_generate.py")
@@ -32,8 +32,8 @@ def _prompts(model_dir) -> list[list[int]]:
 
 def _run(model_dir, backend, prompts_file, tmp_path) -> dict:
     out = tmp_path / f"{backend}.json"
-    subprocess.run([sys.executable, str(SCRIPT), str(model_dir), backend, str(prompts_file),
-                    str(out)], check=True, timeout=900)
+    run_engine_script([sys.executable, str(SCRIPT), str(model_dir), backend, str(prompts_file),
+                       str(out)], timeout=900)
     return json.loads(out.read_text())
 
 

@@ -9,7 +9,6 @@ passes: the second is served from the prefix cache, summaries included.
 
 import json
 import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -18,6 +17,7 @@ from transformers import AutoTokenizer
 
 from kvplug.evals.passkey import passkey_sample
 from kvplug.policies import POLICIES, SelectionPolicy
+from engine_process import run_engine_script
 
 pytestmark = pytest.mark.engine
 SCRIPT = Path(__file__).with_name("greedy_generate.py")
@@ -44,7 +44,7 @@ def _run(model_dir, prompts_file, out, env_config=None, switch=None) -> dict:
         switch_file = out.with_suffix(".switch.json")
         switch_file.write_text(json.dumps(switch))
         args.append(str(switch_file))
-    subprocess.run(args, check=True, timeout=1200, env=env)
+    run_engine_script(args, timeout=1200, env=env)
     return json.loads(out.read_text())
 
 

@@ -11,7 +11,6 @@ without speculation, token for token.  Each engine runs in its own process
 
 import json
 import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -20,6 +19,7 @@ from transformers import AutoTokenizer
 
 from kvplug.evals.passkey import passkey_sample
 from kvplug.integrations.vllm.speculation import SELF_DRAFTER_PATH
+from engine_process import run_engine_script
 
 pytestmark = pytest.mark.engine
 SCRIPT = Path(__file__).with_name("greedy_generate.py")
@@ -37,8 +37,8 @@ def _prompts(model_dir) -> list[list[int]]:
 
 
 def _run(model_dir, backend, prompts_file, out, env) -> dict:
-    subprocess.run([sys.executable, str(SCRIPT), str(model_dir), backend, str(prompts_file),
-                    str(out)], check=True, timeout=900, env={**os.environ, **env})
+    run_engine_script([sys.executable, str(SCRIPT), str(model_dir), backend, str(prompts_file),
+                       str(out)], timeout=900, env={**os.environ, **env})
     return json.loads(out.read_text())
 
 

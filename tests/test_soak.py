@@ -83,7 +83,7 @@ def test_short_soak_full_and_snapkv(model_dir, tmp_path):
          "--config", '{"policy": "full"}',
          "--config", '{"policy": "snapkv", "budget_ratio": 0.25}',
          "--requests", "60", "--concurrency", "8", "--max-model-len", "512",
-         "--max-new-tokens", "16", "--pool-tokens", "768", "--max-num-batched-tokens", "256",
+         "--max-new-tokens", "16", "--pool-tokens", "512", "--max-num-batched-tokens", "256",
          "--probes", "3", "--out", str(tmp_path)],
         capture_output=True, text=True, timeout=900)
     assert out.returncode == 0, (out.stdout + out.stderr)[-4000:]

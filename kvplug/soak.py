@@ -61,8 +61,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-new-tokens", type=positive_int, default=32,
                    help="most tokens a request asks for (each asks 1..this, seeded)")
     p.add_argument("--pool-tokens", type=positive_int, default=4096,
-                   help="KV pool in tokens (--num-gpu-blocks-override x 32-token blocks); "
-                        "at least max-model-len, small enough to preempt (4096)")
+                   help="KV pool in tokens (--num-gpu-blocks-override x 32-token blocks, one "
+                        "of them vLLM's null block): more than max-model-len, small enough to "
+                        "preempt (4096)")
     p.add_argument("--max-num-batched-tokens", type=positive_int, default=512,
                    help="tokens per engine step: longer prompts are prefilled in chunks (512)")
     p.add_argument("--shared-prefixes", type=int, default=4,
@@ -110,9 +111,10 @@ def make_jobs(args: argparse.Namespace, vocab: int) -> tuple[list[Job], list[lis
         raise ValueError(f"--min-prompt {args.min_prompt} / --max-prompt {max_prompt} must satisfy "
                          f"min <= max <= max-model-len - max-new-tokens = "
                          f"{args.max_model_len - args.max_new_tokens}")
-    if args.pool_tokens < args.max_model_len:
+    if args.pool_tokens // BLOCK_SIZE - 1 < math.ceil(args.max_model_len / BLOCK_SIZE):
         raise ValueError(f"--pool-tokens {args.pool_tokens} cannot hold one request of "
-                         f"--max-model-len {args.max_model_len}")
+                         f"--max-model-len {args.max_model_len} beside vLLM's null block "
+                         f"({BLOCK_SIZE} tokens)")
     for name in ("prefix_share", "stream_share", "sampled_share", "disconnect_share"):
         if not 0 <= getattr(args, name) <= 1:
             raise ValueError(f"--{name.replace('_', '-')} must be in [0, 1], "

@@ -48,6 +48,7 @@ def test_workload_is_seeded_mixed_and_bounded():
     ({"max_prompt": 2040}, "max-model-len - max-new-tokens"),
     ({"min_prompt": 900, "max_prompt": 800}, "min <= max"),
     ({"pool_tokens": 1024}, "cannot hold one request"),
+    ({"max_model_len": 512, "pool_tokens": 512}, "beside vLLM's null block"),
     ({"disconnect_share": 1.5}, "--disconnect-share must be in"),
 ])
 def test_bad_workload_arguments(overrides, match):
@@ -83,7 +84,7 @@ def test_short_soak_full_and_snapkv(model_dir, tmp_path):
          "--config", '{"policy": "full"}',
          "--config", '{"policy": "snapkv", "budget_ratio": 0.25}',
          "--requests", "60", "--concurrency", "8", "--max-model-len", "512",
-         "--max-new-tokens", "16", "--pool-tokens", "512", "--max-num-batched-tokens", "256",
+         "--max-new-tokens", "16", "--pool-tokens", "544", "--max-num-batched-tokens", "256",
          "--probes", "3", "--out", str(tmp_path)],
         capture_output=True, text=True, timeout=900)
     assert out.returncode == 0, (out.stdout + out.stderr)[-4000:]
@@ -103,7 +104,7 @@ def test_a_signalled_soak_stops_its_server(model_dir, tmp_path, sig):
     """SIGTERM / SIGINT to ``kvplug soak`` while its server starts: no process of the
     server's session is left."""
     proc = subprocess.Popen([sys.executable, "-m", "kvplug", "soak", "--model", str(model_dir),
-                             "--requests", "4", "--max-model-len", "256", "--pool-tokens", "256",
+                             "--requests", "4", "--max-model-len", "256", "--pool-tokens", "288",
                              "--out", str(tmp_path)], stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
     for line in proc.stdout:

@@ -26,7 +26,6 @@ import json
 import math
 import os
 import random
-import re
 import shlex
 import signal
 import subprocess
@@ -405,12 +404,14 @@ def checks(report: dict[str, Any], rss_bound_mb: float) -> dict[str, bool]:
 
 COLUMNS = [("policy", lambda r: json.dumps(r["config"])), ("requests", "requests"),
            ("completed", "completed"), ("aborted", "aborted"), ("failed", "failed"),
-           ("HTTP", lambda r: " ".join(f"{k}:{v}" for k, v in sorted(r.get("statuses", {}).items()))),
+           ("HTTP", lambda r: " ".join(f"{k}:{v}"
+                                       for k, v in sorted(r.get("statuses", {}).items()))),
            ("5xx", "server_errors"), ("preemptions", "preemptions"),
            ("prefix hits (tok)", "prefix_cache_hit_tokens"),
            ("p50 s", "latency_p50_s"), ("p99 s", "latency_p99_s"),
            ("out tok/s", "output_tokens_per_s"), ("live states", "live_states_after_drain"),
-           ("RSS MB before/after", lambda r: f"{r.get('rss_before_mb')}/{r.get('rss_after_mb')}"),
+           ("RSS MB before/after",
+            lambda r: f"{r.get('rss_before_mb')}/{r.get('rss_after_mb')}"),
            ("probes same", "probes_unchanged"), ("orphans", "orphan_processes"),
            ("all checks", lambda r: all(r["checks"].values()))]
 
@@ -419,7 +420,8 @@ def markdown(report: dict[str, Any]) -> str:
     w = report["workload"]
     lines = [f"# kvplug soak: {report['name']}", "",
              f"`{report['command']}`", "",
-             f"Model {report['model']}, float32, vLLM {report['vllm']} on {report['machine']['cpu']} "
+             f"Model {report['model']}, float32, vLLM {report['vllm']} on "
+             f"{report['machine']['cpu']} "
              f"({report['machine']['cores']} cores). Per config: {w['requests']} requests, "
              f"{w['concurrency']} in flight, prompts {w['min_prompt']}-{w['max_prompt']} tokens "
              f"(log-uniform, {w['prefix_share']:.0%} opening with one of {w['shared_prefixes']} "

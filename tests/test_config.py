@@ -27,7 +27,8 @@ def test_unknown_parameter_is_rejected():
 def test_engine_key_type_and_range():
     with pytest.raises(ValueError, match=r"'log_every_steps' must be int, got 'often'"):
         resolve_config({"kvplug": {"log_every_steps": "often"}}, environ={})
-    with pytest.raises(ValueError, match=r"'log_every_steps' must be in \[0, 9223372036854775807\], got -1"):
+    with pytest.raises(ValueError,
+                       match=r"'log_every_steps' must be in \[0, 9223372036854775807\], got -1"):
         resolve_config(None, environ={"KVPLUG_CONFIG": '{"log_every_steps": -1}'})
 
 

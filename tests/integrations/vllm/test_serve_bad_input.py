@@ -121,7 +121,8 @@ def test_policy_switch_bad_config_busy_and_idle(client, server):
     _still_serves(client, server)
 
     # idle: switched, served, switched back
-    assert _post(route, json.dumps({"policy": "full"}).encode()) == (200, {"policy": {"policy": "full"}})
+    status, body = _post(route, json.dumps({"policy": "full"}).encode())
+    assert (status, body) == (200, {"policy": {"policy": "full"}})
     _still_serves(client, server)
     assert _post(route, json.dumps(QUEST).encode())[0] == 200
     _still_serves(client, server)

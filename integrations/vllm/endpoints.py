@@ -9,8 +9,8 @@ general plugin installs (:mod:`.lifecycle`):
   the workers (``live`` is 0 once the server has drained);
 - ``POST /kvplug/policy`` with a config ``{"policy": ..., params}``: switch the
   server to its policy or one of its ``switch_to`` configs.  A config that is
-  not one of those is a 400; a switch while requests are in flight is a 409
-  (the engine keeps serving; the switch never reaches a running step).
+  not one of those is a 400; a switch while requests are in flight or hold kvplug state
+  is a 409 and the engine keeps serving.
 """
 
 from __future__ import annotations

@@ -266,10 +266,6 @@ def worker_set_policy(worker, data: dict) -> None:
     """RPC target (``collective_rpc("kvplug_set_policy", args=(config,))``)."""
     if _WORKER is None:
         raise RuntimeError("kvplug is not this engine's attention backend")
-    live = _TRACKER.live() if _TRACKER is not None else 0
-    if live:  # refused here: a switch queued now would fail the next step, the engine with it
-        raise RuntimeError(f"kvplug: a policy switch needs an idle engine; {live} requests "
-                           "hold state")
     _WORKER.request_switch(data)
 
 

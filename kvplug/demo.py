@@ -47,20 +47,20 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-tokens", type=positive_int, default=24, help="tokens to generate")
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 
 
-def _wait_ready(proc: subprocess.Popen, url: str, log: Path) -> None:
+def wait_ready(proc: subprocess.Popen, url: str, log: Path) -> None:
     import urllib.request
 
     deadline = time.monotonic() + READY_TIMEOUT_S
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             raise RuntimeError(f"vllm serve exited with code {proc.returncode}; "
-                               f"last log lines:\n{_tail(log)}")
+                               f"last log lines:\n{tail(log)}")
         try:
             with urllib.request.urlopen(url + "/health", timeout=2) as r:
                 if r.status == 200:
@@ -68,10 +68,10 @@ def _wait_ready(proc: subprocess.Popen, url: str, log: Path) -> None:
         except OSError:
             pass
         time.sleep(1)
-    raise RuntimeError(f"vllm serve was not ready after {READY_TIMEOUT_S}s:\n{_tail(log)}")
+    raise RuntimeError(f"vllm serve was not ready after {READY_TIMEOUT_S}s:\n{tail(log)}")
 
 
-def _tail(log: Path, n: int = 30) -> str:
+def tail(log: Path, n: int = 30) -> str:
     return "\n".join(log.read_text(errors="replace").splitlines()[-n:])
 
 
@@ -167,7 +167,7 @@ def serve_once(args: argparse.Namespace, model: str, sample, env: dict, label: s
     """One server, one request: print what it answered and held; True if it was right."""
     from openai import OpenAI
 
-    port = args.port or _free_port()
+    port = args.port or free_port()
     url = f"http://127.0.0.1:{port}"
     log = Path(tempfile.mkdtemp(prefix="kvplug-demo-")) / "vllm-serve.log"
     vllm_cli = Path(sys.executable).with_name("vllm")  # the `vllm` console script of this env
@@ -184,7 +184,7 @@ def serve_once(args: argparse.Namespace, model: str, sample, env: dict, label: s
     print(f"{tag} started server pid {proc.pid}: {' '.join(cmd)}  (log: {log})", flush=True)
     try:
         t0 = time.monotonic()
-        _wait_ready(proc, url, log)
+        wait_ready(proc, url, log)
         print(f"{tag} server ready in {time.monotonic() - t0:.0f}s", flush=True)
         client = OpenAI(base_url=url + "/v1", api_key="unused")
         with PoolUse(url) as pool:

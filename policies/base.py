@@ -15,10 +15,13 @@ preemption.
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 POLICIES: dict[str, type["Policy"]] = {}
+# the largest integer a parameter may hold: tensors index and count in int64
+MAX_INT = 2**63 - 1
 
 
 def register_policy(name: str):
@@ -159,6 +162,13 @@ def check_param(policy: str, f: dataclasses.Field, value: Any) -> None:
         if isinstance(value, bool) and tp != "bool" or not isinstance(value, expected):
             raise ValueError(f"policy {policy!r}: parameter {f.name!r} must be {tp}, "
                              f"got {value!r} ({type(value).__name__})")
+        # NaN compares false with every bound, and JSON/TOML read NaN and Infinity
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ValueError(f"policy {policy!r}: parameter {f.name!r} must be a finite "
+                             f"number, got {value!r}")
+        if isinstance(value, int) and not -MAX_INT <= value <= MAX_INT:
+            raise ValueError(f"policy {policy!r}: parameter {f.name!r}={value} does not fit "
+                             f"in 64 bits")
     meta = f.metadata
     if meta.get("choices") is not None and value not in meta["choices"]:
         raise ValueError(f"policy {policy!r}: parameter {f.name!r}={value!r} is not one of "
@@ -176,8 +186,8 @@ def build_policy(name: str, params: dict[str, Any] | None = None) -> Policy:
     cls = POLICIES[name]
     params = dict(params or {})
     valid = [f.name for f in dataclasses.fields(cls)]
-    unknown = sorted(set(params) - set(valid))
+    unknown = sorted(map(repr, set(params) - set(valid)))
     if unknown:
-        raise ValueError(f"policy {name!r} has no parameter {', '.join(map(repr, unknown))}; "
+        raise ValueError(f"policy {name!r} has no parameter {', '.join(unknown)}; "
                          f"valid parameters: {valid if valid else 'none'}")
     return cls(**params)

@@ -54,7 +54,7 @@ def read_pattern(path: str | Path) -> Tensor:
     if not tsv.is_file():
         raise FileNotFoundError(f"DuoAttention pattern {str(path)!r} is neither a {PATTERN_FILE} "
                                 f"file nor a directory holding one")
-    try:
+    try:  # numbers only: the file is text, parsed by float(), never unpickled or evaluated
         rows = [[float(x) for x in line.split("\t")]
                 for line in tsv.read_text().splitlines() if line.strip()]
     except ValueError as e:
@@ -64,7 +64,14 @@ def read_pattern(path: str | Path) -> Tensor:
         raise ValueError(f"DuoAttention pattern {str(tsv)!r} must have one row per layer with "
                          f"the same number of kv-head columns; got row lengths "
                          f"{[len(r) for r in rows]}")
-    return torch.tensor(rows, dtype=torch.float64).clamp(0, 1)
+    alpha = torch.tensor(rows, dtype=torch.float64)
+    bad = (~alpha.isfinite()).nonzero()
+    if len(bad):  # float() reads 'nan' and 'inf'; a gate must be a number
+        layer, head = bad[0].tolist()
+        raise ValueError(f"DuoAttention pattern {str(tsv)!r} holds {len(bad)} non-finite "
+                         f"gate(s), the first at layer {layer}, kv-head {head}: "
+                         f"{alpha[layer, head].item()}")
+    return alpha.clamp(0, 1)
 
 
 def write_pattern(out_dir: str | Path, alpha: Tensor, config: dict[str, Any]) -> Path:
@@ -155,7 +162,11 @@ class DuoAttention(SelectionPolicy):
             raise ValueError(f"policy 'duoattention': budget={self.budget} is less than a "
                              f"streaming head reads, sink_size + recent_size = "
                              f"{self.sink_size + self.recent_size}")
-        self.alpha = read_pattern(BUNDLED if self.pattern == "bundled" else self.pattern)
+        try:
+            self.alpha = read_pattern(BUNDLED if self.pattern == "bundled" else self.pattern)
+        except (OSError, ValueError) as e:
+            raise ValueError(f"policy 'duoattention': parameter 'pattern'={self.pattern!r}: "
+                             f"{e}") from None
         if self.sparsity >= 0:
             self.retrieval = sparsity_heads(self.alpha, self.sparsity)
         else:

@@ -125,12 +125,12 @@ def test_load_model_attaches_policy(tiny_llama_dir):
 
 def test_unsupported_policy_is_rejected(tiny_llama_dir):
     @dataclass
-    class Unported(Policy):  # needs a stage the HF adapter lacks; deliberately not registered
+    class Unported(Policy):  # keeps a store the HF adapter lacks; deliberately not registered
         name = "unported"
-        stages = frozenset({"decode_compress"})
+        store = "fp8"
 
     model = _load(tiny_llama_dir, "kvplug")
-    with pytest.raises(ValueError, match=r"kvplug policy 'unported' needs decode_compress, which "
+    with pytest.raises(ValueError, match=r"kvplug policy 'unported' needs store 'fp8', which "
                                          r"HF transformers does not support"):
         kvhf.attach_policy(model, Unported())
 

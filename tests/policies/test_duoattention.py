@@ -1,4 +1,5 @@
 import json
+import pickle
 
 import numpy as np
 import pytest
@@ -131,7 +132,7 @@ def test_bad_parameters(pattern, params, match):
 
 
 def test_missing_pattern_names_the_path(tmp_path):
-    with pytest.raises(FileNotFoundError, match="does-not-exist"):
+    with pytest.raises(ValueError, match="parameter .pattern.=.*does-not-exist"):
         build_policy("duoattention", {"pattern": str(tmp_path / "does-not-exist")})
 
 
@@ -318,3 +319,31 @@ def test_hf_decode_with_quest_pages_on_retrieval_heads(tiny_llama_dir, tmp_path)
     tokens, logits = _greedy(model, input_ids)
     assert tokens.shape == dense_tokens.shape
     assert not torch.equal(logits, dense_logits)            # it read a subset
+
+
+@pytest.mark.parametrize("body, match", [
+    (b"1\tnan\n0\t1\n", r"non-finite gate\(s\), the first at layer 0, kv-head 1: nan"),
+    (b"1\t0\n0\tinf\n", r"non-finite gate\(s\), the first at layer 1, kv-head 1: inf"),
+    (b"1\t0\n0\t1e999\n", "non-finite"),
+    (b"", r"row lengths \[\]"),
+    (b"\n \n", r"row lengths \[\]"),
+    (b"1\t0\n__import__('os').system('false')\n", "not a tab-separated matrix of numbers"),
+    (pickle.dumps(ALPHA.tolist()), "not a tab-separated matrix of numbers"),  # never unpickled
+    (b"\xff\xfe\x00\x01", "not a tab-separated matrix of numbers"),
+])
+def test_malformed_pattern_files_are_value_errors_naming_the_parameter(tmp_path, body, match):
+    path = tmp_path / "full_attention_heads.tsv"
+    path.write_bytes(body)
+    with pytest.raises(ValueError, match=match):
+        read_pattern(path)
+    with pytest.raises(ValueError, match=rf"parameter 'pattern'={str(tmp_path)!r}: .*{match}"):
+        build_policy("duoattention", {"pattern": str(tmp_path)})
+
+
+def test_pattern_directory_without_the_tsv_or_of_another_shape(tmp_path):
+    with pytest.raises(ValueError, match=r"parameter 'pattern'.*neither a full_attention_heads"):
+        build_policy("duoattention", {"pattern": str(tmp_path)})
+    pattern = write_pattern(tmp_path / "p", ALPHA, {})                 # 2 layers x 3 kv-heads
+    policy = build_policy("duoattention", {"pattern": str(pattern)})
+    with pytest.raises(ValueError, match="has 2 layers x 3 kv-heads, the model 30 x 3"):
+        policy.check_model(30, 3, 32)

@@ -152,11 +152,14 @@ def parse_variant(text: str, num_layers: int) -> Variant:
         chosen = set(range(int(lo), int(hi or lo) + 1))
         layers = tuple(l for l in range(num_layers) if (l in chosen) == (kind == "only"))
     if policy != "full":
-        from kvplug.policies import POLICIES, CompressionPolicy
+        from kvplug.policies import POLICIES, CompressionPolicy, build_policy
         if not issubclass(POLICIES.get(policy, object), CompressionPolicy) or policy == "chelsea":
             raise ValueError(f"variant {text!r}: {policy!r} is not an evicting policy "
                              "(snapkv, cake, tova, full)")
-        POLICIES[policy](budget_ratio=0.5, **dict(params))     # bad parameters fail here
+        try:                                                    # bad parameters fail here
+            build_policy(policy, {"budget_ratio": 0.5, **dict(params)})
+        except ValueError as error:
+            raise ValueError(f"variant {text!r}: {error}") from None
     elif params:
         raise ValueError(f"variant {text!r}: {policy!r} takes no parameters")
     return Variant(text, policy, params, sinks, shared, layers)

@@ -17,8 +17,8 @@ Variants (``--variants``), each at every ``--budgets`` ratio:
 * ``NAME+sinkK``: the same, with the first ``K`` tokens kept in every layer and kv-head
   before the rest is chosen (StreamingLLM's attention sinks; the budget is unchanged);
 * ``NAME+shared``: one selection per layer, the kv-heads' scores averaged (TOVA-like);
-* ``tova``: kvpress's TOVAPress, the last query's attention averaged over all heads,
-  one selection per layer, the last token kept;
+* ``tova``: kvplug's ``tova`` policy (kvpress's TOVAPress rule), the last query's
+  attention averaged over all heads, one selection per layer, the last token kept;
 * ``NAME@dense=A-B``: layers ``A..B`` keep everything, the others are compressed;
   ``NAME@only=L``: only layer ``L`` is compressed.
 
@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import shlex
 import sys
 import time
@@ -113,7 +112,7 @@ def evicted_bias(mask: Tensor | None, kv_len: int, num_new: int, num_heads: int,
 
 @dataclass(frozen=True)
 class Variant:
-    """A keep rule: a policy (or ``tova``/``full``), forced sinks, a shared selection per
+    """A keep rule: a policy (or ``full``), forced sinks, a shared selection per
     layer, and the layers it compresses (None: all)."""
 
     name: str
@@ -152,24 +151,18 @@ def parse_variant(text: str, num_layers: int) -> Variant:
             raise ValueError(f"variant {text!r}: expected @dense=A-B or @only=L")
         chosen = set(range(int(lo), int(hi or lo) + 1))
         layers = tuple(l for l in range(num_layers) if (l in chosen) == (kind == "only"))
-    if policy not in ("full", "tova"):
-        from kvplug.policies import POLICIES, CompressionPolicy
+    if policy != "full":
+        from kvplug.policies import POLICIES, CompressionPolicy, build_policy
         if not issubclass(POLICIES.get(policy, object), CompressionPolicy) or policy == "chelsea":
             raise ValueError(f"variant {text!r}: {policy!r} is not an evicting policy "
                              "(snapkv, cake, tova, full)")
-        POLICIES[policy](budget_ratio=0.5, **dict(params))     # bad parameters fail here
+        try:                                                    # bad parameters fail here
+            build_policy(policy, {"budget_ratio": 0.5, **dict(params)})
+        except ValueError as error:
+            raise ValueError(f"variant {text!r}: {error}") from None
     elif params:
         raise ValueError(f"variant {text!r}: {policy!r} takes no parameters")
     return Variant(text, policy, params, sinks, shared, layers)
-
-
-def tova_scores(queries: Tensor, keys: Tensor, scale: float) -> Tensor:
-    """kvpress's TOVAPress: the last query's attention over the earlier keys, averaged
-    over every query head, the same for every kv-head; the last token kept."""
-    from kvplug.policies.compression import window_attention, with_window
-
-    probs = window_attention(queries[-1:], keys, scale)[:, 0, :-1].mean(0)
-    return with_window(probs.expand(keys.shape[1], -1), keys.shape[0], 1)
 
 
 def keep_masks(variant: Variant, ratio: float,
@@ -184,19 +177,12 @@ def keep_masks(variant: Variant, ratio: float,
     num_kv_heads = records.keys[0].shape[1]
     if not variant.compresses:
         return [torch.ones(num_kv_heads, span, dtype=torch.bool)] * num_layers, [span] * num_layers, span
-    if variant.policy == "tova":
-        budget = min(span, max(math.ceil(ratio * span), 1))
-        scores = [LayerScores(tova_scores(q, k, records.scale))
-                  for q, k in zip(records.queries, records.keys)]
-        budgets = [budget] * num_layers
-        policy, cap = None, budget
-    else:
-        policy = POLICIES[variant.policy](budget_ratio=ratio, **dict(variant.params))
-        budget = policy.token_budget(span)
-        scores = [policy.prefill_scores(l, q, k, records.scale)
-                  for l, (q, k) in enumerate(zip(records.queries, records.keys))]
-        budgets = policy.layer_budgets(scores, budget, span)
-        cap = policy.largest_layer_budget(budget, span)
+    policy = POLICIES[variant.policy](budget_ratio=ratio, **dict(variant.params))
+    budget = policy.token_budget(span)
+    scores = [policy.prefill_scores(l, q, k, records.scale)
+              for l, (q, k) in enumerate(zip(records.queries, records.keys))]
+    budgets = policy.layer_budgets(scores, budget, span)
+    cap = policy.largest_layer_budget(budget, span)
     masks = []
     for l, (score, layer_budget) in enumerate(zip(scores, budgets)):
         if variant.layers is not None and l not in variant.layers:
@@ -207,7 +193,7 @@ def keep_masks(variant: Variant, ratio: float,
             token = token.mean(0, keepdim=True).expand_as(token)
         if variant.sinks:
             token[:, :variant.sinks] = float("inf")
-        if policy is None or variant.shared or variant.sinks:
+        if variant.shared or variant.sinks:
             kept = top_tokens(token, layer_budget, span)
         else:                      # the policy's own plan
             kept = policy.keep_plan(score, layer_budget, span, records.keys[l],

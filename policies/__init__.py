@@ -12,10 +12,11 @@ from kvplug.policies.selection import (KeySummary, Quest, Selection, SelectionPo
 from kvplug.policies.shadowkv import ShadowKV
 from kvplug.policies.snapkv import SnapKV
 from kvplug.policies.tidaldecode import TidalDecode
+from kvplug.policies.tova import TOVA
 from kvplug.policies.zipcache import ZipCache
 
 __all__ = ["POLICIES", "Policy", "RequestState", "RequestStats", "build_policy", "param",
            "register_policy", "Full", "KeySummary", "Quest", "Selection", "SelectionPolicy",
            "ShadowKV", "StepContext", "StreamingLLM", "SummarySpec", "TidalDecode",
            "recent_tokens", "DuoAttention", "CompressionPolicy", "KeepPlan", "LayerScores",
-           "SnapKV", "Chelsea", "CAKE", "ZipCache"]
+           "SnapKV", "Chelsea", "CAKE", "TOVA", "ZipCache"]

@@ -7,4 +7,5 @@ COMPRESSING = {
     "snapkv": {"policy": "snapkv", "budget": 96},
     "cake": {"policy": "cake", "budget": 48},
     "chelsea": {"policy": "chelsea", "budget": 96},
+    "tova": {"policy": "tova", "budget": 96},
 }

@@ -171,7 +171,7 @@ def keep_masks(variant: Variant, ratio: float,
     layer's budget in tokens (kvplug's own scoring, allocation and plan), and the most any
     layer may keep (CAKE's ``max_layer_ratio`` cap; the budget for uniform policies)."""
     from kvplug.policies import POLICIES
-    from kvplug.policies.compression import LayerScores, top_tokens
+    from kvplug.policies.compression import top_tokens
 
     span, num_layers = records.span, len(records.keys)
     num_kv_heads = records.keys[0].shape[1]
@@ -490,7 +490,6 @@ def plot_cake(result: dict, out: Path) -> None:
 
     fig, ax = plt.subplots(figsize=(9, 4))
     for i, (key, rows) in enumerate(per_prompt.items()):
-        ratio = float(key.rsplit("@", 1)[1])
         color = f"C{i}"
         for r in rows:
             ax.plot(r, color=color, alpha=0.25, lw=0.8)

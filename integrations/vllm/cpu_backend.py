@@ -278,7 +278,7 @@ class KVPlugCPUImpl(LayerSummaries, CPUAttentionBackendImpl):
         else:
             read = self._sparse_decode(layer, query[:n], kv_cache, plan, selection, output[:n])
             counts = tracker().counts
-            if policy is self.worker.draft:
+            if plan.policy is self.worker.draft:
                 # tokens the draft's sequences read and could have read, per kv-head
                 counts["draft_sparse_layers"] += 1
                 counts["draft_row_layers"] += n

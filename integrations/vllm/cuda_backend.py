@@ -26,7 +26,7 @@ path is not capturable: a policy's plan and selections make host decisions
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
 import torch
 from vllm.config import get_current_vllm_config

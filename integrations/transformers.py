@@ -250,6 +250,26 @@ def _shadowkv_attention(module: torch.nn.Module, query: torch.Tensor, key: torch
     return out[:, None], None
 
 
+def _store_cache(cache_of, cache_class: str, policy: Policy, module: torch.nn.Module,
+                 query: torch.Tensor, key: torch.Tensor):
+    """The kvplug cache (``cache_of(key)``) that a policy keeping its own store reads at this
+    layer, or None for a forward with no past (dense SDPA).  A past in a cache kvplug did not
+    build (every token kept as it is) or built for another policy is refused."""
+    cache = cache_of(key)
+    if cache is None:
+        if key.shape[2] > query.shape[2]:
+            raise ValueError(f"kvplug policy {policy.name!r}: layer {module.layer_idx} reads a "
+                             "cache kvplug did not build, which keeps every token as it is; let "
+                             "generate() build the cache (pass no past_key_values) or pass "
+                             f"past_key_values={cache_class}(policy, model.config)")
+        return None
+    if cache.policy is not policy:
+        raise ValueError(f"kvplug policy {policy.name!r}: the cache was built for "
+                         f"{cache.policy!r}, but the layer runs {policy!r}; build the cache with "
+                         "the attached policy")
+    return cache
+
+
 def _compression_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor,
                            value: torch.Tensor, attention_mask: torch.Tensor | None, *,
                            policy: CompressionPolicy, **kwargs: Any) -> tuple[torch.Tensor, None]:
@@ -259,18 +279,9 @@ def _compression_attention(module: torch.nn.Module, query: torch.Tensor, key: to
     reads those slots (weighed by their counts) and the generated tokens, after which a
     policy that compresses at decode keeps the layer within its budget."""
     _refuse_padding(policy, attention_mask)
-    cache = hf_compression.cache_of(key)
+    cache = _store_cache(hf_compression.cache_of, "CompressedCache", policy, module, query, key)
     if cache is None:
-        if key.shape[2] > query.shape[2]:
-            raise ValueError(f"kvplug policy {policy.name!r}: layer {module.layer_idx} reads a "
-                             "cache kvplug did not build, which keeps every token; let generate() "
-                             "build the cache (pass no past_key_values) or pass "
-                             "past_key_values=CompressedCache(policy, model.config)")
         return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
-    if cache.policy is not policy:
-        raise ValueError(f"kvplug policy {policy.name!r}: the cache was built for "
-                         f"{cache.policy!r}, but the layer runs {policy!r}; build the cache with "
-                         "the attached policy")
     layer = cache.layers[module.layer_idx]
     scale = kwargs.get("scaling")
     scale = query.shape[-1] ** -0.5 if scale is None else scale
@@ -292,19 +303,9 @@ def _quantized_attention(module: torch.nn.Module, query: torch.Tensor, key: torc
     by the policy's saliency; each decode step reads the packed segments and the exact
     tokens not yet quantized (``key``/``value`` are those exact tokens)."""
     _refuse_padding(policy, attention_mask)
-    cache = hf_quantized.cache_of(key)
+    cache = _store_cache(hf_quantized.cache_of, "QuantizedCache", policy, module, query, key)
     if cache is None:
-        if key.shape[2] > query.shape[2]:
-            raise ValueError(f"kvplug policy {policy.name!r}: layer {module.layer_idx} reads a "
-                             "cache kvplug did not build, which keeps every token in full "
-                             "precision; let generate() build the cache (pass no "
-                             "past_key_values) or pass past_key_values=QuantizedCache(policy, "
-                             "model.config)")
         return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
-    if cache.policy is not policy:
-        raise ValueError(f"kvplug policy {policy.name!r}: the cache was built for "
-                         f"{cache.policy!r}, but the layer runs {policy!r}; build the cache with "
-                         "the attached policy")
     layer = cache.layers[module.layer_idx]
     scale = kwargs.get("scaling")
     scale = query.shape[-1] ** -0.5 if scale is None else scale

@@ -63,7 +63,7 @@ class DecodePlan:
     dense: CPUAttentionMetadata       # the decode rows, for layers that read everything
     rest: CPUAttentionMetadata | None  # the other rows (prefill chunks), dense
     ctx: StepContext
-    policy: Policy                    # what the step reads through (a draft's: the draft policy)
+    policy: Policy | None = None      # what the step reads through (a draft's: the draft policy)
     # BlockReads already planned this step: layers that reuse a selection's tensors
     # (TidalDecode, StreamingLLM, DuoAttention's streaming part) plan their read once
     reads: list[PlannedRead] = field(default_factory=list)

@@ -66,7 +66,7 @@ def test_draft_policy_is_validated():
     config = resolve_config({"kvplug": {"draft": draft}}, environ={})
     assert config.draft.as_dict() == draft and config.policy == "full"
     assert '"policy": "streamingllm"' in config.describe()
-    with pytest.raises(ValueError, match=r"draft: unknown kvplug policy 'nope'"):
+    with pytest.raises(ValueError, match=r"draft 'policy': unknown kvplug policy 'nope'"):
         resolve_config({"kvplug": {"draft": {"policy": "nope"}}}, environ={})
     with pytest.raises(ValueError, match=r"'draft' must be dict, got 'quest'"):
         resolve_config({"kvplug": {"draft": "quest"}}, environ={})

@@ -191,7 +191,8 @@ def test_token_granular_selection_attends_to_exactly_those_tokens():
         pos = torch.arange(n)
         row_keys.update(keys[row], table[row, pos // BLOCK].long() * BLOCK + pos % BLOCK)
     impl.summaries = {ROW_KEYS: row_keys}
-    plan = type("Plan", (), {"block_table": table, "seq_lens": torch.tensor(seq_lens)})
+    plan = type("Plan", (), {"block_table": table, "seq_lens": torch.tensor(seq_lens),
+                           "policy": None})
     layer = type("Layer", (), {"isa": ISA})
     out = torch.empty(len(seq_lens), H_KV * GROUP, D)
     impl._sparse_decode(layer, q, kv_cache, plan, selection, out)

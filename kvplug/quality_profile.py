@@ -4,8 +4,9 @@ One dense prefill per suite prompt (HF, float32) records every layer's post-RoPE
 the prompt's last queries.  Each *variant* turns those into a keep mask per layer and
 kv-head: what a compressing policy stores of the prompt (kvplug's own policies score,
 allocate and plan here, unchanged).  The answer is then decoded greedily over the dense
-cache with every evicted slot masked out (``-inf``), which is the attention the compressed
-cache computes (``tests/test_quality_profile.py`` checks the logits against
+cache with every evicted slot masked out (``-inf``; for a policy that also evicts at decode,
+CAKE, the slots it evicts as each token's forward grows a layer past its budget), which is
+the attention the compressed cache computes (``tests/test_quality_profile.py`` checks the logits against
 :class:`~kvplug.integrations.hf_compression.CompressedCache`).  One prefill thus serves
 every variant, budget and protocol of a prompt.
 
@@ -65,14 +66,26 @@ class Records:
         return self.keys[0].shape[0]
 
 
+@dataclass
+class DecodeEviction:
+    """A ``decode_compress`` policy's eviction after every forward over the masked cache:
+    per layer its budget (None: the layer keeps every later token)."""
+
+    policy: object
+    budgets: list[int | None]
+
+
 class MaskedAttention:
     """transformers' attention function for the profile: SDPA, recording a prefill's
-    queries, and hiding the slots a keep mask evicts from every later forward."""
+    queries, and hiding the slots a keep mask evicts from every later forward (and, with
+    ``eviction``, the slots the policy evicts as decoding grows a layer past its budget,
+    as :meth:`CompressedLayer.evict` does)."""
 
     def __init__(self, window: int):
         self.window = window
         self.recorded: dict[int, Tensor] = {}
-        self.masks: list[Tensor] | None = None   # per layer [H_kv, span] bool
+        self.masks: list[Tensor] | None = None   # per layer [H_kv, span or more] bool
+        self.eviction: DecodeEviction | None = None
         self.span = 0
 
     def __call__(self, module, query, key, value, attention_mask, **kwargs):
@@ -88,7 +101,24 @@ class MaskedAttention:
                                 query.shape[1], query.dtype)
         elif query.shape[2] > 1:
             bias = evicted_bias(None, key.shape[2], query.shape[2], query.shape[1], query.dtype)
-        return sdpa_attention_forward(module, query, key, value, bias, **kwargs)
+        out = sdpa_attention_forward(module, query, key, value, bias, **kwargs)
+        if self.eviction is not None and self.eviction.budgets[layer] is not None:
+            self.masks[layer] = self._evict(layer, query, key, module.scaling)
+        return out
+
+    def _evict(self, layer: int, query: Tensor, key: Tensor, scale: float) -> Tensor:
+        """The layer's keep mask over ``key``'s slots once the policy has evicted what the
+        forward of ``query`` pushed past the budget (every kv-head holds as many slots)."""
+        mask = self.masks[layer]
+        mask = torch.cat([mask, mask.new_ones(mask.shape[0], key.shape[2] - mask.shape[1])], 1)
+        kept = mask.nonzero()[:, 1].view(mask.shape[0], -1)                 # [H_kv, slots]
+        keys = key[0].gather(1, kept[..., None].expand(-1, -1, key.shape[-1]))
+        keep = self.eviction.policy.decode_keep(layer, query[0].transpose(0, 1).float(),
+                                                keys.transpose(0, 1).float(),
+                                                self.eviction.budgets[layer], scale)
+        if keep is None:
+            return mask
+        return torch.zeros_like(mask).scatter_(1, kept.gather(1, keep), True)
 
 
 def evicted_bias(mask: Tensor | None, kv_len: int, num_new: int, num_heads: int,
@@ -165,19 +195,41 @@ def parse_variant(text: str, num_layers: int) -> Variant:
     return Variant(text, policy, params, sinks, shared, layers)
 
 
+def decode_eviction(variant: Variant, ratio: float, budgets: list[int],
+                    span: int) -> DecodeEviction | None:
+    """The decode-time eviction of ``variant``'s policy, if it has one: each compressed
+    layer held to its prefill budget (the policy's budget where the prompt fitted it), as
+    kvplug's engines do.  ``+sinkK``/``+shared`` change the prompt's keep rule only."""
+    if not variant.compresses:
+        return None
+    policy = _policy(variant, ratio)
+    if "decode_compress" not in policy.stages:
+        return None
+    whole = policy.token_budget(span) >= span
+    return DecodeEviction(policy, [
+        None if variant.layers is not None and l not in variant.layers
+        else policy.kept_budget(span) if whole else budget
+        for l, budget in enumerate(budgets)])
+
+
+def _policy(variant: Variant, ratio: float):
+    from kvplug.policies import POLICIES
+
+    return POLICIES[variant.policy](budget_ratio=ratio, **dict(variant.params))
+
+
 def keep_masks(variant: Variant, ratio: float,
                records: Records) -> tuple[list[Tensor], list[int], int]:
     """Per layer the ``[H_kv, span]`` keep mask of ``variant`` at ``ratio`` of the span, each
     layer's budget in tokens (kvplug's own scoring, allocation and plan), and the most any
     layer may keep (CAKE's ``max_layer_ratio`` cap; the budget for uniform policies)."""
-    from kvplug.policies import POLICIES
     from kvplug.policies.compression import top_tokens
 
     span, num_layers = records.span, len(records.keys)
     num_kv_heads = records.keys[0].shape[1]
     if not variant.compresses:
         return [torch.ones(num_kv_heads, span, dtype=torch.bool)] * num_layers, [span] * num_layers, span
-    policy = POLICIES[variant.policy](budget_ratio=ratio, **dict(variant.params))
+    policy = _policy(variant, ratio)
     budget = policy.token_budget(span)
     scores = [policy.prefill_scores(l, q, k, records.scale)
               for l, (q, k) in enumerate(zip(records.queries, records.keys))]
@@ -238,17 +290,22 @@ def prefill(model, attention: MaskedAttention, ids: Tensor):
 
 def greedy(model, attention: MaskedAttention, cache, logits: Tensor, masks: list[Tensor] | None,
            rest: Tensor | None, max_tokens: int, eos: set[int], done,
-           guess: list[int] = ()) -> list[int]:
-    """Greedy tokens over ``cache`` with ``masks`` on its first ``span`` slots: ``rest``
-    (tokens after the span, e.g. the question) is read first when given; stops at EOS,
-    after ``max_tokens``, or once ``done(tokens)``.  The cache is cut back afterwards.
+           guess: list[int] = (), eviction: DecodeEviction | None = None) -> list[int]:
+    """Greedy tokens over ``cache`` with ``masks`` on its first ``span`` slots (and
+    ``eviction`` after every forward): ``rest`` (tokens after the span, e.g. the question)
+    is read first when given; stops at EOS, after ``max_tokens``, or once
+    ``done(tokens)``.  The cache is cut back afterwards; ``masks`` are left as given.
 
     ``guess`` (the dense answer) is checked in one forward wherever the tokens so far
     follow it: its tokens are accepted while the argmax agrees, and decoding goes on
     token by token from the first disagreement, so the tokens are greedy decoding's
-    (up to float rounding between a batched and a stepwise forward)."""
+    (up to float rounding between a batched and a stepwise forward).  Not with
+    ``eviction``: a policy evicting after every token must see every token's forward."""
     start = cache.get_seq_length()
-    attention.masks = masks
+    attention.masks = None if masks is None else list(masks)
+    attention.eviction = eviction
+    if eviction is not None:
+        guess = ()
     tokens: list[int] = []
     try:
         with torch.no_grad():
@@ -285,7 +342,7 @@ def greedy(model, attention: MaskedAttention, cache, logits: Tensor, masks: list
                 logits = model(torch.tensor([[token]]), past_key_values=cache,
                                use_cache=True).logits[0, -1]
     finally:
-        attention.masks = None
+        attention.masks, attention.eviction = None, None
         if cache.get_seq_length() > start:
             cache.crop(start - cache.get_seq_length())
     return tokens
@@ -376,7 +433,8 @@ def run(args: argparse.Namespace) -> dict:
             key = f"{variant.name}@{ratio:g}" if ratio else variant.name
             masks, budgets, cap = keep_masks(variant, ratio or 1.0, records)
             tokens = dense if not variant.compresses else greedy(
-                model, attention, cache, logits, masks, rest, max_tokens, eos, done, dense)
+                model, attention, cache, logits, masks, rest, max_tokens, eos, done, dense,
+                decode_eviction(variant, ratio, budgets, span))
             answer = postprocess(tokenizer.decode(tokens, skip_special_tokens=True))
             scores[key].setdefault(prompt.task, []).append(
                 string_match_all([answer], [prompt.outputs]))

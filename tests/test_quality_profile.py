@@ -36,18 +36,23 @@ def test_masked_decode_equals_compressed_cache(model_and_ids, variant, ratio):
     model.set_attn_implementation(qp._IMPL)
     try:
         cache, logits, records = qp.prefill(model, attention, ids)
-        masks, budgets, _ = qp.keep_masks(qp.parse_variant(variant, 30), ratio, records)
+        parsed = qp.parse_variant(variant, 30)
+        masks, budgets, _ = qp.keep_masks(parsed, ratio, records)
         assert sum(int(m.sum()) for m in masks) == sum(budgets) * 3   # 3 kv-heads
         torch.testing.assert_close(logits, out.logits[0][0], atol=1e-4, rtol=1e-4)
-        attention.masks = masks
+        attention.masks = list(masks)
+        attention.eviction = qp.decode_eviction(parsed, ratio, budgets, ids.shape[1])
+        assert (attention.eviction is not None) == (variant == "cake")
         generated = out.sequences[0, ids.shape[1]:]
         with torch.no_grad():
             for step in range(1, new):
                 logits = model(generated[step - 1].view(1, 1), past_key_values=cache,
                                use_cache=True).logits[0, -1]
                 torch.testing.assert_close(logits, out.logits[step][0], atol=1e-4, rtol=1e-4)
+        if attention.eviction is not None:        # decoding evicted: every layer at its budget
+            assert [int(m.sum()) for m in attention.masks] == [b * 3 for b in budgets]
     finally:
-        attention.masks = None
+        attention.masks, attention.eviction = None, None
         model.set_attn_implementation(kvhf.ATTN_IMPLEMENTATION)
 
 

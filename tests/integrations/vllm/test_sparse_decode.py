@@ -206,7 +206,7 @@ def test_token_granular_selection_attends_to_exactly_those_tokens():
     torch.testing.assert_close(out, want.view_as(out), atol=2e-5, rtol=1e-4)
     # a policy whose read_chunk() hid its token reads gets no silently slow path
     impl.summaries, impl.layer_idx = {}, 7
-    impl.worker = type("Worker", (), {"policy": build_policy("streamingllm", {"budget": 8})})
+    plan.policy = build_policy("streamingllm", {"budget": 8})
     with pytest.raises(RuntimeError, match="'streamingllm' selected 1-token chunks at layer 7"):
         impl._sparse_decode(layer, q, kv_cache, plan, selection, out)
 

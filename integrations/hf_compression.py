@@ -40,8 +40,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 from transformers import DynamicCache
-from transformers.cache_utils import Cache, DynamicLayer, get_layer_types_and_kwargs
+from transformers.cache_utils import Cache
 
+from kvplug.integrations.hf_cache import FixedPastLayer, full_attention_layers
 from kvplug.policies import CompressionPolicy, KeepPlan, LayerScores
 
 # attribute of the key tensor a CompressedCache returns: the cache, for the attention function
@@ -70,13 +71,15 @@ def slot_counts(plan: KeepPlan) -> Tensor:
     return plan.counts.float()
 
 
-class CompressedLayer(DynamicLayer):
+class CompressedLayer(FixedPastLayer):
     """One layer's cache: the prompt dense until :meth:`keep` applies the policy's plans,
     then only the kept slots; generated tokens are appended exactly.
 
     Cache edits that would have to plan again (cropping, beam reordering, batch
     repeats) are refused.
     """
+
+    keeps = "compressed cache"
 
     is_croppable = False
 
@@ -182,27 +185,13 @@ class CompressedLayer(DynamicLayer):
         self.tokens = self.prompt_len = self.counted_slots = 0
         self.compressed, self.log_counts, self.budgets = False, None, None
 
-    def _refuse(self, *args, **kwargs):
-        raise NotImplementedError("kvplug's compressed cache (HF path) keeps what the policy chose "
-                                  "at the prefill and cannot reorder, crop or repeat it (beam "
-                                  "search, assisted decoding, batch expansion); use greedy or "
-                                  "sampled decoding with one sequence per prompt")
-
-    reorder_cache = crop = batch_repeat_interleave = batch_select_indices = _refuse
-
 
 class CompressedCache(DynamicCache):
     """``past_key_values`` for ``generate`` with a policy that compresses at prefill (see
     the module doc)."""
 
     def __init__(self, policy: CompressionPolicy, config: Any):
-        config = config.get_text_config(decoder=True)
-        layer_types, _ = get_layer_types_and_kwargs(config)
-        others = sorted(set(layer_types) - {"full_attention"})
-        if others:
-            raise ValueError(f"kvplug policy {policy.name!r} in the HF path compresses "
-                             f"full-attention layers only; this model also has {others}")
-        policy.check_model(config.num_hidden_layers, config.num_key_value_heads, 1)
+        _, layer_types = full_attention_layers(policy, config, "compresses")
         Cache.__init__(self, layers=[CompressedLayer() for _ in layer_types])
         self.policy = policy
         self._scores: list[list[LayerScores] | None] = [None] * len(self.layers)  # per layer, row

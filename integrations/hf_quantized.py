@@ -26,8 +26,9 @@ from typing import Any
 import torch
 from torch import Tensor
 from transformers import DynamicCache
-from transformers.cache_utils import Cache, DynamicLayer, get_layer_types_and_kwargs
+from transformers.cache_utils import Cache
 
+from kvplug.integrations.hf_cache import FixedPastLayer, full_attention_layers
 from kvplug.policies import Policy
 from kvplug.policies.quantized_store import Segment, decode, quantize_segment
 
@@ -35,11 +36,12 @@ from kvplug.policies.quantized_store import Segment, decode, quantize_segment
 _CACHE_TAG = "_kvplug_quantized_cache"
 
 
-class QuantizedLayer(DynamicLayer):
+class QuantizedLayer(FixedPastLayer):
     """One layer's cache: quantized segments, then the exact tokens not yet quantized
     (``keys``/``values``).  Cache edits that would have to re-quantize (cropping, beam
     reordering, batch repeats) are refused."""
 
+    keeps = "quantized store"
     is_croppable = False
 
     def __init__(self) -> None:
@@ -105,26 +107,12 @@ class QuantizedLayer(DynamicLayer):
         super().reset()
         self.segments, self.quantized_len = [], 0
 
-    def _refuse(self, *args, **kwargs):
-        raise NotImplementedError("kvplug's quantized store (HF path) keeps the past packed and "
-                                  "cannot reorder, crop or repeat it (beam search, assisted "
-                                  "decoding, batch expansion); use greedy or sampled decoding "
-                                  "with one sequence per prompt")
-
-    reorder_cache = crop = batch_repeat_interleave = batch_select_indices = _refuse
-
 
 class QuantizedCache(DynamicCache):
     """``past_key_values`` for ``generate`` with a policy keeping the ``quantized`` store."""
 
     def __init__(self, policy: Policy, config: Any):
-        config = config.get_text_config(decoder=True)
-        layer_types, _ = get_layer_types_and_kwargs(config)
-        others = sorted(set(layer_types) - {"full_attention"})
-        if others:
-            raise ValueError(f"kvplug policy {policy.name!r} in the HF path quantizes "
-                             f"full-attention layers only; this model also has {others}")
-        policy.check_model(config.num_hidden_layers, config.num_key_value_heads, 1)
+        _, layer_types = full_attention_layers(policy, config, "quantizes")
         Cache.__init__(self, layers=[QuantizedLayer() for _ in layer_types])
         self.policy = policy
 

@@ -26,8 +26,9 @@ from typing import Any
 
 from torch import Tensor
 from transformers import DynamicCache
-from transformers.cache_utils import Cache, DynamicLayer
+from transformers.cache_utils import Cache
 
+from kvplug.integrations.hf_cache import FixedPastLayer
 from kvplug.kernels import rope_inv_freq
 from kvplug.policies import ShadowKV
 from kvplug.policies.lowrank_store import PromptStore, build_store
@@ -50,13 +51,15 @@ def rope_inv_freq_of(config: Any, head_dim: int) -> Tensor:
     return rope_inv_freq(head_dim, float(theta))
 
 
-class ShadowKVLayer(DynamicLayer):
+class ShadowKVLayer(FixedPastLayer):
     """One layer's cache: the prompt as a :class:`PromptStore`, generated tokens exact.
 
     The prompt must come in one forward (ShadowKV compresses it at prefill);
     later forwards add one token each.  Cache edits that would have to edit
     the store too (beam reordering, cropping, batch repeats) are refused.
     """
+
+    keeps = "low-rank prompt store"
 
     is_croppable = False
 
@@ -97,14 +100,6 @@ class ShadowKVLayer(DynamicLayer):
                                                              *generated))
         host = self.store.host_values
         return {"device": device, "host": host.numel() * host.element_size()}
-
-    def _refuse(self, *args, **kwargs):
-        raise NotImplementedError("kvplug policy 'shadowkv' in the HF path keeps the prompt "
-                                  "compressed and cannot reorder, crop or repeat its cache "
-                                  "(beam search, assisted decoding, batch expansion); use "
-                                  "greedy or sampled decoding with one sequence per prompt")
-
-    reorder_cache = crop = batch_repeat_interleave = batch_select_indices = _refuse
 
 
 class ShadowKVCache(DynamicCache):

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache, LlamaConfig
+from transformers import AutoModelForCausalLM, DynamicCache, LlamaConfig
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 from kvplug.integrations import transformers as kvhf
@@ -21,17 +21,7 @@ TEXT = ("The history of the printing press begins in the fifteenth century, when
         "and literacy slowly rose in cities and monasteries alike. ") * 20
 
 
-@pytest.fixture(autouse=True)
-def _clean_env(monkeypatch):
-    monkeypatch.delenv("KVPLUG_POLICY", raising=False)
-    monkeypatch.delenv("KVPLUG_CONFIG", raising=False)
-
-
-@pytest.fixture(scope="module")
-def bundled(model_dir):
-    """SmolLM2-135M with kvplug attention (30 layers, 9 query and 3 kv heads of 64)."""
-    return (kvhf.load_model(model_dir, "full", dtype=torch.float32).eval(),
-            AutoTokenizer.from_pretrained(model_dir))
+pytestmark = pytest.mark.usefixtures("clean_env")
 
 
 def _prompt(tok, length: int) -> torch.Tensor:

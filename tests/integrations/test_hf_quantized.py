@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import AutoTokenizer, DynamicCache
+from transformers import DynamicCache
 
 from kvplug.integrations import transformers as kvhf
 from kvplug.integrations.hf_quantized import QuantizedCache
@@ -17,17 +17,7 @@ from kvplug.policies.quantized_store import dequantized
 ESSAYS = Path(__file__).resolve().parents[2] / "evals" / "ruler" / "data" / "essays.txt"
 
 
-@pytest.fixture(autouse=True)
-def _clean_env(monkeypatch):
-    monkeypatch.delenv("KVPLUG_POLICY", raising=False)
-    monkeypatch.delenv("KVPLUG_CONFIG", raising=False)
-
-
-@pytest.fixture(scope="module")
-def bundled(model_dir):
-    """SmolLM2-135M with kvplug attention (30 layers, 9 query and 3 kv heads of 64)."""
-    return (kvhf.load_model(model_dir, "full", dtype=torch.float32).eval(),
-            AutoTokenizer.from_pretrained(model_dir))
+pytestmark = pytest.mark.usefixtures("clean_env")
 
 
 def _essay(tok, start: int, length: int) -> torch.Tensor:

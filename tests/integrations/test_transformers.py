@@ -16,10 +16,7 @@ from kvplug.policies import Policy
 PAD = 0
 
 
-@pytest.fixture(autouse=True)
-def _clean_env(monkeypatch):
-    monkeypatch.delenv("KVPLUG_POLICY", raising=False)
-    monkeypatch.delenv("KVPLUG_CONFIG", raising=False)
+pytestmark = pytest.mark.usefixtures("clean_env")
 
 
 @pytest.fixture(scope="module")

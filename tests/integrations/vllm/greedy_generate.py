@@ -6,7 +6,7 @@ share a process.  ``python greedy_generate.py MODEL BACKEND PROMPTS.json OUT.jso
 ``SWITCH.json`` (a list of kvplug policy configs) the engine is switched to
 each in turn (``set_policy``) and runs both passes under each.  The engine
 speculates with the JSON speculative config in ``KVPLUG_TEST_SPECULATIVE_CONFIG``
-when it is set.
+when it is set.  The tests start it through ``tests/greedy_runs.py``.
 """
 
 import json

@@ -6,35 +6,20 @@ runs in its own process (greedy_generate.py).
 """
 
 import json
-import sys
-from pathlib import Path
 
 import pytest
-from transformers import AutoTokenizer
 
-from kvplug.evals.passkey import passkey_sample
-from engine_process import run_engine_script
+from greedy_runs import passkey_prompts, run
 
 pytestmark = pytest.mark.engine
-SCRIPT = Path(__file__).with_name("greedy_generate.py")
 LENGTHS = [64, 200, 512, 900, 1500, 2500, 3300, 4096]
 
 
 def _prompts(model_dir) -> list[list[int]]:
-    tok = AutoTokenizer.from_pretrained(model_dir)
-    prompts = []
-    for i, n in enumerate(LENGTHS):
-        text = passkey_sample(tok, max(n, 256), depth=i / (len(LENGTHS) - 1), seed=i).prompt
-        prompts.append(tok(text, add_special_tokens=False)["input_ids"][:n])
+    prompts = passkey_prompts(model_dir, LENGTHS,
+                              [i / (len(LENGTHS) - 1) for i in range(len(LENGTHS))])
     prompts[6] = prompts[7][:3000] + prompts[1][:300]  # shares 3000 tokens with prompt 7
     return prompts
-
-
-def _run(model_dir, backend, prompts_file, tmp_path) -> dict:
-    out = tmp_path / f"{backend}.json"
-    run_engine_script([sys.executable, str(SCRIPT), str(model_dir), backend, str(prompts_file),
-                       str(out)], timeout=900)
-    return json.loads(out.read_text())
 
 
 @pytest.fixture(scope="module")
@@ -42,7 +27,8 @@ def runs(model_dir, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("exactness")
     prompts_file = tmp / "prompts.json"
     prompts_file.write_text(json.dumps(_prompts(model_dir)))
-    return _run(model_dir, "kvplug", prompts_file, tmp), _run(model_dir, "default", prompts_file, tmp)
+    return (run(model_dir, "kvplug", prompts_file, tmp / "kvplug.json"),
+            run(model_dir, "default", prompts_file, tmp / "default.json"))
 
 
 def test_engines_ran_the_backends_asked_for(runs):

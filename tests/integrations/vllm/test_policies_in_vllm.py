@@ -8,19 +8,13 @@ passes: the second is served from the prefix cache, summaries included.
 """
 
 import json
-import os
-import sys
-from pathlib import Path
 
 import pytest
-from transformers import AutoTokenizer
 
-from kvplug.evals.passkey import passkey_sample
 from kvplug.policies import POLICIES, SelectionPolicy
-from engine_process import run_engine_script
+from greedy_runs import passkey_prompts, run
 
 pytestmark = pytest.mark.engine
-SCRIPT = Path(__file__).with_name("greedy_generate.py")
 LENGTHS = [64, 250, 1100]
 BUDGET = 352     # >= 250 + 32 generated and >= DuoAttention's sink + recent (320); < 1100
 SELECTION_POLICIES = sorted(name for name, cls in POLICIES.items()
@@ -37,24 +31,16 @@ def _key(config: dict) -> tuple:
 
 
 def _run(model_dir, prompts_file, out, env_config=None, switch=None) -> dict:
-    env = None if env_config is None else {**os.environ, "KVPLUG_CONFIG": json.dumps(env_config)}
-    args = [sys.executable, str(SCRIPT), str(model_dir),
-            "default" if env_config is None else "kvplug", str(prompts_file), str(out)]
-    if switch is not None:
-        switch_file = out.with_suffix(".switch.json")
-        switch_file.write_text(json.dumps(switch))
-        args.append(str(switch_file))
-    run_engine_script(args, timeout=1200, env=env)
-    return json.loads(out.read_text())
+    if env_config is None:
+        return run(model_dir, "default", prompts_file, out, timeout=1200)
+    return run(model_dir, "kvplug", prompts_file, out, {"KVPLUG_CONFIG": json.dumps(env_config)},
+               switch, timeout=1200)
 
 
 @pytest.fixture(scope="module")
 def prompts_file(model_dir, tmp_path_factory):
-    tok = AutoTokenizer.from_pretrained(model_dir)
-    prompts = [tok(passkey_sample(tok, max(n, 256), depth=0.4, seed=i).prompt,
-                   add_special_tokens=False)["input_ids"][:n] for i, n in enumerate(LENGTHS)]
     path = tmp_path_factory.mktemp("policies") / "prompts.json"
-    path.write_text(json.dumps(prompts))
+    path.write_text(json.dumps(passkey_prompts(model_dir, LENGTHS, [0.4] * len(LENGTHS))))
     return path
 
 

@@ -10,19 +10,13 @@ without speculation, token for token.  Each engine runs in its own process
 """
 
 import json
-import os
-import sys
-from pathlib import Path
 
 import pytest
-from transformers import AutoTokenizer
 
-from kvplug.evals.passkey import passkey_sample
 from kvplug.integrations.vllm.speculation import SELF_DRAFTER_PATH
-from engine_process import run_engine_script
+from greedy_runs import passkey_prompts, run
 
 pytestmark = pytest.mark.engine
-SCRIPT = Path(__file__).with_name("greedy_generate.py")
 LENGTHS = [100, 333, 1300]
 DRAFT_BUDGET = 64
 SPECULATIVE = {"method": "custom_class", "model": SELF_DRAFTER_PATH, "num_speculative_tokens": 4}
@@ -30,27 +24,16 @@ KVPLUG = {"policy": "full",
           "draft": {"policy": "streamingllm", "budget": DRAFT_BUDGET}}
 
 
-def _prompts(model_dir) -> list[list[int]]:
-    tok = AutoTokenizer.from_pretrained(model_dir)
-    return [tok(passkey_sample(tok, max(n, 256), depth=i / len(LENGTHS), seed=i).prompt,
-                add_special_tokens=False)["input_ids"][:n] for i, n in enumerate(LENGTHS)]
-
-
-def _run(model_dir, backend, prompts_file, out, env) -> dict:
-    run_engine_script([sys.executable, str(SCRIPT), str(model_dir), backend, str(prompts_file),
-                       str(out)], timeout=900, env={**os.environ, **env})
-    return json.loads(out.read_text())
-
-
 @pytest.fixture(scope="module")
 def runs(model_dir, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("speculation")
     prompts_file = tmp / "prompts.json"
-    prompts_file.write_text(json.dumps(_prompts(model_dir)))
-    speculating = _run(model_dir, "kvplug", prompts_file, tmp / "spec.json",
-                       {"KVPLUG_CONFIG": json.dumps(KVPLUG),
-                        "KVPLUG_TEST_SPECULATIVE_CONFIG": json.dumps(SPECULATIVE)})
-    dense = _run(model_dir, "default", prompts_file, tmp / "dense.json", {})
+    prompts_file.write_text(json.dumps(passkey_prompts(
+        model_dir, LENGTHS, [i / len(LENGTHS) for i in range(len(LENGTHS))])))
+    speculating = run(model_dir, "kvplug", prompts_file, tmp / "spec.json",
+                      {"KVPLUG_CONFIG": json.dumps(KVPLUG),
+                       "KVPLUG_TEST_SPECULATIVE_CONFIG": json.dumps(SPECULATIVE)})
+    dense = run(model_dir, "default", prompts_file, tmp / "dense.json")
     return speculating, dense
 
 

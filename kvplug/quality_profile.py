@@ -455,7 +455,7 @@ def run(args: argparse.Namespace) -> dict:
         "model": Path(path).name, "protocol": args.protocol, "length": args.length,
         "tasks": args.tasks, "num_samples": args.num_samples, "window": args.window,
         "max_new_tokens": args.max_new_tokens, "minutes": round((time.time() - start) / 60, 1),
-        "machine": _machine(),
+        "machine": _machine_line(),
         "scores": {k: {"tasks": {t: round(sum(s) / len(s), 1) for t, s in v.items()},
                        "avg": round(sum(sum(s) for s in v.values())
                                     / sum(len(s) for s in v.values()), 1)}
@@ -482,19 +482,15 @@ def run(args: argparse.Namespace) -> dict:
     return result
 
 
+def _machine_line() -> str:
+    from kvplug.bench import machine
+
+    info = machine()
+    return f"{info['cpu']}, {torch.get_num_threads()} threads"
+
+
 def _rounded(values: Tensor) -> list[float]:
     return [round(float(v), 4) for v in values]
-
-
-def _machine() -> str:
-    import platform
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return f"{line.split(':', 1)[1].strip()}, {torch.get_num_threads()} threads"
-    except OSError:
-        pass
-    return platform.processor()
 
 
 def markdown(result: dict) -> str:

@@ -22,6 +22,7 @@ from torch import Tensor
 
 from .common import (LOG2E, default_scale, dot_in_fp32, group_size, merge_attention_states,
                      next_pow2, use_triton)
+from .online_softmax import online_softmax_step
 from .sparse_decode import _default_splits
 
 
@@ -75,11 +76,7 @@ def _count_weighted_decode_kernel(
         bias = tl.log2(tl.where(valid, c, 1.0))
         qk = tl.where(valid[None, :], qk * qk_scale + bias[None, :], float("-inf"))
 
-        m_new = tl.maximum(m_i, tl.max(qk, axis=1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # no (-inf) - (-inf)
-        alpha = tl.exp2(m_i - m_safe)
-        p = tl.exp2(qk - m_safe[:, None])
-        l_i = l_i * alpha + tl.sum(p, axis=1)
+        m_new, alpha, p, l_i = online_softmax_step(m_i, l_i, qk)
         v = tl.load(v_ptr + b * stride_vb + h * stride_vh + n[:, None] * stride_vn
                     + d[None, :] * stride_vd, mask=kv_mask, other=0.0)
         if DOT_F32:

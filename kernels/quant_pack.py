@@ -35,6 +35,7 @@ from torch import Tensor
 
 from .common import (LOG2E, default_scale, group_size, merge_attention_states, next_pow2,
                      use_triton)
+from .online_softmax import online_softmax_step
 
 BITS = (2, 4, 8)
 PARAM_DTYPE = torch.float16
@@ -260,11 +261,7 @@ def _quantized_decode_kernel(
         qk = tl.dot(q, tl.trans(k), input_precision="ieee")
         qk = tl.where(valid[None, :], qk * qk_scale, float("-inf"))
 
-        m_new = tl.maximum(m_i, tl.max(qk, axis=1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # no (-inf) - (-inf)
-        alpha = tl.exp2(m_i - m_safe)
-        p = tl.exp2(qk - m_safe[:, None])
-        l_i = l_i * alpha + tl.sum(p, axis=1)
+        m_new, alpha, p, l_i = online_softmax_step(m_i, l_i, qk)
         vb = tl.load(vc_ptr + b * stride_vcb + h * stride_vch + n[:, None] * stride_vcn
                      + byte[None, :] * stride_vcd, mask=tile, other=0).to(tl.int32)
         v_zero = tl.load(vz_ptr + b * stride_vzb + h * stride_vzh + n * stride_vzn, mask=valid,

@@ -35,6 +35,7 @@ from torch import Tensor
 
 from .common import (LOG2E, block_offsets, default_scale, dot_in_fp32, gather_rows,
                      group_size, merge_attention_states, next_pow2, use_triton)
+from .online_softmax import online_softmax_step
 
 
 @triton.jit
@@ -116,11 +117,7 @@ def _sparse_paged_decode_kernel(
             qk = tl.dot(q, tl.trans(k))
         qk = tl.where(valid[None, :], qk * qk_scale, float("-inf"))
 
-        m_new = tl.maximum(m_i, tl.max(qk, axis=1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # no (-inf) - (-inf)
-        alpha = tl.exp2(m_i - m_safe)
-        p = tl.exp2(qk - m_safe[:, None])
-        l_i = l_i * alpha + tl.sum(p, axis=1)
+        m_new, alpha, p, l_i = online_softmax_step(m_i, l_i, qk)
         v = tl.load(v_ptr + blk[:, None] * stride_vn + slot[:, None] * stride_vt
                     + h * stride_vh + d[None, :] * stride_vd, mask=kv_mask, other=0.0)
         if DOT_F32:

@@ -20,9 +20,6 @@ attends, summaries, factors, outputs); with ``--peak-gbs`` (4800 by default
 on an H200) it is also given as a fraction of peak.  On CPU the torch paths
 (the references) are timed at small sizes instead.
 
-With ``--hf-context`` (on CUDA by default 32k) the run also times the HF
-transformers path's decode of a random-init Llama-3.1-8B-shaped model with
-``--hf-policies`` (:mod:`kvplug.hf_decode`; the one part that runs an engine).
 ``--out`` writes ``results.md`` and ``results.json`` (every number, the
 device, the command).
 """
@@ -126,7 +123,7 @@ def bench_context(L: int, B: int, args, device: str, dtype: torch.dtype) -> list
 # tiny shapes for a CPU check of the whole script (CI): seconds, not minutes
 SMOKE = dict(device="cpu", contexts=[256, 512], batches=[1, 2], num_q_heads=4, num_kv_heads=2,
              head_dim=32, block_size=16, budget=64, chunk_size=8, sink=4, recent=16, rank=16,
-             reps=2, hf_context=128, hf_new_tokens=4, hf_budget=32)
+             reps=2)
 # HBM peaks (GB/s) by device name, for the fraction-of-peak column
 PEAK_GBS = {"H200": 4800.0, "H100": 3350.0}
 
@@ -155,15 +152,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--reps", type=int, default=10)
     p.add_argument("--threads", type=int, default=None,
                    help="torch CPU threads (on a busy box, 1 avoids OpenMP wake-up stalls)")
-    p.add_argument("--hf-context", type=int, default=None,
-                   help="also time the HF path's decode of a random-init Llama-3.1-8B-shaped "
-                        "model at this context (default: 32768 on CUDA, none on CPU; 0: skip)")
-    p.add_argument("--hf-policies", default="full,quest,shadowkv")
-    p.add_argument("--hf-budget", type=int, default=2048, help="tokens a decode step reads")
-    p.add_argument("--hf-new-tokens", type=int, default=64)
     p.add_argument("--smoke", action="store_true",
-                   help="tiny shapes on CPU, a few-layer model for the HF part: checks the "
-                        "script end to end in seconds")
+                   help="tiny shapes on CPU: checks the script end to end in seconds")
     p.add_argument("--out", default=None, help="directory for results.md and results.json")
     args = p.parse_args(argv)
     if args.smoke:
@@ -179,8 +169,6 @@ def main(argv: list[str] | None = None) -> dict:
     args.contexts = args.contexts or ([32768, 65536, 131072] if device == "cuda" else [2048, 8192])
     args.batches = args.batches or ([1, 8] if device == "cuda" else [1])
     args.block_size = args.block_size or (16 if device == "cuda" else 128)
-    if args.hf_context is None:
-        args.hf_context = 32768 if device == "cuda" else 0
     name = (torch.cuda.get_device_name() if device == "cuda"
             else f"cpu, {torch.get_num_threads()} threads (torch reference paths)")
     if args.peak_gbs is None:
@@ -200,21 +188,8 @@ def main(argv: list[str] | None = None) -> dict:
               "triton": getattr(triton, "__version__", None),
               "command": "python -m kvplug.kernels.bench " + " ".join(
                   sys.argv[1:] if argv is None else argv),
-              "kernels": rows, "hf_decode": [],
-              "hf_model": ("tiny Llama" if args.smoke else "Llama-3.1-8B-shaped, random init")}
-    _write(report, args.out)          # the kernel numbers stay if the HF part fails
-    if args.hf_context:
-        from kvplug import hf_decode
-
-        shape = hf_decode.TINY if args.smoke else hf_decode.LLAMA_31_8B
-        for row in hf_decode.decode_rows(shape, args.hf_context, args.hf_policies.split(","),
-                                         args.hf_budget, args.hf_new_tokens, device, dtype):
-            report["hf_decode"].append(row)
-            print(f"# HF {row['policy']:<10} context {row['context']}: prefill "
-                  f"{row['prefill_s']:.2f} s, decode {row['decode_ms_per_token']:.2f} ms/token, "
-                  f"KV {row['kv_device_bytes'] / 2**20:.0f} MiB device + "
-                  f"{row['kv_host_bytes'] / 2**20:.0f} MiB host", flush=True)
-            _write(report, args.out)
+              "kernels": rows}
+    _write(report, args.out)
     return report
 
 
@@ -235,7 +210,7 @@ def _kernel_line(row: dict) -> str:
 
 
 def markdown(report: dict) -> str:
-    """The report as markdown tables: kernels, then the HF decode."""
+    """The report as a markdown table."""
     lines = [f"# Decode kernels: {report['device']}", "", f"Setting: {report['setting']}; "
              f"HBM peak {report['peak_gbs'] or 'not given'} GB/s.", "",
              f"Command: `{report['command']}`", "",
@@ -245,16 +220,6 @@ def markdown(report: dict) -> str:
         frac = "" if r["peak_frac"] is None else f"{100 * r['peak_frac']:.1f}%"
         lines.append(f"| {r['context']} | {r['batch']} | {r['kernel']} | {r['us']:.1f} | "
                      f"{r['gbs']:.1f} | {frac} | {r['vs_sdpa']:.2f}x | {r['check']} |")
-    if report["hf_decode"]:
-        lines += ["", f"## HF path decode ({report['hf_model']}, batch 1)", "",
-                  "| policy | context | prefill s | decode ms/token | KV on device MiB | "
-                  "KV in host memory MiB | peak device MiB |",
-                  "|---|---:|---:|---:|---:|---:|---:|"]
-        for r in report["hf_decode"]:
-            peak = "" if r["peak_device_bytes"] is None else f"{r['peak_device_bytes'] / 2**20:.0f}"
-            lines.append(f"| {r['policy']} | {r['context']} | {r['prefill_s']:.2f} | "
-                         f"{r['decode_ms_per_token']:.2f} | {r['kv_device_bytes'] / 2**20:.1f} | "
-                         f"{r['kv_host_bytes'] / 2**20:.1f} | {peak} |")
     return "\n".join(lines) + "\n"
 
 

@@ -7,13 +7,20 @@ milliseconds per token (stamps after the first token), the KV the cache keeps
 on the device and in host memory (ShadowKV: low-rank keys and exact window on
 the device, the prompt's values pinned in host memory), and peak device memory.
 
-Used by ``python -m kvplug.kernels.bench`` (``--hf-context``) for the GPU run of
-a Llama-3.1-8B-shaped model; weights are random, so the tokens mean nothing.
+    python -m kvplug.hf_decode --out DIR          # CUDA: Llama-3.1-8B-shaped at 32k
+    python -m kvplug.hf_decode --smoke --out DIR  # a tiny model on CPU, seconds
+
+Weights are random, so the tokens mean nothing.  ``--out`` writes ``hf_decode.md``
+and ``hf_decode.json`` (every number, the device, the command), after each policy.
 """
 
 from __future__ import annotations
 
+import argparse
+import json
+import sys
 import time
+from pathlib import Path
 from collections.abc import Iterator
 from typing import Any
 
@@ -107,3 +114,63 @@ def decode_rows(shape: dict[str, Any], context: int, policies: list[str], budget
         if device == "cuda":
             torch.cuda.empty_cache()
         yield row
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    p = argparse.ArgumentParser(prog="python -m kvplug.hf_decode", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", choices=["auto", "cuda", "cpu"], default="auto")
+    p.add_argument("--context", type=int, default=None,
+                   help="prompt tokens (default: 32768 on CUDA, 2048 on CPU)")
+    p.add_argument("--policies", default="full,quest,shadowkv")
+    p.add_argument("--budget", type=int, default=2048, help="tokens a decode step reads")
+    p.add_argument("--new-tokens", type=int, default=64)
+    p.add_argument("--smoke", action="store_true",
+                   help="a 2-layer model, 128 tokens, 4 new ones, on CPU: the script end to end")
+    p.add_argument("--out", default=None, help="directory for hf_decode.md and hf_decode.json")
+    args = p.parse_args(argv)
+    if args.smoke:
+        args.device, args.context, args.new_tokens, args.budget = "cpu", 128, 4, 32
+    device = args.device
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    context = args.context or (32768 if device == "cuda" else 2048)
+    report = {"device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
+              "dtype": str(dtype).removeprefix("torch."), "torch": torch.__version__,
+              "model": "tiny Llama" if args.smoke else "Llama-3.1-8B-shaped, random init",
+              "command": "python -m kvplug.hf_decode " + " ".join(
+                  sys.argv[1:] if argv is None else argv),
+              "rows": []}
+    shape = TINY if args.smoke else LLAMA_31_8B
+    for row in decode_rows(shape, context, args.policies.split(","), args.budget,
+                           args.new_tokens, device, dtype):
+        report["rows"].append(row)
+        print(f"# HF {row['policy']:<10} context {row['context']}: prefill "
+              f"{row['prefill_s']:.2f} s, decode {row['decode_ms_per_token']:.2f} ms/token, "
+              f"KV {row['kv_device_bytes'] / 2**20:.0f} MiB device + "
+              f"{row['kv_host_bytes'] / 2**20:.0f} MiB host", flush=True)
+        if args.out:
+            out = Path(args.out)
+            out.mkdir(parents=True, exist_ok=True)
+            (out / "hf_decode.json").write_text(json.dumps(report, indent=1) + "\n")
+            (out / "hf_decode.md").write_text(markdown(report))
+    return report
+
+
+def markdown(report: dict[str, Any]) -> str:
+    lines = [f"# HF path decode: {report['device']}, {report['dtype']} ({report['model']}, "
+             "batch 1)", "", f"Command: `{report['command']}`", "",
+             "| policy | context | prefill s | decode ms/token | KV on device MiB | "
+             "KV in host memory MiB | peak device MiB |",
+             "|---|---:|---:|---:|---:|---:|---:|"]
+    for r in report["rows"]:
+        peak = "" if r["peak_device_bytes"] is None else f"{r['peak_device_bytes'] / 2**20:.0f}"
+        lines.append(f"| {r['policy']} | {r['context']} | {r['prefill_s']:.2f} | "
+                     f"{r['decode_ms_per_token']:.2f} | {r['kv_device_bytes'] / 2**20:.1f} | "
+                     f"{r['kv_host_bytes'] / 2**20:.1f} | {peak} |")
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    main()

@@ -121,8 +121,9 @@ class QuantizedCache(DynamicCache):
         setattr(keys, _CACHE_TAG, self)
         return keys, values
 
-    def stored_bytes(self) -> int:
-        return sum(layer.stored_bytes() for layer in self.layers)
+    def stored_bytes(self) -> dict[str, int]:
+        """Bytes kept on the model's device (none in host memory), summed over layers."""
+        return {"device": sum(layer.stored_bytes() for layer in self.layers), "host": 0}
 
 
 def cache_of(key: Tensor) -> QuantizedCache | None:

@@ -52,7 +52,7 @@ from typing import Any
 
 import torch
 from transformers import AttentionInterface, AttentionMaskInterface, DynamicCache
-from transformers.cache_utils import DynamicLayer
+from transformers.cache_utils import Cache, DynamicLayer
 from transformers.generation.utils import GenerationMixin
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import sdpa_mask
@@ -341,24 +341,47 @@ def _with_kvplug_cache(prepare: Callable[..., Any]) -> Callable[..., Any]:
     def prepare_cache(self, generation_config, model_kwargs, *args, **kwargs):
         result = prepare(self, generation_config, model_kwargs, *args, **kwargs)
         cache = model_kwargs.get("past_key_values")
-        modules = _kvplug_modules(self)
         if type(cache) is not DynamicCache or getattr(cache, "_is_user_defined", False) \
-                or not modules:
+                or not _kvplug_modules(self):
             return result
-        policy = _model_policy(modules)
-        if "prefill_compress" in policy.stages:
-            model_kwargs["past_key_values"] = CompressedCache(policy, self.config)
-        elif _store(policy) == "lowrank":
-            model_kwargs["past_key_values"] = ShadowKVCache(policy, self.config)
-        elif _store(policy) == "quantized":
-            model_kwargs["past_key_values"] = QuantizedCache(policy, self.config)
-        elif "select" in policy.stages:
-            cache.layers = [SummaryLayer() if type(layer) is DynamicLayer
-                            and not layer.is_initialized else layer for layer in cache.layers]
+        model_kwargs["past_key_values"] = new_cache(self, cache)
         return result
 
     prepare_cache._kvplug_wrapped = True
     return prepare_cache
+
+
+def new_cache(model: torch.nn.Module, cache: DynamicCache | None = None) -> Cache:
+    """The empty cache the policy of ``model``'s kvplug layers reads, for forwards outside
+    ``generate`` (``generate`` makes it itself): see :func:`_with_kvplug_cache`.  A
+    selection policy's is ``cache`` (a new ``DynamicCache`` when None) with its
+    full-attention layers made :class:`SummaryLayer`."""
+    modules = _kvplug_modules(model)
+    if not modules:
+        raise ValueError("the model runs no kvplug attention: load it with "
+                         "kvplug.integrations.transformers.load_model or attach_policy first")
+    policy = _model_policy(modules)
+    if "prefill_compress" in policy.stages:
+        return CompressedCache(policy, model.config)
+    if _store(policy) == "lowrank":
+        return ShadowKVCache(policy, model.config)
+    if _store(policy) == "quantized":
+        return QuantizedCache(policy, model.config)
+    cache = DynamicCache(config=model.config) if cache is None else cache
+    if "select" in policy.stages:
+        cache.layers = [SummaryLayer() if type(layer) is DynamicLayer
+                        and not layer.is_initialized else layer for layer in cache.layers]
+    return cache
+
+
+def cache_bytes(cache: Cache) -> dict[str, int]:
+    """KV bytes ``cache`` keeps on the model's device and in host memory (what kvplug's
+    caches store: kept slots, packed codes with their parameters, low-rank factors)."""
+    if hasattr(cache, "stored_bytes"):
+        return cache.stored_bytes()
+    device = sum(t.numel() * t.element_size() for layer in cache.layers
+                 for t in (layer.keys, layer.values) if t is not None)
+    return {"device": device, "host": 0}
 
 
 def _model_policy(modules: list[torch.nn.Module]) -> Policy:

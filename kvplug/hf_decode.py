@@ -20,8 +20,8 @@ import argparse
 import json
 import sys
 import time
-from pathlib import Path
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -52,15 +52,6 @@ class TokenStamps:
 
     def end(self) -> None:
         pass
-
-
-def cache_bytes(cache) -> dict[str, int]:
-    """KV bytes a ``generate`` cache keeps on the device and in host memory."""
-    if hasattr(cache, "stored_bytes"):          # kvplug's ShadowKV cache
-        return cache.stored_bytes()
-    device = sum(t.numel() * t.element_size() for layer in cache.layers
-                 for t in (layer.keys, layer.values) if t is not None)
-    return {"device": device, "host": 0}
 
 
 def random_model(shape: dict[str, Any], device: str, dtype: torch.dtype):
@@ -101,7 +92,7 @@ def decode_rows(shape: dict[str, Any], context: int, policies: list[str], budget
                                  max_new_tokens=new_tokens, min_new_tokens=new_tokens,
                                  do_sample=False, streamer=stamps, pad_token_id=0,
                                  return_dict_in_generate=True)
-        kept = cache_bytes(out.past_key_values)
+        kept = kvhf.cache_bytes(out.past_key_values)
         prefill, decode = stamps.times[1] - stamps.times[0], stamps.times[-1] - stamps.times[1]
         row = {
             "policy": name, "params": policy.params(), "context": context,

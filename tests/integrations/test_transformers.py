@@ -463,3 +463,33 @@ def test_generate_builds_the_policy_cache_for_the_environment_policy(tiny_llama_
     assert torch.equal(env.sequences, attached.sequences)
     assert torch.equal(torch.stack(env.logits), torch.stack(attached.logits))
 
+
+
+@pytest.mark.parametrize("policy,params,kind", [
+    ("full", {}, "DynamicCache"), ("quest", {"budget": 32}, "DynamicCache"),
+    ("snapkv", {"budget_ratio": 0.5}, "CompressedCache"), ("zipcache", {}, "QuantizedCache")])
+def test_new_cache_is_the_one_generate_makes_and_reads_the_same(tiny_llama_dir, policy, params,
+                                                                kind):
+    """Forwards outside ``generate`` get the cache the policy reads: the same logits as
+    ``generate``'s own cache."""
+    model = _load(tiny_llama_dir, "kvplug")
+    ids = torch.randint(3, 128, (1, 40), generator=torch.Generator().manual_seed(0))
+    with kvhf.use_policy(model, policy, **params), torch.no_grad():
+        cache = kvhf.new_cache(model)
+        assert type(cache).__name__ == kind
+        logits = [model(ids, past_key_values=cache, use_cache=True).logits[0, -1]]
+        logits.append(model(logits[0].argmax().view(1, 1), past_key_values=cache,
+                            use_cache=True).logits[0, -1])
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False,
+                             max_new_tokens=2, min_new_tokens=2, pad_token_id=PAD,
+                             return_dict_in_generate=True, output_logits=True)
+    assert type(out.past_key_values).__name__ == kind
+    torch.testing.assert_close(torch.stack(logits), torch.cat(out.logits), atol=1e-5, rtol=1e-5)
+    assert kvhf.cache_bytes(cache) == kvhf.cache_bytes(out.past_key_values)
+    if policy == "quest":                      # a selection policy's layers keep summaries
+        assert all(type(layer).__name__ == "SummaryLayer" for layer in cache.layers)
+
+
+def test_new_cache_refuses_a_model_without_kvplug_attention(tiny_llama_dir):
+    with pytest.raises(ValueError, match="runs no kvplug attention"):
+        kvhf.new_cache(_load(tiny_llama_dir, "sdpa"))

@@ -31,7 +31,7 @@ from pathlib import Path
 
 import torch
 
-from kvplug.bench import machine
+from kvplug.bench import machine, positive_int
 from kvplug.eval import parse_policy
 
 ESSAYS = Path(__file__).parent / "ruler" / "data" / "essays.txt"
@@ -158,16 +158,13 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--model", default=None, help="HF model directory (default: kvplug models path)")
     p.add_argument("--policies", type=comma_separated(str), required=True,
                    help="name or name[key=value;...], comma-separated; full runs first anyway")
-    p.add_argument("--context", type=int, default=2048, help="tokens prefilled (2048)")
-    p.add_argument("--score", type=int, default=256, help="tokens scored after it (256)")
-    p.add_argument("--greedy", type=int, default=32, help="greedy tokens compared (32)")
-    p.add_argument("--windows", type=int, default=4, help="text windows (4)")
-    p.add_argument("--threads", type=int, default=None, help="torch threads")
+    p.add_argument("--context", type=positive_int, default=2048, help="tokens prefilled (2048)")
+    p.add_argument("--score", type=positive_int, default=256, help="tokens scored after it (256)")
+    p.add_argument("--greedy", type=positive_int, default=32, help="greedy tokens compared (32)")
+    p.add_argument("--windows", type=positive_int, default=4, help="text windows (4)")
+    p.add_argument("--threads", type=positive_int, default=None, help="torch threads")
     p.add_argument("--out", default=None, help="directory for fidelity.md and fidelity.json")
     args = p.parse_args(argv)
-    for key in ("context", "score", "greedy", "windows"):
-        if getattr(args, key) < 1:
-            p.error(f"--{key} must be >= 1, got {getattr(args, key)}")
     if args.threads:
         torch.set_num_threads(args.threads)
     result = run(args)

@@ -39,6 +39,20 @@ def request_states(llm) -> dict[str, int]:
     return total
 
 
+def drained_request_states(llm, timeout: float = 10.0) -> dict[str, int]:
+    """:func:`request_states` of an engine with nothing left to run, once its workers
+    have dropped the last finished requests.  A worker learns what finished at the
+    engine's next step, which an engine core in its own process runs just after
+    returning the outputs, so it can come after this call's RPC: poll until no state
+    is live or ``timeout`` seconds pass (a state still live then is a leak)."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while (states := request_states(llm)).get("live", 0) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return states
+
+
 def attention_backends(llm) -> dict[str, int]:
     """Attention layers per backend name across the engine's workers (``KVPLUG`` = ours)."""
     total: dict[str, int] = {}

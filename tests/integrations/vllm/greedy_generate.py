@@ -56,7 +56,7 @@ def main(model: str, backend: str, prompts_path: str, out_path: str,
             sparse = kv_vllm.request_states(llm).get("sparse_decode_layers", 0) - before
             result["switched"].append({"config": config, "passes": passes,
                                        "sparse_decode_layers": sparse})
-    result["states"] = kv_vllm.request_states(llm) if backend != "default" else None
+    result["states"] = kv_vllm.drained_request_states(llm) if backend != "default" else None
     if backend != "default":
         vc = llm.llm_engine.vllm_config
         mc, pc = vc.model_config, vc.parallel_config

@@ -64,6 +64,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="measurements per cell; the median is reported (default 1)")
     p.add_argument("--kv-space-gb", type=positive_int, default=4,
                    help="VLLM_CPU_KVCACHE_SPACE: the KV pool in GB (default 4)")
+    p.add_argument("--speculative-config", default=None,
+                   help="vLLM speculative config (JSON) for the kvplug engine only, e.g. "
+                        "kvplug's self-drafting; adds acceptance to the table")
     p.add_argument("--seed", type=int, default=0, help="seed of the random prompts")
     p.add_argument("--out", default=None,
                    help="output directory (default: evals/results/bench/<policy>)")
@@ -78,6 +81,27 @@ def _prompts(rng, allowed, batch: int, context: int) -> list:
             for _ in range(batch)]
 
 
+SPEC_COUNTERS = {"draft_tokens": "vllm:spec_decode_num_draft_tokens",
+                 "accepted_tokens": "vllm:spec_decode_num_accepted_tokens",
+                 "verify_steps": "vllm:spec_decode_num_drafts"}
+
+
+def spec_decode_counts(llm) -> dict[str, float]:
+    """vLLM's speculative-decoding counters so far (zeros without speculation; needs
+    ``disable_log_stats=False``)."""
+    metrics = llm.get_metrics()
+    return {key: sum(m.value for m in metrics if m.name == name and hasattr(m, "value"))
+            for key, name in SPEC_COUNTERS.items()}
+
+
+def acceptance(draft_tokens: float, accepted_tokens: float, verify_steps: float) -> dict:
+    """Share of drafts accepted and tokens per verification step (the accepted drafts plus
+    the token it samples); ``None`` without drafts."""
+    return {"acceptance": round(accepted_tokens / draft_tokens, 3) if draft_tokens else None,
+            "mean_accepted_length": round(1 + accepted_tokens / verify_steps, 2)
+            if verify_steps else None}
+
+
 def _timed(llm, prompts, params) -> dict[str, float]:
     """One batch, timed by the engine's own per-request timestamps.
 
@@ -87,6 +111,7 @@ def _timed(llm, prompts, params) -> dict[str, float]:
     before the others arrive, so that one runs a step ahead; the token budget
     puts all the others in the next step, so the batch stays together.
     """
+    counts = spec_decode_counts(llm)
     t0 = time.perf_counter()
     outputs = llm.generate(prompts, params, use_tqdm=False)
     wall = time.perf_counter() - t0
@@ -95,7 +120,8 @@ def _timed(llm, prompts, params) -> dict[str, float]:
     return {"ttft_s": max(x.first_token_latency for x in m),
             "decode_s": last.last_token_ts - last.first_token_ts,
             "first_token_spread_s": last.first_token_ts - min(x.first_token_ts for x in m),
-            "wall_s": wall}
+            "wall_s": wall,
+            **{k: v - counts[k] for k, v in spec_decode_counts(llm).items()}}
 
 
 def _measure(spec: dict[str, Any]) -> dict[str, Any]:
@@ -109,6 +135,8 @@ def _measure(spec: dict[str, Any]) -> dict[str, Any]:
     backend, n = spec["backend"], spec["decode_tokens"]
     extra = ({"attention_backend": "kvplug", "additional_config": {"kvplug": spec["kvplug_config"]}}
              if backend == "kvplug" else {})
+    if backend == "kvplug" and spec.get("speculative_config"):
+        extra["speculative_config"] = spec["speculative_config"]
     llm = LLM(spec["model"], **spec["engine"], **extra)
     backends = kv_vllm.attention_backends(llm)
     if backend == "kvplug" and set(backends) != {kv_vllm.BACKEND_NAME}:
@@ -213,18 +241,19 @@ def build_rows(results: list[dict[str, Any]], decode_tokens: int, policy) -> lis
     for res in results:
         bs, bpt = res["block_size"], res["kv_bytes_per_token"]
         for cell in res["cells"]:
-            b, ctx = cell["batch"], cell["context"]
-            decode = statistics.median(r["decode_s"] for r in cell["runs"])
+            b, ctx, runs = cell["batch"], cell["context"], cell["runs"]
+            decode = statistics.median(r["decode_s"] for r in runs)
             read = policy.kv_tokens_read(ctx) if res["backend"] == "kvplug" else ctx
             rows.append({"backend": res["backend"], "batch": b, "context": ctx,
-                         "ttft_s": statistics.median(r["ttft_s"] for r in cell["runs"]),
+                         "ttft_s": statistics.median(r["ttft_s"] for r in runs),
                          "decode_s": decode,
                          "tpot_ms": 1000 * decode / n, "decode_tok_s": b * n / decode,
                          "kv_bytes_per_token": bpt,
                          "side_bytes_per_token": res["side_bytes_per_token"],
                          "kv_tokens_read_per_step": read,
                          "kv_bytes_read_per_step": read * bpt,
-                         "requests_fit": res["pool_blocks"] * bs // ceil_to_block(ctx + n, bs)})
+                         "requests_fit": res["pool_blocks"] * bs // ceil_to_block(ctx + n, bs),
+                         **acceptance(*(sum(r.get(k, 0) for r in runs) for k in SPEC_COUNTERS))})
     base = {(r["batch"], r["context"]): r["decode_tok_s"]
             for r in rows if r["backend"] == "default"}
     for r in rows:
@@ -242,9 +271,14 @@ def _size(nbytes: float) -> str:
     return f"{nbytes:.1f} {units[0]}"
 
 
+def _or_dash(value) -> str:
+    return "-" if value is None else str(value)
+
+
 def markdown(report: dict[str, Any]) -> str:
     s, m = report["settings"], report["machine"]
     v = report["versions"]
+    speculative = s.get("speculative_config")
     lines = [f"# kvplug bench: policy `{s['policy']}` vs vLLM default backend", "",
              f"Machine: {m['cpu']}, {m['cores']} cores. Versions: kvplug {v['kvplug']}, "
              f"vllm {v['vllm']}, torch {v['torch']}. Model `{s['model']}`, "
@@ -257,17 +291,24 @@ def markdown(report: dict[str, Any]) -> str:
              "default, same cell. KV read/step/seq: what one decode step reads per sequence "
              "(the policy's kv_tokens_read). Side bytes/token: what kvplug keeps beside the pool "
              "(key summaries, row-major key copies), per pool token, measured in the engine. "
-             "Requests that fit: KV pool tokens / (context + N, rounded up to a block).", "",
+             "Requests that fit: KV pool tokens / (context + N, rounded up to a block)."
+             + (f" The kvplug engine speculates ({json.dumps(speculative)}); acceptance: drafts "
+                "accepted / proposed; mean accepted length: tokens per verification step "
+                "(vLLM's counters)." if speculative else ""), "",
              "| backend | batch | context | TTFT s | TPOT ms | decode tok/s | speedup | "
-             "KV bytes/token | side bytes/token | KV read/step/seq | requests that fit |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "KV bytes/token | side bytes/token | KV read/step/seq | requests that fit |"
+             + (" acceptance | mean accepted length |" if speculative else ""),
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
+             + ("---:|---:|" if speculative else "")]
     for r in report["rows"]:
         speedup = f"{r['speedup']:.2f}x" if r["speedup"] is not None else "-"
         lines.append(f"| {r['backend']} | {r['batch']} | {r['context']} | {r['ttft_s']:.2f} | "
                      f"{r['tpot_ms']:.1f} | {r['decode_tok_s']:.1f} | {speedup} | "
                      f"{r['kv_bytes_per_token']} | {r['side_bytes_per_token']:.0f} | "
                      f"{_size(r['kv_bytes_read_per_step'])} | "
-                     f"{r['requests_fit']} |")
+                     f"{r['requests_fit']} |"
+                     + (f" {_or_dash(r['acceptance'])} | {_or_dash(r['mean_accepted_length'])} |"
+                        if speculative else ""))
     if s["long_max_model_len"]:
         lines += ["", "Context + decode tokens exceed the model's positions: run with "
                   "VLLM_ALLOW_LONG_MAX_MODEL_LEN=1 (same compute; outputs past them are not "
@@ -323,6 +364,17 @@ def machine() -> dict[str, Any]:
     return {"cpu": cpu, "cores": len(os.sched_getaffinity(0)), "platform": platform.platform()}
 
 
+def _json_object(option: str, text: str | None) -> dict:
+    """An option's inline JSON object (``{}`` when not given); bad JSON is named."""
+    try:
+        value = json.loads(text) if text else {}
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{option} is not valid JSON ({e}): {text!r}") from None
+    if not isinstance(value, dict):
+        raise ValueError(f"{option} must be a JSON object, got {text!r}")
+    return value
+
+
 def run(args: argparse.Namespace) -> int:
     from importlib.metadata import version
 
@@ -333,12 +385,8 @@ def run(args: argparse.Namespace) -> int:
     if not Path(model).is_dir():
         raise FileNotFoundError(f"model directory {model!r} does not exist; run "
                                 "`kvplug models fetch` or pass --model DIR")
-    try:
-        cli = json.loads(args.config) if args.config else {}
-    except json.JSONDecodeError as e:
-        raise ValueError(f"--config is not valid JSON ({e}): {args.config!r}") from None
-    if not isinstance(cli, dict):
-        raise ValueError(f"--config must be a JSON object, got {args.config!r}")
+    cli = _json_object("--config", args.config)
+    speculative = _json_object("--speculative-config", args.speculative_config) or None
     if args.policy:
         cli["policy"] = args.policy
     config = resolve_config({"kvplug": cli})  # raises on bad names/parameters, before any engine
@@ -365,7 +413,8 @@ def run(args: argparse.Namespace) -> int:
     results = []
     for backend in BACKENDS:
         spec = {"backend": backend, "model": model, "engine": engine,
-                "kvplug_config": kvplug_config, "batches": args.batch, "contexts": args.context,
+                "kvplug_config": kvplug_config, "speculative_config": speculative,
+                "batches": args.batch, "contexts": args.context,
                 "decode_tokens": n, "repeats": args.repeats, "seed": args.seed}
         results.append(_run_worker(spec, env, workdir))
         print(f"{TAG} {backend} done at {time.monotonic() - t0:.0f}s", flush=True)
@@ -375,7 +424,7 @@ def run(args: argparse.Namespace) -> int:
         "machine": machine(),
         "versions": {"kvplug": version("kvplug"), **default["versions"]},
         "settings": {"policy": config.policy, "policy_params": policy.params(),
-                     "kvplug_config": kvplug_config,
+                     "kvplug_config": kvplug_config, "speculative_config": speculative,
                      "model": Path(model).name,  # a name, not this machine's path
                      "batches": args.batch,
                      "contexts": args.context, "decode_tokens": n, "repeats": args.repeats,

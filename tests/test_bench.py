@@ -118,3 +118,30 @@ def test_outputs(tmp_path):
         "| kvplug | 4 | 1000 | 1.00 | 62.5 | 64.0 | 2.00x | 46080 | 23040 | 43.9 MiB | 1 |"]
     assert "VLLM_ALLOW_LONG_MAX_MODEL_LEN" not in md
     assert "VLLM_ALLOW_LONG_MAX_MODEL_LEN=1" in bench.markdown(_report(long_len=True))
+
+
+def test_acceptance_of_a_speculating_engine():
+    kv = _result("kvplug", [1.0, 1.0], [2.0, 2.0])
+    for run, (drafts, accepted, steps) in zip(kv["cells"][0]["runs"], [(40, 30, 10), (40, 10, 10)]):
+        run.update(draft_tokens=drafts, accepted_tokens=accepted, verify_steps=steps)
+    rows = bench.build_rows([kv, _result("default", [1.0], [4.0])], N, build_policy("full"))
+    default, spec = rows
+    # summed over the cell's runs: 40 of 80 drafts accepted in 20 verification steps
+    assert spec["acceptance"] == 0.5 and spec["mean_accepted_length"] == 3.0
+    assert default["acceptance"] is None and default["mean_accepted_length"] is None
+    report = _report()
+    report["rows"] = rows
+    assert "acceptance" not in bench.markdown(report)
+    report["settings"]["speculative_config"] = {"method": "custom_class",
+                                                "num_speculative_tokens": 4}
+    md = bench.markdown(report).splitlines()
+    assert md[-2].endswith("| - | - |") and md[-1].endswith("| 0.5 | 3.0 |")
+
+
+def test_bad_speculative_config_fails_before_any_engine(tmp_path):
+    (tmp_path / "config.json").write_text("{}")
+    args = _parser().parse_args(["--model", str(tmp_path), "--out", str(tmp_path / "o"),
+                                 "--speculative-config", "{gamma: 4}"])
+    with pytest.raises(ValueError, match="--speculative-config is not valid JSON"):
+        bench.run(args)
+    assert not (tmp_path / "o").exists()

@@ -98,8 +98,16 @@ class WorkerPolicy:
         """The policy a step's forward reads through: the draft policy in draft forwards."""
         return self.draft if step is not None and step.draft else self.policy
 
-    def request_switch(self, data: dict) -> None:
-        """Validate and queue a switch to a configured policy (applied by :meth:`apply`)."""
+    def request_switch(self, data: dict, running: int) -> None:
+        """Validate and queue a switch to a configured policy (applied by :meth:`apply`).
+
+        ``running`` is the requests holding state now.  The RPC runs between engine
+        steps, so refusing here (not in the next step's :meth:`apply`, where an error
+        would fail the step) closes the gap between a caller's idle check and the
+        switch, in which a request may have started."""
+        if running:
+            raise RuntimeError(f"kvplug: a policy switch needs an idle engine; {running} "
+                               "requests hold kvplug state")
         wanted = PolicyConfig.parse(data, "kvplug set_policy").build_policy()
         match = next((c for c in self.choices if c[1] == wanted), None)
         if match is None:
@@ -315,7 +323,7 @@ def worker_set_policy(worker, data: dict) -> None:
     """RPC target (``collective_rpc("kvplug_set_policy", args=(config,))``)."""
     if _WORKER is None:
         raise RuntimeError("kvplug is not this engine's attention backend")
-    _WORKER.request_switch(data)
+    _WORKER.request_switch(data, running=0 if _TRACKER is None else _TRACKER.live())
 
 
 def _attention_layers(worker) -> list:

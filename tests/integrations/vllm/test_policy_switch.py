@@ -1,0 +1,38 @@
+"""The worker's policy switch, without an engine: validated when asked, refused while a
+request holds state (at the RPC, between steps), applied at the next step."""
+
+import pytest
+
+from kvplug.config import resolve_config
+from kvplug.integrations.vllm.lifecycle import WorkerPolicy
+
+QUEST = {"policy": "quest", "budget": 256, "page_size": 16}
+
+
+def _worker() -> WorkerPolicy:
+    config = resolve_config({"kvplug": {"policy": "full", "switch_to": [QUEST]}})
+    return WorkerPolicy(config, num_layers=30, num_kv_heads=3, unit=16)
+
+
+def test_switch_is_queued_then_applied():
+    worker = _worker()
+    worker.request_switch(QUEST, running=0)
+    assert worker.active.policy == "full" and worker.next_policy.name == "quest"
+    worker.apply(running=0)
+    assert worker.active.policy == "quest" and worker.pending is None
+
+
+def test_switch_while_a_request_holds_state_is_refused_at_once():
+    """A request may start between a caller's idle check and the switch; the switch is
+    refused then (the route answers 409), never left to fail the next engine step."""
+    worker = _worker()
+    with pytest.raises(RuntimeError, match="needs an idle engine; 1 requests hold"):
+        worker.request_switch(QUEST, running=1)
+    assert worker.pending is None
+    worker.apply(running=1)          # nothing queued: the step runs on
+    assert worker.active.policy == "full"
+
+
+def test_unknown_config_names_the_choices():
+    with pytest.raises(ValueError, match="valid choices"):
+        _worker().request_switch({"policy": "quest", "budget": 512, "page_size": 16}, running=0)

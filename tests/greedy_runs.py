@@ -1,5 +1,7 @@
-"""The greedy-generation engine runs the vLLM integration tests compare: passkey prompts
-and ``tests/integrations/vllm/greedy_generate.py`` in a process (group) of its own."""
+"""The engine runs the vLLM integration tests compare: passkey prompts,
+``tests/integrations/vllm/greedy_generate.py`` (whole batches) and
+``compaction_run.py`` (step by step, with aborts and preemptions), each in a process
+(group) of its own."""
 
 from __future__ import annotations
 
@@ -11,6 +13,7 @@ from pathlib import Path
 from engine_process import run_engine_script
 
 SCRIPT = Path(__file__).parent / "integrations" / "vllm" / "greedy_generate.py"
+STEPPED_SCRIPT = SCRIPT.with_name("compaction_run.py")
 
 
 def passkey_prompts(model_dir, lengths: list[int], depths: list[float]) -> list[list[int]]:
@@ -36,4 +39,15 @@ def run(model_dir, backend: str, prompts_file: Path, out: Path, env: dict | None
         switch_file.write_text(json.dumps(switch))
         args.append(str(switch_file))
     run_engine_script(args, timeout=timeout, env={**os.environ, **(env or {})})
+    return json.loads(out.read_text())
+
+
+def stepped_run(model_dir, prompts_file: Path, name: str, **config) -> dict:
+    """``compaction_run.py`` with ``config`` (see its docstring) on ``prompts_file``; its
+    result, written beside the prompts as ``name.json``."""
+    config_file = prompts_file.with_name(f"{name}.config.json")
+    config_file.write_text(json.dumps(config))
+    out = prompts_file.with_name(f"{name}.json")
+    run_engine_script([sys.executable, str(STEPPED_SCRIPT), str(model_dir), str(config_file),
+                       str(prompts_file), str(out)], timeout=900)
     return json.loads(out.read_text())

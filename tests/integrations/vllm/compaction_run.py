@@ -2,15 +2,19 @@
 
 ``python compaction_run.py MODEL CONFIG.json PROMPTS.json OUT.json`` (CONFIG:
 ``{"kvplug": {...} or null, "blocks": N, "max_tokens": N, "abort": [ids], "abort_at": N,
-"preempt_at": [N or null per pass], "passes": N, "switch": [policy config per pass]}``;
+"preempt_at": [N or null per pass], "passes": N, "switch": [policy config per pass],
+"speculative": vLLM speculative config, "engine": engine argument overrides,
+"samples": {"prompt": ids, "n": N, "max_tokens": N, "temperature": T}}``;
 ``switch`` needs the configs in ``switch_to``).
 The engine core runs in this process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``) so
 the scheduler's block pool is read directly after every step: free blocks,
 the blocks each running request holds (null blocks excluded), its computed tokens
 and the context its compaction layout was made for, running and preempted requests,
 and each request's prefix-cache hit.  Requests listed in ``abort`` are aborted at
-their ``abort_at``-th decode step (5 unless set); with a pass's ``preempt_at``, every
-running request is preempted (recompute) once one of them has decoded that many tokens.
+their ``abort_at``-th decode step (5 unless set; the first step reaching it when a
+step decodes several tokens); with a pass's ``preempt_at``, every running request is
+preempted (recompute) once one of them has decoded that many tokens.  After the passes,
+``samples`` draws ``n`` sampled continuations of one prompt (the engine's seed).
 """
 
 import json
@@ -37,7 +41,10 @@ def main(model: str, config_path: str, prompts_path: str, out_path: str) -> None
     config = json.load(open(config_path))
     extra = {} if config["kvplug"] is None else {
         "attention_backend": "kvplug", "additional_config": {"kvplug": config["kvplug"]}}
-    llm = LLM(model, **ENGINE_ARGS, num_gpu_blocks_override=config["blocks"], **extra)
+    if config.get("speculative"):
+        extra["speculative_config"] = config["speculative"]
+    llm = LLM(model, **{**ENGINE_ARGS, **config.get("engine", {})},
+              num_gpu_blocks_override=config["blocks"], **extra)
     engine = llm.llm_engine
     scheduler = engine.engine_core.engine_core.scheduler
     pool = scheduler.kv_cache_manager.block_pool
@@ -70,16 +77,30 @@ def main(model: str, config_path: str, prompts_path: str, out_path: str) -> None
                                       for r in scheduler.running if r.request_id in layouts},
                           "preemptions": sum(r.num_preemptions for r in scheduler.running)})
             for req_id in config.get("abort", ()):
-                if decoded.get(req_id) == config.get("abort_at", 5) and req_id not in outputs:
+                if decoded.get(req_id, 0) >= config.get("abort_at", 5) and req_id not in outputs:
                     engine.abort_request([req_id])
                     outputs[req_id] = "aborted"
-            if preempt_at is not None and preempt_at in decoded.values():
+            if preempt_at is not None and max(decoded.values(), default=0) >= preempt_at:
                 scheduler.reset_prefix_cache(reset_running_requests=True)
                 preempt_at = None
         engine.step()  # the next step drops the finished requests' kvplug states
         result["passes"].append({"outputs": outputs, "steps": steps, "cached": cached,
                                  "free_after": pool.get_num_free_blocks()})
-    result["states"] = kv_vllm.request_states(llm) if config["kvplug"] is not None else None
+    def states() -> dict:
+        if config["kvplug"] is None:
+            return {}
+        engine.step()  # the worker drops what finished at the next step, run here only if asked
+        return kv_vllm.request_states(llm)
+
+    result["states"] = states()
+    if config.get("samples"):
+        sample = config["samples"]
+        params = SamplingParams(max_tokens=sample["max_tokens"],
+                                temperature=sample["temperature"], ignore_eos=True)
+        outputs = llm.generate([TokensPrompt(prompt_token_ids=sample["prompt"])] * sample["n"],
+                               params, use_tqdm=False)
+        result["samples"] = [list(o.outputs[0].token_ids) for o in outputs]
+        result["states_after_samples"] = states()
     json.dump(result, open(out_path, "w"))
 
 

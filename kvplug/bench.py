@@ -102,8 +102,9 @@ def acceptance(draft_tokens: float, accepted_tokens: float, verify_steps: float)
             if verify_steps else None}
 
 
-def _timed(llm, prompts, params) -> dict[str, float]:
-    """One batch, timed by the engine's own per-request timestamps.
+def timed_generate(llm, prompts, params) -> tuple[dict[str, float], list]:
+    """One batch, timed by the engine's own per-request timestamps; (timing and
+    speculative-decoding counts, the request outputs).
 
     TTFT is the slowest request's first-token latency (the batch's prefill).
     Decode time is the N decode steps of the request that got its first token
@@ -121,7 +122,7 @@ def _timed(llm, prompts, params) -> dict[str, float]:
             "decode_s": last.last_token_ts - last.first_token_ts,
             "first_token_spread_s": last.first_token_ts - min(x.first_token_ts for x in m),
             "wall_s": wall,
-            **{k: v - counts[k] for k, v in spec_decode_counts(llm).items()}}
+            **{k: v - counts[k] for k, v in spec_decode_counts(llm).items()}}, outputs
 
 
 def _measure(spec: dict[str, Any]) -> dict[str, Any]:
@@ -150,13 +151,13 @@ def _measure(spec: dict[str, Any]) -> dict[str, Any]:
     allowed = np.array([i for i in range(mc.get_vocab_size()) if i not in special])
     rng = np.random.default_rng(spec["seed"])
     params = SamplingParams(max_tokens=1 + n, ignore_eos=True, detokenize=False)
-    _timed(llm, _prompts(rng, allowed, 1, 16), params)  # warm-up (kvplug's side stores too)
+    timed_generate(llm, _prompts(rng, allowed, 1, 16), params)  # warm-up (kvplug's side stores too)
     pool_tokens = cc.num_gpu_blocks * cc.block_size
     side_bytes_per_token = kv_vllm.side_bytes(llm) / pool_tokens if backend == "kvplug" else 0
     cells = []
     for context in spec["contexts"]:
         for batch in spec["batches"]:
-            runs = [_timed(llm, _prompts(rng, allowed, batch, context), params)
+            runs = [timed_generate(llm, _prompts(rng, allowed, batch, context), params)[0]
                     for _ in range(spec["repeats"])]
             cells.append({"batch": batch, "context": context, "runs": runs})
             ttft = statistics.median(r["ttft_s"] for r in runs)

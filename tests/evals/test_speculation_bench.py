@@ -1,0 +1,50 @@
+"""The speculation bench without an engine: its rows (speed, acceptance, step profile)
+from fake runs, and settings it refuses."""
+
+import pytest
+
+from kvplug.evals import speculation_bench as sb
+
+N = 64
+
+
+def _run(decode_s, drafts=0, accepted=0, steps=0, draft_s=0.0, forwards=0):
+    return {"decode_s": decode_s, "draft_tokens": drafts, "accepted_tokens": accepted,
+            "verify_steps": steps, "draft_s": draft_s, "draft_forwards": forwards}
+
+
+def test_rows_speedup_acceptance_and_step_profile():
+    default = {"context": 4096, "batch": 4, "runs": [_run(8.0), _run(8.0)]}
+    base = sb.row("default", default, N, None)
+    assert base["decode_tok_s"] == 4 * N / 8.0
+    assert base["target_ms_per_step"] == 1000 * 16.0 / (2 * N)     # one forward per token
+    assert base["acceptance"] is None and base["draft_ms_per_forward"] is None
+    spec = {"context": 4096, "batch": 4,
+            "runs": [_run(4.0, 80, 60, 20, draft_s=2.0, forwards=80),
+                     _run(6.0, 80, 20, 20, draft_s=3.0, forwards=80)]}
+    r = sb.row("self-quest", spec, N, base)
+    assert r["spread_tok_s"] == [round(4 * N / 6.0, 2), 4 * N / 4.0]
+    assert r["speedup"] == round(r["decode_tok_s"] / base["decode_tok_s"], 2)
+    assert r["acceptance"] == 0.5 and r["mean_accepted_length"] == 3.0
+    # 5 s of the 10 s drafted in 160 forwards; the other 5 s over 40 verification steps
+    assert r["draft_ms_per_forward"] == 31.2 and r["target_ms_per_step"] == 125.0
+
+
+def test_contexts_beyond_the_essays_are_refused():
+    class Tok:
+        def apply_chat_template(self, messages, **_):
+            return messages[0]["content"]
+
+        def __call__(self, text, **_):
+            return {"input_ids": text.split()}
+
+        def decode(self, ids):
+            return " ".join(ids)
+
+    with pytest.raises(ValueError, match="context 100000 exceeds the essays"):
+        sb.prompt_ids(Tok(), 100000)
+
+
+def test_unknown_setting_is_named(tmp_path):
+    with pytest.raises(SystemExit, match="unknown \\['fast'\\]"):
+        sb.main(["--settings", "default,fast", "--out", str(tmp_path)])

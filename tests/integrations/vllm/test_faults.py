@@ -1,8 +1,8 @@
 """A step that raises inside kvplug reaches the caller, and once aborted leaves no state.
 
 One kvplug engine (quest) runs in this process (no engine-core or worker process), so the
-fault is injected with monkeypatch, in kvplug's per-step bookkeeping after the step's
-request states exist.  The fault reaches the caller as the exception raised; once the
+fault is injected with monkeypatch: in kvplug's per-step bookkeeping after the step's
+request states exist, or inside an attention layer (the policy's selection).  The fault reaches the caller as the exception raised; once the
 failed request is aborted, kvplug holds no request state and its open step is closed, and
 the same prompt then gets the same greedy tokens as before the fault.
 """
@@ -11,6 +11,7 @@ import pytest
 
 import kvplug.integrations.vllm as kv_vllm
 from kvplug.integrations.vllm import lifecycle
+from kvplug.policies.selection import Quest
 
 pytestmark = pytest.mark.engine
 PROMPT = list(range(1000, 1300))  # 300 tokens: 5 prefill chunks of 64
@@ -53,23 +54,28 @@ def _fault_after_begin_step(original):
     return wrapped
 
 
-def test_a_failing_step_raises_and_leaves_no_kvplug_state(llm, monkeypatch):
+def _fault_in_select(*args, **kwargs):
+    """A fault inside an attention layer: the policy's decode-time selection."""
+    raise InjectedFault("injected fault in Quest.select")
+
+
+@pytest.mark.parametrize("where", ["begin_step", "attention layer"])
+def test_a_failing_step_raises_and_leaves_no_kvplug_state(llm, monkeypatch, where):
     reference = _greedy(llm)
-    monkeypatch.setattr(lifecycle.RequestTracker, "begin_step",
-                        _fault_after_begin_step(lifecycle.RequestTracker.begin_step))
+    if where == "begin_step":
+        monkeypatch.setattr(lifecycle.RequestTracker, "begin_step",
+                            _fault_after_begin_step(lifecycle.RequestTracker.begin_step))
+    else:
+        monkeypatch.setattr(Quest, "select", _fault_in_select)
     with pytest.raises(InjectedFault):
         _greedy(llm)
     monkeypatch.undo()
 
     engine = llm.llm_engine
-    failed = list(engine.output_processor.request_states)
+    failed = list(engine.output_processor.request_states)    # the engine's internal ids
     assert failed, "the failed request should still be known to the engine"
-    engine.abort_request(failed)
-    for _ in range(200):
-        if not engine.has_unfinished_requests():
-            break
-        engine.step()
-    assert not engine.has_unfinished_requests(), "the aborted request never left the engine"
+    engine.abort_request(failed, internal=True)
+    assert not engine.has_unfinished_requests(), "the aborted request is still unfinished"
     tracker = lifecycle.tracker()
     assert tracker is not None and tracker.current is None, "the failed step stayed open"
     assert _live_states(llm) == 0

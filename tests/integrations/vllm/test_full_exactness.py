@@ -1,6 +1,6 @@
 """``full`` inside vLLM is token-identical to vLLM's default CPU backend.
 
-8 prompts of 64 to 4k tokens, two sharing a long prefix; chunked prefill
+8 prompts of 64 to 3k tokens, two sharing a long prefix; chunked prefill
 (1024-token chunks), prefix caching and continuous batching on.  Each engine
 runs in its own process (greedy_generate.py).
 """
@@ -12,13 +12,13 @@ import pytest
 from greedy_runs import passkey_prompts, run
 
 pytestmark = pytest.mark.engine
-LENGTHS = [64, 200, 512, 900, 1500, 2500, 3300, 4096]
+LENGTHS = [64, 200, 512, 900, 1500, 2000, 2600, 3072]
 
 
 def _prompts(model_dir) -> list[list[int]]:
     prompts = passkey_prompts(model_dir, LENGTHS,
                               [i / (len(LENGTHS) - 1) for i in range(len(LENGTHS))])
-    prompts[6] = prompts[7][:3000] + prompts[1][:300]  # shares 3000 tokens with prompt 7
+    prompts[6] = prompts[7][:2400] + prompts[1][:200]  # shares 2400 tokens with prompt 7
     return prompts
 
 

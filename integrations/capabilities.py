@@ -14,7 +14,7 @@ HF = "HF transformers"
 # engine -> (stages it runs, stores it keeps)
 ENGINES: dict[str, tuple[frozenset[str], frozenset[str]]] = {
     VLLM_CPU: (frozenset({"select", "prefill_compress", "layer_budgets", "decode_compress"}),
-               frozenset({"dense", "evicted", "merged"})),
+               frozenset({"dense", "evicted", "merged", "quantized"})),
     VLLM_CUDA: (frozenset({"select"}), frozenset({"dense"})),
     HF: (frozenset({"select", "prefill_compress", "layer_budgets", "decode_compress"}),
          frozenset({"dense", "evicted", "merged", "lowrank", "quantized"})),
@@ -47,7 +47,9 @@ def what_it_saves(policy) -> str:
     if "prefill_compress" in policy.stages:
         return "memory and bandwidth"
     if policy.store != "dense":
-        where = [e for e in supported_engines(policy) if policy.store_on(ENGINES[e][1])
-                 == policy.store]
+        runs = supported_engines(policy)
+        where = [e for e in runs if policy.store_on(ENGINES[e][1]) == policy.store]
+        if where == runs:
+            return "memory and bandwidth"
         return f"bandwidth; memory too on {', '.join(where)}"
     return "bandwidth" if reads_less else "nothing"

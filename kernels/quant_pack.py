@@ -99,7 +99,7 @@ def unpack_codes(packed: Tensor, bits: int) -> Tensor:
 
 
 # -- quantization parameters (torch) -------------------------------------------
-def _step(lo: Tensor, hi: Tensor, bits: int) -> tuple[Tensor, Tensor]:
+def range_params(lo: Tensor, hi: Tensor, bits: int) -> tuple[Tensor, Tensor]:
     """Stored (float16) zero point and step of the range ``[lo, hi]``; a step of 0 (a
     constant range) becomes 1, so its codes are 0 and dequantize to ``lo``."""
     zero = lo.to(PARAM_DTYPE)
@@ -111,9 +111,9 @@ def key_params(keys: Tensor, bits: int) -> tuple[Tensor, Tensor]:
     """Channel-wise zero point and step of ``keys`` ``[B, H, n, D]`` -> ``[B, H, 1, D]``."""
     if keys.shape[2] == 0:
         zeros = keys.new_zeros(*keys.shape[:2], 1, keys.shape[3], dtype=torch.float32)
-        return _step(zeros, zeros, bits)
+        return range_params(zeros, zeros, bits)
     k = keys.float()
-    return _step(k.amin(dim=2, keepdim=True), k.amax(dim=2, keepdim=True), bits)
+    return range_params(k.amin(dim=2, keepdim=True), k.amax(dim=2, keepdim=True), bits)
 
 
 def value_scale(values: Tensor) -> Tensor:
@@ -128,7 +128,7 @@ def value_scale(values: Tensor) -> Tensor:
 def value_params(values: Tensor, scale: Tensor, bits: int) -> tuple[Tensor, Tensor]:
     """Token-wise zero point and step of ``values / scale`` -> ``[B, H, n, 1]``."""
     v = values.float() / scale.float()
-    return _step(v.amin(dim=3, keepdim=True), v.amax(dim=3, keepdim=True), bits)
+    return range_params(v.amin(dim=3, keepdim=True), v.amax(dim=3, keepdim=True), bits)
 
 
 # -- quantize + pack ------------------------------------------------------------

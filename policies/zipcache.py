@@ -43,6 +43,7 @@ import torch
 from torch import Tensor
 
 from kvplug.kernels.quant_pack import BITS
+from kvplug.kernels.quant_pages import PageLayout
 from kvplug.policies.base import Policy, param, register_policy
 
 # probe queries scored together: bounds the [H_q, probes, N] attention held at once
@@ -78,6 +79,10 @@ class ZipCache(Policy):
             raise ValueError(f"policy 'zipcache': bits_salient={self.bits_salient} is below "
                              f"bits_other={self.bits_other}; salient tokens get at least as "
                              "many bits")
+
+    def page_layout(self, block_size: int, head_dim: int) -> PageLayout:
+        """How a paged engine stores a block of one kv-head (both precisions in one page)."""
+        return PageLayout(block_size, head_dim, self.bits_salient, self.bits_other)
 
     def probe_positions(self, length: int, layer_idx: int) -> Tensor:
         """Ascending probe positions of a ``length``-token prompt: the last

@@ -10,7 +10,7 @@ def test_policies_lists_every_policy_and_engine_key(capsys):
     assert "\nfull: dense passthrough" in "\n" + out
     assert "log_every_steps: int = 200" in out and "log_request_stats: bool = True" in out
     assert ("\nzipcache: keeps every token quantized" in out
-            and "saves bandwidth; memory too on HF transformers; runs on HF transformers" in out)
+            and "saves memory and bandwidth; runs on vLLM on CPU, HF transformers" in out)
 
 
 def test_errors_exit_2_with_a_message(tmp_path, capsys):

@@ -49,7 +49,8 @@ from kvplug.kernels import count_weighted_decode, sparse_paged_decode_ref
 from kvplug.integrations.vllm.common import (KVPlugBackendMixin, LayerSummaries, Step,
                                              current_rows, decode_rows, step_context,
                                              with_rows)
-from kvplug.integrations.vllm.lifecycle import tracker, worker_policy
+from kvplug.integrations.vllm.lifecycle import current_worker, tracker, worker_policy
+from kvplug.integrations.vllm.quantized import QuantizedLayer, page_view
 from kvplug.policies import KeepPlan, Policy, Selection, SelectionPolicy, StepContext
 
 
@@ -225,6 +226,7 @@ class KVPlugCPUImpl(LayerSummaries, CPUAttentionBackendImpl):
         # merged stores: log of the tokens each slot stands for, [num_blocks, block, H_kv]
         # (0 for a token written as it is)
         self.log_counts: torch.Tensor | None = None
+        self.quantized: QuantizedLayer | None = None   # the quantized store's reads and writes
 
     def _bind(self, layer, kv_cache: torch.Tensor) -> bool:
         bound = super()._bind(layer, kv_cache)
@@ -234,6 +236,8 @@ class KVPlugCPUImpl(LayerSummaries, CPUAttentionBackendImpl):
         return bound
 
     def do_kv_cache_update(self, layer, key, value, kv_cache, slot_mapping):
+        if self.worker.quantized:
+            return                    # packed pages are written after attention (forward)
         super().do_kv_cache_update(layer, key, value, kv_cache, slot_mapping)
         step = tracker().current if tracker() is not None else None
         if step is not None and step.draft:
@@ -247,7 +251,9 @@ class KVPlugCPUImpl(LayerSummaries, CPUAttentionBackendImpl):
     def forward(self, layer, query, key, value, kv_cache, attn_metadata, output,
                 output_scale=None, output_block_scale=None):
         plan = getattr(attn_metadata, "decode", None)
-        if plan is None:
+        if self.worker.quantized:
+            self._quantized_forward(layer, query, key, value, kv_cache, attn_metadata, output)
+        elif plan is None:
             md = attn_metadata
             reads = getattr(attn_metadata, "layer_reads", None)
             if reads is not None:
@@ -265,6 +271,27 @@ class KVPlugCPUImpl(LayerSummaries, CPUAttentionBackendImpl):
             self._bind(layer, kv_cache)
             self._compaction(layer, query, kv_cache, attn_metadata, step.compaction)
         return output
+
+    def _quantized_forward(self, layer, query, key, value, kv_cache, md, output) -> None:
+        """The quantized store: every row through :class:`QuantizedLayer` (dummy runs, which
+        have no requests and no pool, give zeros)."""
+        step = getattr(md, "rows", None)
+        if step is None or step.quantized is None or not kv_cache.numel():
+            output.zero_()
+            return
+        self._bind(layer, kv_cache)
+        policy = self.worker.policy
+        if self.quantized is None:
+            self.quantized = QuantizedLayer(policy.page_layout(kv_cache.shape[2], self.head_size),
+                                            policy, self.layer_idx, self.scale)
+        tokens = md.num_actual_tokens
+        self.quantized.forward(
+            step.quantized, query[:tokens].view(tokens, self.num_heads, self.head_size),
+            key[:tokens].view(tokens, self.num_kv_heads, self.head_size),
+            value[:tokens].view(tokens, self.num_kv_heads, self.head_size),
+            page_view(kv_cache, self.quantized.layout), md.block_table,
+            md.query_start_loc.tolist(), output[:tokens].view(tokens, self.num_heads,
+                                                              self.head_size))
 
     def _selection_forward(self, layer, query, key, value, kv_cache, plan, output) -> None:
         self._bind(layer, kv_cache)
@@ -565,6 +592,17 @@ class BlockRead:
 
 
 class KVPlugCPUBackend(KVPlugBackendMixin, CPUAttentionBackend):
+    @classmethod
+    def customize_spec(cls, spec):
+        """With the quantized store, a token of a kv-head takes the policy's packed slot
+        (``VLLM_CPU_KVCACHE_SPACE`` then holds proportionally more blocks)."""
+        spec = super().customize_spec(spec)
+        worker = current_worker()
+        if worker is None or not worker.quantized:
+            return spec
+        layout = worker.policy.page_layout(spec.block_size, spec.head_size)
+        return replace(spec, state_content_bytes=layout.slot_bytes)
+
     @staticmethod
     def get_builder_cls():
         return KVPlugCPUMetadataBuilder

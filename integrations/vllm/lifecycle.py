@@ -29,6 +29,8 @@ from dataclasses import dataclass
 from kvplug.config import KVPlugConfig, PolicyConfig, resolve_config
 from kvplug.integrations.vllm.compaction import (CompactionStep, RequestCompaction,
                                                  compaction_layout)
+from kvplug.integrations.vllm.quantized import (QuantizedRequest, QuantizedRow, new_record,
+                                                plan_row)
 from kvplug.integrations.vllm.selection import logger, uses_kvplug
 from kvplug.policies import Policy, RequestState, SelectionPolicy
 
@@ -52,6 +54,8 @@ class Step:
     layer_read_from: tuple[tuple[int, ...] | None, ...] | None = None
     # a self-speculation draft forward (reads through the config's draft policy)
     draft: bool = False
+    # with the quantized store: what each row reads and packs (else None)
+    quantized: tuple[QuantizedRow, ...] | None = None
 
 
 class WorkerPolicy:
@@ -78,6 +82,13 @@ class WorkerPolicy:
         if config.draft is not None:
             self.draft = config.draft.build_policy()
             self.draft.check_model(num_layers, num_kv_heads, unit)
+        # the quantized store's pages are sized at engine start: one policy keeps them
+        quantized = [p.name for p in self.policies if p.store == "quantized"]
+        if quantized and len(self.policies) > 1:
+            raise ValueError(f"kvplug policy {quantized[0]!r} keeps the KV pool in packed pages "
+                             "whose size is fixed at engine start; it cannot be switched to or "
+                             "from, nor draft: leave switch_to and draft empty")
+        self.quantized = bool(quantized)
         self.any_selection = any(isinstance(p, SelectionPolicy) for p in self.policies)
         # merged slots are read by kvplug's count-weighted decode, decode rows apart
         self.merged = any(p.store == "merged" for _, p in self.choices)
@@ -149,6 +160,7 @@ class RequestTracker:
         self.states: dict[str, RequestState] = {}
         self.compactions: dict[str, RequestCompaction] = {}  # requests of compressing policies
         self.drafts: dict[str, DraftStats] = {}  # requests that had drafts verified
+        self.quantized: dict[str, QuantizedRequest] = {}  # requests of the quantized store
         self.counts: Counter[str] = Counter()  # created / finished / preempted / resumed
         self.steps = 0
         self.current: Step | None = None
@@ -158,6 +170,7 @@ class RequestTracker:
 
     def drop(self, req_id: str, why: str) -> None:
         self.compactions.pop(req_id, None)
+        self.quantized.pop(req_id, None)
         drafts = self.drafts.pop(req_id, None)
         state = self.states.pop(req_id, None)
         if state is None:
@@ -184,6 +197,7 @@ class RequestTracker:
         batch = runner.input_batch
         req_ids = tuple(batch.req_ids[: batch.num_reqs])
         compressing = "prefill_compress" in policy.stages
+        quantized = [] if policy.store == "quantized" else None
         states, read_from, layer_read_from = [], [], []
         ending, continuing, recompacting = [], [], []
         for row, req_id in enumerate(req_ids):
@@ -200,6 +214,12 @@ class RequestTracker:
             is_prefill = computed < request.num_prompt_tokens or new > 1 + drafts
             policy.account_step(state, computed, new, is_prefill)
             states.append(state)
+            if quantized is not None:
+                record = self.quantized.get(req_id)
+                if record is None:
+                    record = self.quantized[req_id] = new_record(request.num_tokens, computed,
+                                                                 self.block_size)
+                quantized.append(plan_row(policy, record, computed, new, self.block_size))
             if not compressing:
                 continue
             record = self.compactions.setdefault(req_id, RequestCompaction())
@@ -221,7 +241,8 @@ class RequestTracker:
                       if compressing else None)
         self.current = Step(req_ids, tuple(states), tuple(read_from) if compressing else None,
                             compaction, tuple(layer_read_from)
-                            if any(f is not None for f in layer_read_from) else None)
+                            if any(f is not None for f in layer_read_from) else None,
+                            quantized=None if quantized is None else tuple(quantized))
 
         self.steps += 1
         every = self.config.log_every_steps
@@ -258,6 +279,11 @@ def worker_policy(vllm_config) -> WorkerPolicy:
                                model.get_num_layers(vllm_config.parallel_config),
                                model.get_total_num_kv_heads(),
                                vllm_config.cache_config.block_size)
+    return _WORKER
+
+
+def current_worker() -> WorkerPolicy | None:
+    """This process's policies once a kvplug layer was built (model load), else None."""
     return _WORKER
 
 

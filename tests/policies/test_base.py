@@ -72,12 +72,12 @@ def test_an_engine_without_a_stage_or_store_is_refused_by_name():
                                          r"store 'merged', which vLLM on CUDA does not"):
         check_engine(POLICIES["chelsea"], VLLM_CUDA)
 
-    class Quantized(POLICIES["snapkv"]):
-        store = "quantized"
-    with pytest.raises(ValueError, match=r"needs store 'quantized', which vLLM on CPU does not "
+    class LowRank(POLICIES["snapkv"]):
+        store = "lowrank"
+    with pytest.raises(ValueError, match=r"needs store 'lowrank', which vLLM on CPU does not "
                                          r"support \(it supports stages .* and stores "
-                                         r"\['dense', 'evicted', 'merged'\]\)"):
-        check_engine(Quantized, VLLM_CPU)
+                                         r"\['dense', 'evicted', 'merged', 'quantized'\]\)"):
+        check_engine(LowRank, VLLM_CPU)
     with pytest.raises(ValueError, match=r"'snapkv' needs prefill_compress, .*vLLM on CUDA"):
         check_engine(POLICIES["snapkv"], VLLM_CUDA)
     assert supported_engines(POLICIES["snapkv"]) == [VLLM_CPU, HF]

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kvplug.integrations.capabilities import HF, VLLM_CPU, check_engine
+from kvplug.integrations.capabilities import HF, VLLM_CPU, VLLM_CUDA, check_engine
 from kvplug.policies import build_policy
 from kvplug.policies.quantized_store import decode, dequantized, quantize_segment
 
@@ -33,11 +33,12 @@ def test_defaults_are_the_official_ones():
 
 
 def test_engines():
-    """HF keeps the quantized store; vLLM-cpu does not yet and refuses it, saying what."""
+    """HF and vLLM-cpu keep the quantized store; vLLM on CUDA refuses it, saying what."""
     policy = build_policy("zipcache")
     check_engine(policy, HF)
-    with pytest.raises(ValueError, match=r"'zipcache' needs store 'quantized', which vLLM on CPU"):
-        check_engine(policy, VLLM_CPU)
+    check_engine(policy, VLLM_CPU)
+    with pytest.raises(ValueError, match=r"'zipcache' needs store 'quantized', which vLLM on CUDA"):
+        check_engine(policy, VLLM_CUDA)
 
 
 def test_probe_positions():

@@ -1,0 +1,219 @@
+"""ZipCache's mixed-precision KV in fixed-size pages, so a paged KV pool can hold it.
+
+A page is one block of ``T`` tokens of one kv-head, ``T·C`` bytes (``C`` =
+:attr:`PageLayout.slot_bytes`, what an engine allocates per token and kv-head):
+
+==========  ==============  =====================================================
+field       shape           meaning
+==========  ==============  =====================================================
+k codes     ``[T, F]`` u8   ``F = D·bits_salient/8``; a token of group 1 uses the
+v codes     ``[T, F]`` u8   first ``D·bits_other/8`` bytes (planes, as ``pack_codes``)
+v zero      ``[T]`` f16     token-wise value range (ZipCache's channel-separable
+v step      ``[T]`` f16     token-wise scheme)
+group       ``[T]`` u8      0: salient (``bits_salient``), 1: other (``bits_other``)
+k zero      ``[2, D]`` f16  channel-wise key range of each group's tokens
+k step      ``[2, D]`` f16
+v scale     ``[2, D]`` f16  ``sqrt(max |v|)`` per channel over each group's tokens
+==========  ==============  =====================================================
+
+Ranges are per page and group (block-local: a page never reads another's), i.e. finer
+than ZipCache's per-sequence ranges.  :func:`pack_pages` quantizes whole pages from K/V
+and a group per token; :func:`unpack_pages` is its inverse up to quantization error;
+:func:`pages_attention_ref` attends queries to a sequence's pages a tile of pages at a
+time (unpacked and dequantized per tile: never a full-precision copy of the past).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from .common import merge_attention_states
+from .quant_pack import PARAM_DTYPE, check_bits, pack_codes, range_params, unpack_codes
+
+_F16 = 2   # bytes of a stored parameter
+
+
+@dataclass(frozen=True)
+class PageLayout:
+    """Where each field of a page lies (see the module doc)."""
+
+    block_size: int
+    head_dim: int
+    bits_salient: int
+    bits_other: int
+
+    def __post_init__(self) -> None:
+        for bits in (self.bits_salient, self.bits_other):
+            check_bits(bits, self.head_dim)
+        if self.bits_other > self.bits_salient:
+            raise ValueError(f"bits_other={self.bits_other} exceeds bits_salient="
+                             f"{self.bits_salient}: the code fields are sized for salient tokens")
+
+    @property
+    def bits(self) -> tuple[int, int]:
+        return self.bits_salient, self.bits_other
+
+    @property
+    def code_bytes(self) -> int:
+        return self.head_dim * self.bits_salient // 8
+
+    @property
+    def used_bytes(self) -> int:
+        """Bytes of a page's fields, before padding."""
+        T, D = self.block_size, self.head_dim
+        return T * (2 * self.code_bytes + 2 * _F16 + 1) + 3 * 2 * D * _F16
+
+    @property
+    def slot_bytes(self) -> int:
+        """Bytes per token and kv-head: the page's fields spread over its tokens, rounded up
+        to a multiple of 4 (an engine may view the pool as float32)."""
+        per_token = -(-self.used_bytes // self.block_size)
+        return -(-per_token // 4) * 4
+
+    @property
+    def page_bytes(self) -> int:
+        return self.block_size * self.slot_bytes
+
+    def fields(self, pages: Tensor) -> dict[str, Tensor]:
+        """Views of every field of ``pages`` ``[..., page_bytes]`` uint8 (last dim contiguous)."""
+        if pages.shape[-1] != self.page_bytes or pages.dtype != torch.uint8:
+            raise ValueError(f"pages of {self.page_bytes} uint8 bytes expected, got "
+                             f"{tuple(pages.shape)} {pages.dtype}")
+        T, D, F = self.block_size, self.head_dim, self.code_bytes
+        lead = pages.shape[:-1]
+        out, offset = {}, 0
+        for name, size, dtype, shape in (
+                ("k_codes", T * F, torch.uint8, (T, F)), ("v_codes", T * F, torch.uint8, (T, F)),
+                ("v_zero", T * _F16, PARAM_DTYPE, (T,)), ("v_step", T * _F16, PARAM_DTYPE, (T,)),
+                ("group", T, torch.uint8, (T,)),
+                ("k_zero", 2 * D * _F16, PARAM_DTYPE, (2, D)),
+                ("k_step", 2 * D * _F16, PARAM_DTYPE, (2, D)),
+                ("v_scale", 2 * D * _F16, PARAM_DTYPE, (2, D))):
+            out[name] = pages[..., offset:offset + size].view(dtype).view(*lead, *shape)
+            offset += size
+        return out
+
+
+def _masked_range(x: Tensor, member: Tensor) -> tuple[Tensor, Tensor]:
+    """Min and max over the tokens (dim -2) of ``x`` ``[..., T, D]`` where ``member``
+    ``[..., T]``; 0 for a group without tokens."""
+    m = member[..., None]
+    lo = torch.where(m, x, torch.inf).amin(dim=-2)
+    hi = torch.where(m, x, -torch.inf).amax(dim=-2)
+    empty = ~member.any(dim=-1, keepdim=True)
+    return lo.masked_fill(empty, 0.0), hi.masked_fill(empty, 0.0)
+
+
+def _codes(x: Tensor, zero: Tensor, step: Tensor, bits: int) -> Tensor:
+    return torch.floor((x - zero.float()) / step.float() + 0.5).clamp_(0, (1 << bits) - 1)
+
+
+def pack_pages(layout: PageLayout, keys: Tensor, values: Tensor, other: Tensor) -> Tensor:
+    """Quantize whole pages.
+
+    ``keys``/``values`` ``[..., T, D]`` (post-RoPE), ``other`` ``[..., T]`` bool: True for
+    a token stored at ``bits_other``.  Returns ``[..., page_bytes]`` uint8.
+    """
+    k, v = keys.float(), values.float()
+    pages = torch.zeros(*k.shape[:-2], layout.page_bytes, dtype=torch.uint8, device=k.device)
+    f = layout.fields(pages)
+    f["group"].copy_(other)
+    k_codes = torch.zeros_like(f["k_codes"])
+    v_codes = torch.zeros_like(f["v_codes"])
+    for group, bits in enumerate(layout.bits):
+        member = other if group else ~other
+        zero, step = range_params(*_masked_range(k, member), bits)                 # [..., D]
+        f["k_zero"][..., group, :] = zero
+        f["k_step"][..., group, :] = step
+        absmax = torch.where(member[..., None], v.abs(), 0.0).amax(dim=-2).sqrt()
+        scale = torch.where(absmax > 0, absmax, 1.0).to(PARAM_DTYPE)               # [..., D]
+        f["v_scale"][..., group, :] = scale
+        scaled = v / scale.float()[..., None, :]
+        v_zero, v_step = range_params(scaled.amin(dim=-1), scaled.amax(dim=-1), bits)  # [..., T]
+        f["v_zero"].copy_(torch.where(member, v_zero, f["v_zero"]))
+        f["v_step"].copy_(torch.where(member, v_step, f["v_step"]))
+        width = layout.head_dim * bits // 8
+        kc = pack_codes(_codes(k, zero[..., None, :], step[..., None, :], bits), bits)
+        vc = pack_codes(_codes(scaled, v_zero[..., None], v_step[..., None], bits), bits)
+        k_codes[..., :width] = torch.where(member[..., None], kc, k_codes[..., :width])
+        v_codes[..., :width] = torch.where(member[..., None], vc, v_codes[..., :width])
+    f["k_codes"].copy_(k_codes)
+    f["v_codes"].copy_(v_codes)
+    return pages
+
+
+def unpack_pages(layout: PageLayout, pages: Tensor) -> tuple[Tensor, Tensor]:
+    """The keys and values ``[..., T, D]`` float32 that ``pages`` ``[..., page_bytes]``
+    stand for."""
+    f = layout.fields(pages)
+    other = f["group"].bool()[..., None]                                           # [..., T, 1]
+
+    def codes(field: Tensor) -> Tensor:
+        salient = unpack_codes(field, layout.bits_salient)
+        low = unpack_codes(field[..., :layout.head_dim * layout.bits_other // 8],
+                           layout.bits_other)
+        return torch.where(other, low, salient).float()
+
+    def per_token(param: Tensor) -> Tensor:                   # [..., 2, D] -> [..., T, D]
+        p = param.float()
+        return torch.where(other, p[..., 1:, :], p[..., :1, :])
+
+    keys = codes(f["k_codes"]) * per_token(f["k_step"]) + per_token(f["k_zero"])
+    values = (codes(f["v_codes"]) * f["v_step"].float()[..., None]
+              + f["v_zero"].float()[..., None]) * per_token(f["v_scale"])
+    return keys, values
+
+
+def pages_attention_ref(layout: PageLayout, query: Tensor, pages: Tensor, block_table: Tensor,
+                        num_pages: Tensor, *, scale: float,
+                        tile: int = 8) -> tuple[Tensor, Tensor]:
+    """Queries attending to every token of their sequence's pages (no causal mask: the
+    pages precede every query).
+
+    Parameters
+    ----------
+    query : Tensor
+        ``[R, n, H_q, D]``: ``n`` queries of each of ``R`` sequences; head ``h`` reads
+        kv-head ``h // G``.
+    pages : Tensor
+        ``[num_blocks, H_kv, page_bytes]`` uint8: one layer's pool.
+    block_table : Tensor
+        ``[R, >= max(num_pages)]`` the pages of each sequence, in order.
+    num_pages : Tensor
+        ``[R]`` how many of its table each sequence reads (0 allowed).
+    tile : int
+        Pages unpacked at a time.
+
+    Returns
+    -------
+    out : Tensor
+        ``[R, n, H_q, D]`` float32 (0 where a sequence has no pages).
+    lse : Tensor
+        ``[R, n, H_q]`` float32 natural-log softmax denominators (``-inf``: no pages).
+    """
+    R, n, H_q, D = query.shape
+    H_kv, T = pages.shape[1], layout.block_size
+    G = H_q // H_kv
+    qg = (query.float() * scale).view(R, n, H_kv, G, D).permute(0, 2, 3, 1, 4)    # [R,H,G,n,D]
+    qg = qg.reshape(R, H_kv, G * n, D)
+    most = int(num_pages.max()) if R else 0
+    outs, lses = [], []
+    for start in range(0, max(most, 1), tile):
+        ids = block_table[:, start:start + tile].long()
+        width = ids.shape[1]
+        keys, values = unpack_pages(layout, pages[ids])                  # [R, w, H, T, D]
+        keys = keys.permute(0, 2, 1, 3, 4).reshape(R, H_kv, width * T, D)
+        values = values.permute(0, 2, 1, 3, 4).reshape(R, H_kv, width * T, D)
+        valid = (start + torch.arange(width, device=ids.device)) < num_pages[:, None]
+        s = (qg @ keys.transpose(-1, -2)).masked_fill_(
+            ~valid.repeat_interleave(T, dim=1)[:, None, None, :], -torch.inf)
+        lse = torch.logsumexp(s, dim=-1)                                    # [R, H, G·n]
+        p = torch.exp(s - torch.where(torch.isfinite(lse), lse, 0.0)[..., None])
+        outs.append(p @ values)
+        lses.append(lse)
+    out, lse = merge_attention_states(torch.stack(outs, dim=2), torch.stack(lses, dim=2), dim=2)
+    out = out.view(R, H_kv, G, n, D).permute(0, 3, 1, 2, 4).reshape(R, n, H_q, D)
+    return out, lse.view(R, H_kv, G, n).permute(0, 3, 1, 2).reshape(R, n, H_q)

@@ -1,0 +1,86 @@
+"""ZipCache's pages: layout size, pack/unpack round trip with per-group error bounds, and
+attention over a sequence's pages vs dense attention over what they hold."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from kvplug.kernels.quant_pages import (PageLayout, pack_pages, pages_attention_ref,
+                                        unpack_pages)
+
+
+def test_slot_size_holds_every_field():
+    layout = PageLayout(128, 64, 4, 2)
+    # codes 2 x 32 B, v zero/step 4 B, group 1 B per token; 6 x 64 f16 per page
+    assert layout.used_bytes == 128 * 69 + 768
+    assert layout.slot_bytes == 76 and layout.slot_bytes % 4 == 0
+    assert 512 / layout.slot_bytes > 6          # fp32 K+V of a token and kv-head: 512 B
+    assert PageLayout(32, 64, 4, 2).slot_bytes == 96
+
+
+def test_bad_layouts_are_refused():
+    with pytest.raises(ValueError, match="bits=3"):
+        PageLayout(128, 64, 3, 2)
+    with pytest.raises(ValueError, match="bits_other=4 exceeds bits_salient=2"):
+        PageLayout(128, 64, 2, 4)
+
+
+@pytest.mark.parametrize("bits", [(4, 2), (8, 4), (4, 4)])
+def test_round_trip_error_is_half_a_step(bits):
+    layout = PageLayout(32, 64, *bits)
+    g = torch.Generator().manual_seed(0)
+    keys = torch.randn(3, 2, 32, 64, generator=g)
+    keys[..., 5] *= 20                                         # an outlier channel
+    values = torch.randn(3, 2, 32, 64, generator=g)
+    other = torch.rand(3, 2, 32, generator=g) < 0.4
+    pages = pack_pages(layout, keys, values, other)
+    assert pages.shape == (3, 2, layout.page_bytes)
+    k, v = unpack_pages(layout, pages)
+    for group, b in enumerate(bits):
+        member = other if group else ~other
+        m = member[..., None]
+        span = (torch.where(m, keys, -torch.inf).amax(-2) - torch.where(m, keys, torch.inf)
+                .amin(-2))                                     # per page and channel
+        bound = span[..., None, :] / ((1 << b) - 1) / 2 + 1e-2
+        assert ((k - keys).abs() <= bound)[member].all()
+        # values: token-wise steps of v / sqrt(max|v|): bound by the token's own range
+        scale = torch.where(m, values.abs(), 0).amax(-2).sqrt()[..., None, :]
+        vs = values / scale
+        v_bound = ((vs.amax(-1) - vs.amin(-1)) / ((1 << b) - 1) / 2)[..., None] * scale + 1e-2
+        assert ((v - values).abs() <= v_bound)[member].all()
+    assert torch.equal(layout.fields(pages)["group"].bool(), other)
+
+
+def test_more_bits_less_error():
+    layout = PageLayout(32, 64, 4, 2)
+    g = torch.Generator().manual_seed(1)
+    keys, values = torch.randn(2, 32, 32, 64, generator=g).unbind(0)
+    salient = unpack_pages(layout, pack_pages(layout, keys, values,
+                                              torch.zeros(32, 32, dtype=torch.bool)))
+    low = unpack_pages(layout, pack_pages(layout, keys, values,
+                                          torch.ones(32, 32, dtype=torch.bool)))
+    for exact, a, b in zip((keys, values), salient, low):
+        assert (a - exact).abs().mean() * 3 < (b - exact).abs().mean()
+
+
+def test_pages_attention_equals_dense_over_unpacked():
+    layout = PageLayout(32, 64, 4, 2)
+    g = torch.Generator().manual_seed(2)
+    keys = torch.randn(6, 3, 32, 64, generator=g)
+    values = torch.randn(6, 3, 32, 64, generator=g)
+    pages = pack_pages(layout, keys, values, torch.rand(6, 3, 32, generator=g) < 0.4)
+    k, v = unpack_pages(layout, pages)
+    table = torch.tensor([[4, 0, 2, 5], [3, 1, 0, 0], [0, 0, 0, 0]])
+    num_pages = torch.tensor([4, 2, 0])
+    query = torch.randn(3, 5, 9, 64, generator=g)
+    out, lse = pages_attention_ref(layout, query, pages, table, num_pages, scale=0.125, tile=3)
+    for r in range(2):
+        ids = table[r, :num_pages[r]]
+        kk = k[ids].permute(1, 0, 2, 3).flatten(1, 2).repeat_interleave(3, 0)   # [H_q, t, D]
+        vv = v[ids].permute(1, 0, 2, 3).flatten(1, 2).repeat_interleave(3, 0)
+        s = torch.einsum("nhd,htd->nht", query[r], kk) * 0.125
+        torch.testing.assert_close(out[r], torch.einsum("nht,htd->nhd", s.softmax(-1), vv),
+                                   atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(lse[r], torch.logsumexp(s, -1), atol=1e-5, rtol=1e-5)
+    assert torch.equal(out[2], torch.zeros_like(out[2])) and torch.isinf(lse[2]).all()

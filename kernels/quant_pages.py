@@ -6,8 +6,8 @@ A page is one block of ``T`` tokens of one kv-head, ``T·C`` bytes (``C`` =
 ==========  ==============  =====================================================
 field       shape           meaning
 ==========  ==============  =====================================================
-k codes     ``[T, F]`` u8   ``F = D·bits_salient/8``; a token of group 1 uses the
-v codes     ``[T, F]`` u8   first ``D·bits_other/8`` bytes (planes, as ``pack_codes``)
+k codes     ``[T, F]`` u8   ``F = D·bits_salient/8``, planes as ``pack_codes``;
+v codes     ``[T, F]`` u8   a group-1 token's codes are ``< 2^bits_other``
 v zero      ``[T]`` f16     token-wise value range (ZipCache's channel-separable
 v step      ``[T]`` f16     token-wise scheme)
 group       ``[T]`` u8      0: salient (``bits_salient``), 1: other (``bits_other``)
@@ -16,11 +16,15 @@ k step      ``[2, D]`` f16
 v scale     ``[2, D]`` f16  ``sqrt(max |v|)`` per channel over each group's tokens
 ==========  ==============  =====================================================
 
-Ranges are per page and group (block-local: a page never reads another's), i.e. finer
-than ZipCache's per-sequence ranges.  :func:`pack_pages` quantizes whole pages from K/V
-and a group per token; :func:`unpack_pages` is its inverse up to quantization error;
+Every slot is sized for ``bits_salient``: an engine's page has one size, so a token at
+``bits_other`` saves no pool memory and is stored at the same code width (with
+``2^bits_other`` levels), which lets attention unpack every token alike and apply each
+group's parameters to the scores and the weighted sums, not to every element.  Ranges
+are per page and group (block-local: a page never reads another's), finer than
+ZipCache's per-sequence ranges.  :func:`pack_pages` quantizes whole pages from K/V and
+a group per token; :func:`unpack_pages` is its inverse up to quantization error;
 :func:`pages_attention_ref` attends queries to a sequence's pages a tile of pages at a
-time (unpacked and dequantized per tile: never a full-precision copy of the past).
+time (codes unpacked per tile: never a full-precision copy of the past).
 """
 
 from __future__ import annotations
@@ -121,8 +125,7 @@ def pack_pages(layout: PageLayout, keys: Tensor, values: Tensor, other: Tensor) 
     pages = torch.zeros(*k.shape[:-2], layout.page_bytes, dtype=torch.uint8, device=k.device)
     f = layout.fields(pages)
     f["group"].copy_(other)
-    k_codes = torch.zeros_like(f["k_codes"])
-    v_codes = torch.zeros_like(f["v_codes"])
+    k_codes = v_codes = torch.zeros_like(k)
     for group, bits in enumerate(layout.bits):
         member = other if group else ~other
         zero, step = range_params(*_masked_range(k, member), bits)                 # [..., D]
@@ -135,13 +138,12 @@ def pack_pages(layout: PageLayout, keys: Tensor, values: Tensor, other: Tensor) 
         v_zero, v_step = range_params(scaled.amin(dim=-1), scaled.amax(dim=-1), bits)  # [..., T]
         f["v_zero"].copy_(torch.where(member, v_zero, f["v_zero"]))
         f["v_step"].copy_(torch.where(member, v_step, f["v_step"]))
-        width = layout.head_dim * bits // 8
-        kc = pack_codes(_codes(k, zero[..., None, :], step[..., None, :], bits), bits)
-        vc = pack_codes(_codes(scaled, v_zero[..., None], v_step[..., None], bits), bits)
-        k_codes[..., :width] = torch.where(member[..., None], kc, k_codes[..., :width])
-        v_codes[..., :width] = torch.where(member[..., None], vc, v_codes[..., :width])
-    f["k_codes"].copy_(k_codes)
-    f["v_codes"].copy_(v_codes)
+        k_codes = torch.where(member[..., None],
+                              _codes(k, zero[..., None, :], step[..., None, :], bits), k_codes)
+        v_codes = torch.where(member[..., None],
+                              _codes(scaled, v_zero[..., None], v_step[..., None], bits), v_codes)
+    f["k_codes"].copy_(pack_codes(k_codes, layout.bits_salient))
+    f["v_codes"].copy_(pack_codes(v_codes, layout.bits_salient))
     return pages
 
 
@@ -151,25 +153,20 @@ def unpack_pages(layout: PageLayout, pages: Tensor) -> tuple[Tensor, Tensor]:
     f = layout.fields(pages)
     other = f["group"].bool()[..., None]                                           # [..., T, 1]
 
-    def codes(field: Tensor) -> Tensor:
-        salient = unpack_codes(field, layout.bits_salient)
-        low = unpack_codes(field[..., :layout.head_dim * layout.bits_other // 8],
-                           layout.bits_other)
-        return torch.where(other, low, salient).float()
-
     def per_token(param: Tensor) -> Tensor:                   # [..., 2, D] -> [..., T, D]
         p = param.float()
         return torch.where(other, p[..., 1:, :], p[..., :1, :])
 
-    keys = codes(f["k_codes"]) * per_token(f["k_step"]) + per_token(f["k_zero"])
-    values = (codes(f["v_codes"]) * f["v_step"].float()[..., None]
+    keys = (unpack_codes(f["k_codes"], layout.bits_salient).float() * per_token(f["k_step"])
+            + per_token(f["k_zero"]))
+    values = (unpack_codes(f["v_codes"], layout.bits_salient).float() * f["v_step"].float()[..., None]
               + f["v_zero"].float()[..., None]) * per_token(f["v_scale"])
     return keys, values
 
 
 def pages_attention_ref(layout: PageLayout, query: Tensor, pages: Tensor, block_table: Tensor,
                         num_pages: Tensor, *, scale: float,
-                        tile: int = 8) -> tuple[Tensor, Tensor]:
+                        tile: int = 32) -> tuple[Tensor, Tensor]:
     """Queries attending to every token of their sequence's pages (no causal mask: the
     pages precede every query).
 
@@ -197,23 +194,59 @@ def pages_attention_ref(layout: PageLayout, query: Tensor, pages: Tensor, block_
     R, n, H_q, D = query.shape
     H_kv, T = pages.shape[1], layout.block_size
     G = H_q // H_kv
+    bits = layout.bits_salient
     qg = (query.float() * scale).view(R, n, H_kv, G, D).permute(0, 2, 3, 1, 4)    # [R,H,G,n,D]
-    qg = qg.reshape(R, H_kv, G * n, D)
+    qg = qg.reshape(R, 1, H_kv, 1, G * n, D)
     most = int(num_pages.max()) if R else 0
     outs, lses = [], []
     for start in range(0, max(most, 1), tile):
         ids = block_table[:, start:start + tile].long()
         width = ids.shape[1]
-        keys, values = unpack_pages(layout, pages[ids])                  # [R, w, H, T, D]
-        keys = keys.permute(0, 2, 1, 3, 4).reshape(R, H_kv, width * T, D)
-        values = values.permute(0, 2, 1, 3, 4).reshape(R, H_kv, width * T, D)
+        batch = R * width * H_kv                                          # (row, page, head)
+        f = layout.fields(_gather(pages, ids))                            # [R, w, H, ...]
+        other = f["group"].bool()                                         # [R, w, H, T]
+        # scores: q · (code * step_g + zero_g) = (q * step_g) · code + q · zero_g, the codes
+        # read a plane (every (8/bits)-th channel) at a time
+        q_step = (qg * f["k_step"].float()[..., None, :]).view(batch, -1, D)  # [b, 2·Gn, D]
+        q_zero = (qg * f["k_zero"].float()[..., None, :]).sum(-1)        # [R, w, H, 2, Gn]
+        s = sum(torch.bmm(q_step[..., channels], plane.transpose(1, 2))
+                for channels, plane in _planes(f["k_codes"], bits, batch))
+        s = s.view(R, width, H_kv, 2, G * n, T)
+        o = other[:, :, :, None, :]
+        s = (torch.where(o, s[:, :, :, 1], s[:, :, :, 0])
+             + torch.where(o, q_zero[:, :, :, 1, :, None], q_zero[:, :, :, 0, :, None]))
         valid = (start + torch.arange(width, device=ids.device)) < num_pages[:, None]
-        s = (qg @ keys.transpose(-1, -2)).masked_fill_(
-            ~valid.repeat_interleave(T, dim=1)[:, None, None, :], -torch.inf)
-        lse = torch.logsumexp(s, dim=-1)                                    # [R, H, G·n]
+        s = s.masked_fill_(~valid[:, :, None, None, None], -torch.inf)     # [R, w, H, Gn, T]
+        s = s.permute(0, 2, 3, 1, 4).reshape(R, H_kv, G * n, width * T)
+        lse = torch.logsumexp(s, dim=-1)                                  # [R, H, Gn]
         p = torch.exp(s - torch.where(torch.isfinite(lse), lse, 0.0)[..., None])
-        outs.append(p @ values)
+        p = p.view(R, H_kv, G * n, width, T).permute(0, 3, 1, 2, 4)[:, :, :, None]
+        # values: sum over group g's tokens of p_t (code_t * step_t + zero_t), times scale_g
+        p = p * torch.stack([~other, other], dim=3)[..., None, :]         # [R, w, H, 2, Gn, T]
+        w = (p * f["v_step"].float()[:, :, :, None, None, :]).reshape(batch, -1, T)
+        weighted = torch.cat([torch.bmm(w, plane) for _, plane in _planes(f["v_codes"], bits,
+                                                                         batch)], dim=-1)
+        weighted = weighted.view(R, width, H_kv, 2, G * n, D)
+        biased = (p * f["v_zero"].float()[:, :, :, None, None, :]).sum(-1, keepdim=True)
+        v_scale = f["v_scale"].float()[:, :, :, :, None, :]               # [R, w, H, 2, 1, D]
+        outs.append(((weighted + biased) * v_scale).sum(dim=(1, 3)))      # [R, H, Gn, D]
         lses.append(lse)
     out, lse = merge_attention_states(torch.stack(outs, dim=2), torch.stack(lses, dim=2), dim=2)
     out = out.view(R, H_kv, G, n, D).permute(0, 3, 1, 2, 4).reshape(R, n, H_q, D)
     return out, lse.view(R, H_kv, G, n).permute(0, 3, 1, 2).reshape(R, n, H_q)
+
+
+def _planes(packed: Tensor, bits: int, batch: int):
+    """``(channels, codes)`` per plane of ``packed`` ``[..., T, D·bits/8]`` (``pack_codes``'
+    layout: plane ``i`` holds channels ``i·F .. (i+1)·F``): the plane's channel slice and
+    its codes ``[batch, T, F]`` float32."""
+    F = packed.shape[-1]
+    mask = (1 << bits) - 1
+    for i in range(8 // bits):
+        codes = (packed >> (i * bits)) & mask if i else packed & mask
+        yield slice(i * F, (i + 1) * F), codes.float().reshape(batch, -1, F)
+
+
+def _gather(pages: Tensor, ids: Tensor) -> Tensor:
+    """``pages[ids]``, copied in 4-byte words (byte-wise indexing is several times slower)."""
+    return pages.view(torch.int32)[ids].view(torch.uint8)

@@ -45,6 +45,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="tokens generated per request (64)")
     p.add_argument("--kv-space-gb", type=positive_int, default=1,
                    help="VLLM_CPU_KVCACHE_SPACE in GiB (1)")
+    p.add_argument("--default-kv-dtype", action="append", default=[], choices=["fp8"],
+                   help="also run vLLM's default backend with this --kv-cache-dtype (its own "
+                        "quantized KV, the peer of a quantizing policy; repeatable)")
     p.add_argument("--out", type=Path, default=Path("evals/results/capacity"),
                    help="output directory")
 
@@ -57,12 +60,17 @@ def run(args: argparse.Namespace) -> int:
     configs = [PolicyConfig.parse(json.loads(c), "--config").as_dict() for c in args.config]
     args.out.mkdir(parents=True, exist_ok=True)
     results = []
-    for config in [None, *configs]:
-        dense = config is None or config["policy"] == "full"
+    backends = [(None, "auto"), *[(None, dtype) for dtype in args.default_kv_dtype],
+                *[(config, "auto") for config in configs]]
+    for config, kv_dtype in backends:
+        dense = config is None and kv_dtype == "auto" or config and config["policy"] == "full"
         spec = {"model": model, "config": config, "context": args.context,
                 "requests": (args.default_requests or args.requests) if dense else args.requests,
                 "decode_tokens": args.decode_tokens, "kv_space_gb": args.kv_space_gb}
-        label = "vLLM default" if config is None else json.dumps(config)
+        if kv_dtype != "auto":
+            spec["kv_cache_dtype"] = kv_dtype
+        label = json.dumps(config) if config else (
+            "vLLM default" + ("" if kv_dtype == "auto" else f", --kv-cache-dtype {kv_dtype}"))
         # each backend's run is kept as it finishes; a rerun with the same spec reuses it
         done = args.out / f"run-{hashlib.sha1(json.dumps(spec).encode()).hexdigest()[:12]}.json"
         if not done.exists():
@@ -94,12 +102,14 @@ def _table(report: dict) -> str:
              f"{report['decode_tokens']} tokens per request, {report['machine']['cpu']} "
              f"({report['machine']['cores']} cores). Every number "
              "is read from the engine's scheduler after each step.", "",
-             "| backend | pool blocks (tokens) | requests | most decoding at once | vs default "
+             "| backend | KV bytes per token | pool blocks (tokens) | requests "
+             "| most decoding at once | vs default "
              "| decode tok/s (batch, steps) | vs default | fewest free blocks | preemptions "
-             "| output tok/s (whole run) |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "| output tok/s (whole run) |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in report["results"]:
         lines.append(
-            f"| {r['label']} | {r['pool_blocks']} ({r['pool_blocks'] * r['block_size']}) | "
+            f"| {r['label']} | {r.get('kv_bytes_per_token', '')} | "
+            f"{r['pool_blocks']} ({r['pool_blocks'] * r['block_size']}) | "
             f"{r['requests']} | {r['max_decoding']} | {r['max_decoding'] / base['max_decoding']:.1f}x | "
             f"{r['decode_tok_s']:.1f} ({r['decode_batch']}, {r['decode_steps']}) | "
             f"{r['decode_tok_s'] / base['decode_tok_s']:.2f}x | "
@@ -138,7 +148,8 @@ def worker(spec_path: str, result_path: str) -> None:
     extra = {} if spec["config"] is None else {
         "attention_backend": "kvplug", "additional_config": {"kvplug": spec["config"]}}
     llm = LLM(spec["model"], dtype="float32", enforce_eager=True, enable_prefix_caching=False,
-              max_model_len=spec["context"] + spec["decode_tokens"], max_num_seqs=64, **extra)
+              max_model_len=spec["context"] + spec["decode_tokens"], max_num_seqs=64,
+              kv_cache_dtype=spec.get("kv_cache_dtype", "auto"), **extra)
     engine = llm.llm_engine
     scheduler = engine.engine_core.engine_core.scheduler
     pool = scheduler.kv_cache_manager.block_pool
@@ -170,8 +181,12 @@ def worker(spec_path: str, result_path: str) -> None:
         if s["only_decodes"]:
             batches.setdefault(s["decoding"], []).append(s["step_s"])
     batch = max((b for b, times in batches.items() if len(times) >= 3), default=max(batches))
+    groups = scheduler.kv_cache_config.kv_cache_groups
     result = {"requests": spec["requests"], "block_size": llm.llm_engine.vllm_config
               .cache_config.block_size, "pool_blocks": pool.num_gpu_blocks - 1,
+              # every layer's page bytes per token, as the engine allocates them
+              "kv_bytes_per_token": sum(g.kv_cache_spec.page_size_bytes * len(g.layer_names)
+                                        for g in groups) // groups[0].kv_cache_spec.block_size,
               "max_decoding": max(s["decoding"] for s in steps), "decode_batch": batch,
               "decode_steps": len(batches[batch]),
               "decode_tok_s": batch / statistics.median(batches[batch]),

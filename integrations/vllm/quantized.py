@@ -18,10 +18,11 @@
   full pages among them are re-packed by the step's query (``stream_saliency``).
   Re-packs read earlier pages back from their 4-bit codes (the paper re-quantizes
   exact tokens; the difference is 4-bit error under a 2-bit step).
-* **Attention.**  Each row's queries attend to its full pages
-  (:func:`~kvplug.kernels.quant_pages.pages_attention_ref`, a tile of pages dequantized
-  at a time) and to its exact tokens (the held ones and the step's own, causal), merged
-  by LSE.  Decode rows are batched; prefill chunks run one row at a time.
+* **Attention.**  Each row's queries attend to its full pages and to its exact tokens
+  (the held ones and the step's own, causal), merged by LSE.  Decode rows are batched
+  and read the packed codes (:func:`~kvplug.kernels.quant_pages.pages_attention_ref`);
+  a prefill chunk runs alone and dequantizes a tile of pages at a time
+  (:func:`~kvplug.kernels.quant_pages.chunk_pages_attention`).
 
 The step's plan (:func:`plan_row`, once per row in the tracker) says which tokens each row
 packs after attention and with which saliency; every layer follows it.
@@ -35,7 +36,8 @@ import torch
 from torch import Tensor
 
 from kvplug.kernels import merge_attention_states
-from kvplug.kernels.quant_pages import PageLayout, pack_pages, pages_attention_ref, unpack_pages
+from kvplug.kernels.quant_pages import (PageLayout, chunk_pages_attention, pack_pages,
+                                        pages_attention_ref, unpack_pages)
 
 
 @dataclass
@@ -176,8 +178,9 @@ class QuantizedLayer:
         parts = [masked_attention(query[None], exact_k[None], exact_v[None], allowed[None],
                                   self.scale)]
         if num_pages:
-            parts.append(pages_attention_ref(self.layout, query[None], pages, table[None],
-                                             torch.tensor([num_pages]), scale=self.scale))
+            out, lse = chunk_pages_attention(self.layout, query, pages, table[:num_pages],
+                                             scale=self.scale)
+            parts.append((out[None], lse[None]))
         out, lse = merge_attention_states(torch.stack([p[0] for p in parts], dim=-2),
                                           torch.stack([p[1] for p in parts], dim=-1), dim=-2)
         return out[0], lse[0]

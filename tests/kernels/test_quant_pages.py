@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kvplug.kernels.quant_pages import (PageLayout, pack_pages, pages_attention_ref,
-                                        unpack_pages)
+from kvplug.kernels.quant_pages import (PageLayout, chunk_pages_attention, pack_pages,
+                                        pages_attention_ref, unpack_pages)
 
 
 def test_slot_size_holds_every_field():
@@ -84,3 +84,20 @@ def test_pages_attention_equals_dense_over_unpacked():
                                    atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(lse[r], torch.logsumexp(s, -1), atol=1e-5, rtol=1e-5)
     assert torch.equal(out[2], torch.zeros_like(out[2])) and torch.isinf(lse[2]).all()
+
+
+def test_chunk_attention_equals_decode_attention():
+    """The prefill chunk's path (dequantized tiles) and the decode path (codes) agree."""
+    layout = PageLayout(32, 64, 4, 2)
+    g = torch.Generator().manual_seed(4)
+    pages = pack_pages(layout, torch.randn(5, 3, 32, 64, generator=g),
+                       torch.randn(5, 3, 32, 64, generator=g),
+                       torch.rand(5, 3, 32, generator=g) < 0.4)
+    query = torch.randn(7, 9, 64, generator=g)
+    table = torch.tensor([3, 0, 4])
+    out, lse = chunk_pages_attention(layout, query, pages, table, scale=0.125,
+                                     max_scores=9 * 7 * 32)        # one page per tile
+    ref_out, ref_lse = pages_attention_ref(layout, query[None], pages, table[None],
+                                           torch.tensor([3]), scale=0.125)
+    torch.testing.assert_close(out, ref_out[0], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(lse, ref_lse[0], atol=1e-5, rtol=1e-5)

@@ -11,6 +11,9 @@ fall back to it on CPU tensors unless Triton runs in interpreter mode.
 * :func:`lowrank_rope_keys`: ShadowKV low-rank key reconstruction fused with RoPE.
 * :func:`quantize_kv` / :func:`quantized_decode`: ZipCache's 2/4/8-bit KV packed into
   bytes, and decode attention that dequantizes the packed codes tile by tile.
+* :class:`PageLayout` / :func:`pack_pages` / :func:`pages_attention`: the same KV in
+  fixed-size pages of a paged pool (both precisions in one page), and attention over a
+  sequence's pages.
 
 Shared conventions (GQA order, paged layout, RoPE form, dispatch) are in
 :mod:`kvplug.kernels.common`.
@@ -23,6 +26,8 @@ from .count_attention import count_weighted_decode, count_weighted_decode_ref
 from .lowrank_rope import lowrank_rope_keys, lowrank_rope_keys_ref
 from .quant_pack import (PackedKV, dequantize_kv, pack_codes, quantize_kv, quantize_pack,
                          quantize_pack_ref, quantized_decode, quantized_decode_ref, unpack_codes)
+from .quant_pages import (PageLayout, chunk_pages_attention, pack_pages, pages_attention,
+                          pages_attention_ref, unpack_pages)
 from .sparse_decode import (SparseDecodePlan, plan_sparse_decode, selected_positions,
                             sparse_paged_decode, sparse_paged_decode_ref)
 
@@ -31,7 +36,8 @@ __all__ = [
     "chunk_topk", "chunk_topk_ref", "count_weighted_decode", "count_weighted_decode_ref",
     "gather_pages", "landmarks", "lowrank_rope_keys",
     "lowrank_rope_keys_ref", "merge_attention_states",
-    "PackedKV", "dequantize_kv", "pack_codes", "quantize_kv", "quantize_pack",
+    "PackedKV", "PageLayout", "chunk_pages_attention", "dequantize_kv", "pack_pages",
+    "pages_attention", "pages_attention_ref", "unpack_pages", "pack_codes", "quantize_kv", "quantize_pack",
     "quantize_pack_ref", "quantized_decode", "quantized_decode_ref", "unpack_codes",
     "plan_sparse_decode", "rope_inv_freq", "select_topk", "selected_positions",
     "sparse_paged_decode", "sparse_paged_decode_ref",

@@ -23,8 +23,11 @@ group's parameters to the scores and the weighted sums, not to every element.  R
 are per page and group (block-local: a page never reads another's), finer than
 ZipCache's per-sequence ranges.  :func:`pack_pages` quantizes whole pages from K/V and
 a group per token; :func:`unpack_pages` is its inverse up to quantization error;
-:func:`pages_attention_ref` attends queries to a sequence's pages a tile of pages at a
-time (codes unpacked per tile: never a full-precision copy of the past).
+:func:`pages_attention` attends one decode query per sequence to its pages (Triton: a
+page's codes unpacked and dequantized in registers, online softmax; its torch
+reference :func:`pages_attention_ref`, the CPU path, reads a tile of pages at a time and
+applies each group's parameters to the scores and weights: never a full-precision copy
+of the past).
 """
 
 from __future__ import annotations
@@ -32,9 +35,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import triton
+import triton.language as tl
 from torch import Tensor
 
-from .common import merge_attention_states
+from .common import LOG2E, merge_attention_states, next_pow2, use_triton
+from .online_softmax import online_softmax_step
 from .quant_pack import PARAM_DTYPE, check_bits, pack_codes, range_params, unpack_codes
 
 _F16 = 2   # bytes of a stored parameter
@@ -275,3 +281,100 @@ def _planes(packed: Tensor, bits: int, batch: int):
 def _gather(pages: Tensor, ids: Tensor) -> Tensor:
     """``pages[ids]``, copied in 4-byte words (byte-wise indexing is several times slower)."""
     return pages.view(torch.int32)[ids].view(torch.uint8)
+
+
+# -- Triton: one decode query per sequence over its pages -------------------------
+@triton.jit
+def _pages_decode_kernel(
+    q_ptr, pages_ptr, table_ptr, num_pages_ptr, out_ptr, lse_ptr, qk_scale,
+    stride_qr, stride_qh, stride_qd, stride_pb, stride_ph, stride_tr, stride_tp,
+    stride_or, stride_oh, stride_od, stride_lr, stride_lh,
+    GROUP: tl.constexpr, G_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK: tl.constexpr, BITS: tl.constexpr,
+):
+    """One (sequence, kv-head): online softmax (log2 domain) over its pages, a page per
+    iteration; each token's group picks its key and value-scale parameters."""
+    r = tl.program_id(0)
+    h = tl.program_id(1)
+    NUM_BYTES: tl.constexpr = HEAD_DIM * BITS // 8
+    MASK: tl.constexpr = (1 << BITS) - 1
+    # field offsets in a page (see PageLayout.fields)
+    V_CODES: tl.constexpr = BLOCK * NUM_BYTES
+    V_ZERO: tl.constexpr = 2 * BLOCK * NUM_BYTES
+    V_STEP: tl.constexpr = V_ZERO + 2 * BLOCK
+    GROUPS: tl.constexpr = V_STEP + 2 * BLOCK
+    K_ZERO: tl.constexpr = GROUPS + BLOCK
+    K_STEP: tl.constexpr = K_ZERO + 4 * HEAD_DIM
+    V_SCALE: tl.constexpr = K_STEP + 4 * HEAD_DIM
+
+    g = tl.arange(0, G_PAD)
+    d = tl.arange(0, BLOCK_D)
+    t = tl.arange(0, BLOCK)
+    g_ok = g < GROUP
+    d_ok = d < HEAD_DIM
+    byte = d % NUM_BYTES                       # code d sits in byte d % NUM_BYTES ...
+    shift = (d // NUM_BYTES) * BITS            # ... at this shift (the plane layout)
+    hq = h * GROUP + g
+    q = tl.load(q_ptr + r * stride_qr + hq[:, None] * stride_qh + d[None, :] * stride_qd,
+                mask=g_ok[:, None] & d_ok[None, :], other=0.0).to(tl.float32)
+    m_i = tl.full([G_PAD], float("-inf"), tl.float32)
+    l_i = tl.zeros([G_PAD], tl.float32)
+    acc = tl.zeros([G_PAD, BLOCK_D], tl.float32)
+    tile = d_ok[None, :] & (t[:, None] < BLOCK)
+
+    for i in range(0, tl.load(num_pages_ptr + r)):
+        block = tl.load(table_ptr + r * stride_tr + i * stride_tp).to(tl.int64)
+        page = pages_ptr + block * stride_pb + h * stride_ph
+        half = page.to(tl.pointer_type(tl.float16))
+        other = tl.load(page + GROUPS + t) != 0                                     # [T]
+        k_zero = tl.where(other[:, None],
+                          tl.load(half + (K_ZERO + 2 * HEAD_DIM) // 2 + d, mask=d_ok)[None, :],
+                          tl.load(half + K_ZERO // 2 + d, mask=d_ok)[None, :]).to(tl.float32)
+        k_step = tl.where(other[:, None],
+                          tl.load(half + (K_STEP + 2 * HEAD_DIM) // 2 + d, mask=d_ok)[None, :],
+                          tl.load(half + K_STEP // 2 + d, mask=d_ok)[None, :]).to(tl.float32)
+        kb = tl.load(page + t[:, None] * NUM_BYTES + byte[None, :], mask=tile, other=0)
+        k = ((kb.to(tl.int32) >> shift[None, :]) & MASK).to(tl.float32) * k_step + k_zero
+        qk = tl.dot(q, tl.trans(k), input_precision="ieee") * qk_scale
+        m_new, alpha, p, l_i = online_softmax_step(m_i, l_i, qk)
+        vb = tl.load(page + V_CODES + t[:, None] * NUM_BYTES + byte[None, :], mask=tile, other=0)
+        v_zero = tl.load(half + V_ZERO // 2 + t).to(tl.float32)
+        v_step = tl.load(half + V_STEP // 2 + t).to(tl.float32)
+        v_scale = tl.where(other[:, None],
+                           tl.load(half + (V_SCALE + 2 * HEAD_DIM) // 2 + d, mask=d_ok)[None, :],
+                           tl.load(half + V_SCALE // 2 + d, mask=d_ok)[None, :]).to(tl.float32)
+        v = (((vb.to(tl.int32) >> shift[None, :]) & MASK).to(tl.float32) * v_step[:, None]
+             + v_zero[:, None]) * v_scale
+        acc = acc * alpha[:, None] + tl.dot(p, v, input_precision="ieee")
+        m_i = m_new
+
+    has = l_i > 0
+    out = acc / tl.where(has, l_i, 1.0)[:, None]
+    lse = tl.where(has, (m_i + tl.log2(tl.where(has, l_i, 1.0))) / 1.4426950408889634,
+                   float("-inf"))
+    tl.store(out_ptr + r * stride_or + hq[:, None] * stride_oh + d[None, :] * stride_od,
+             out, mask=g_ok[:, None] & d_ok[None, :])
+    tl.store(lse_ptr + r * stride_lr + hq * stride_lh, lse, mask=g_ok)
+
+
+def pages_attention(layout: PageLayout, query: Tensor, pages: Tensor, block_table: Tensor,
+                    num_pages: Tensor, *, scale: float) -> tuple[Tensor, Tensor]:
+    """:func:`pages_attention_ref`'s contract; one query per sequence (``n = 1``) runs the
+    Triton kernel where Triton runs, everything else the reference."""
+    R, n, H_q, D = query.shape
+    if n != 1 or not use_triton(_pages_decode_kernel, query):
+        return pages_attention_ref(layout, query, pages, block_table, num_pages, scale=scale)
+    H_kv = pages.shape[1]
+    if layout.block_size & (layout.block_size - 1) or layout.block_size < 16:
+        raise ValueError(f"the Triton page read needs a power-of-two block size >= 16, got "
+                         f"{layout.block_size}")
+    G = H_q // H_kv
+    q = query[:, 0]
+    out = torch.empty(R, H_q, D, device=query.device, dtype=torch.float32)
+    lse = torch.empty(R, H_q, device=query.device, dtype=torch.float32)
+    _pages_decode_kernel[(R, H_kv)](
+        q, pages, block_table, num_pages.to(torch.int32), out, lse, scale * LOG2E,
+        *q.stride(), pages.stride(0), pages.stride(1), *block_table.stride(), *out.stride(),
+        *lse.stride(), GROUP=G, G_PAD=max(16, next_pow2(G)), HEAD_DIM=D,
+        BLOCK_D=max(16, next_pow2(D)), BLOCK=layout.block_size, BITS=layout.bits_salient)
+    return out[:, None], lse[:, None]

@@ -7,7 +7,8 @@ vLLM's default backend on the vLLM engine, ``full`` (= transformers' SDPA) on
 the HF engine.
 
 On the vLLM engine every kvplug config shares one engine (the others are its
-``switch_to`` policies) with the prefix cache on: per group of
+``switch_to`` policies; a config whose pool holds packed pages runs alone) with the
+prefix cache on: per group of
 ``--samples-per-prefill`` samples, the prompts are prefilled once (densely, by
 the configs that keep every token, which run first) and each config then only
 decodes, switched in by ``set_policy``; a compressing config recomputes only the
@@ -168,6 +169,12 @@ def _keeps_less(config: CellConfig) -> bool:
     from kvplug.policies import POLICIES
 
     return config.policy in POLICIES and "prefill_compress" in POLICIES[config.policy].stages
+
+
+def _packs_pool(config: CellConfig) -> bool:
+    from kvplug.policies import POLICIES
+
+    return config.policy in POLICIES and POLICIES[config.policy].store == "quantized"
 
 
 def _release(lm) -> None:
@@ -335,9 +342,10 @@ def run(args: argparse.Namespace) -> int:
     bar = tqdm(total=len(configs) * len(args.lengths), desc="kvplug eval", unit="cell")
     # on the vLLM engine every kvplug config shares one engine, those that keep every token
     # first: a compressing config then prefills only what its compaction keeps (its prefix
-    # hits reach the blocks it frees); the baseline has its own engine
-    shared = sorted((c for c in configs if c.policy != BASELINE), key=_keeps_less) \
-        if args.engine == "vllm" else []
+    # hits reach the blocks it frees); the baseline has its own engine, and so has a config
+    # whose pool holds packed pages (its page size is fixed at engine start)
+    shared = sorted((c for c in configs if c.policy != BASELINE and not _packs_pool(c)),
+                    key=_keeps_less) if args.engine == "vllm" else []
     for config in [c for c in configs if c not in shared]:
         lm = None
         for length in args.lengths:

@@ -37,7 +37,7 @@ from torch import Tensor
 
 from kvplug.kernels import merge_attention_states
 from kvplug.kernels.quant_pages import (PageLayout, chunk_pages_attention, pack_pages,
-                                        pages_attention_ref, unpack_pages)
+                                        pages_attention, unpack_pages)
 
 
 @dataclass
@@ -199,7 +199,7 @@ class QuantizedLayer:
         parts = [masked_attention(q, keys, values, allowed, self.scale)]
         num_pages = torch.tensor([rows[r].computed // self.layout.block_size for r in decode])
         if int(num_pages.max()):
-            parts.append(pages_attention_ref(self.layout, q, pages, block_table[decode],
+            parts.append(pages_attention(self.layout, q, pages, block_table[decode],
                                              num_pages, scale=self.scale))
         out, lse = merge_attention_states(torch.stack([p[0] for p in parts], dim=-2),
                                           torch.stack([p[1] for p in parts], dim=-1), dim=-2)

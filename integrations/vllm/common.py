@@ -110,9 +110,9 @@ class LayerSummaries:
             return False
         self._bound_cache_shape = kv_cache.shape
         self.layer_idx = extract_layer_index(layer.layer_name)
-        num_blocks, num_kv_heads, block_size, two_d = kv_cache.shape
+        num_blocks, num_kv_heads, block_size, _ = kv_cache.shape
         self.summaries = {
-            spec: BlockSummaries(spec, num_blocks, block_size, num_kv_heads, two_d // 2,
+            spec: BlockSummaries(spec, num_blocks, block_size, num_kv_heads, self.head_size,
                                  kv_cache.dtype, device=kv_cache.device)
             for spec in layer_summary_specs(self.worker.policies, self.layer_idx, block_size,
                                             row_keys=self.row_keys)}

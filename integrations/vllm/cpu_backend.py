@@ -236,8 +236,10 @@ class KVPlugCPUImpl(LayerSummaries, CPUAttentionBackendImpl):
         return bound
 
     def do_kv_cache_update(self, layer, key, value, kv_cache, slot_mapping):
-        if self.worker.quantized:
-            return                    # packed pages are written after attention (forward)
+        if self.worker.quantized:      # packed pages are written after attention (forward)
+            if self.worker.any_selection and kv_cache.numel():
+                self._keep_summaries(layer, key, kv_cache, slot_mapping)   # from exact keys
+            return
         super().do_kv_cache_update(layer, key, value, kv_cache, slot_mapping)
         step = tracker().current if tracker() is not None else None
         if step is not None and step.draft:
@@ -280,18 +282,37 @@ class KVPlugCPUImpl(LayerSummaries, CPUAttentionBackendImpl):
             output.zero_()
             return
         self._bind(layer, kv_cache)
-        policy = self.worker.policy
+        packer = self.worker.packer
         if self.quantized is None:
-            self.quantized = QuantizedLayer(policy.page_layout(kv_cache.shape[2], self.head_size),
-                                            policy, self.layer_idx, self.scale)
+            self.quantized = QuantizedLayer(packer.page_layout(kv_cache.shape[2], self.head_size),
+                                            packer, self.layer_idx, self.scale)
         tokens = md.num_actual_tokens
+        query = query[:tokens].view(tokens, self.num_heads, self.head_size)
         self.quantized.forward(
-            step.quantized, query[:tokens].view(tokens, self.num_heads, self.head_size),
-            key[:tokens].view(tokens, self.num_kv_heads, self.head_size),
+            step.quantized, query, key[:tokens].view(tokens, self.num_kv_heads, self.head_size),
             value[:tokens].view(tokens, self.num_kv_heads, self.head_size),
             page_view(kv_cache, self.quantized.layout), md.block_table,
             md.query_start_loc.tolist(), output[:tokens].view(tokens, self.num_heads,
-                                                              self.head_size))
+                                                              self.head_size),
+            selected=self._selected_pages(query, md.decode, kv_cache.shape[2]))
+
+    def _selected_pages(self, query, plan: DecodePlan | None, block_size: int):
+        """Per (decode row, kv-head), the blocks the selection policy reads (``(table,
+        lens)`` of :func:`selection_blocks`), or None where every token is read."""
+        if plan is None:
+            return None
+        n = plan.num_rows
+        selection = self._select(plan.policy, query[:n], plan.seq_lens, plan.block_table,
+                                 plan.ctx, block_size)
+        if selection is None:
+            return None
+        if reads_tokens(selection, block_size):
+            raise ValueError(f"kvplug: policy {plan.policy.name!r} selects "
+                             f"{selection.chunk_size}-token chunks; over a packed pool a "
+                             f"selection reads whole {block_size}-token pages")
+        tracker().counts["sparse_decode_layers"] += 1
+        return selection_blocks(selection, plan.seq_lens, plan.block_table, block_size,
+                                self.num_kv_heads)
 
     def _selection_forward(self, layer, query, key, value, kv_cache, plan, output) -> None:
         self._bind(layer, kv_cache)
@@ -600,7 +621,7 @@ class KVPlugCPUBackend(KVPlugBackendMixin, CPUAttentionBackend):
         worker = current_worker()
         if worker is None or not worker.quantized:
             return spec
-        layout = worker.policy.page_layout(spec.block_size, spec.head_size)
+        layout = worker.packer.page_layout(spec.block_size, spec.head_size)
         return replace(spec, state_content_bytes=layout.slot_bytes)
 
     @staticmethod

@@ -82,13 +82,29 @@ class WorkerPolicy:
         if config.draft is not None:
             self.draft = config.draft.build_policy()
             self.draft.check_model(num_layers, num_kv_heads, unit)
+        # the store policy the KV is kept by, under the reading policy (config 'store')
+        self.store: Policy | None = None
+        if config.store is not None:
+            self.store = config.store.build_policy()
+            self.store.check_model(num_layers, num_kv_heads, unit)
         # the quantized store's pages are sized at engine start: one policy keeps them
-        quantized = [p.name for p in self.policies if p.store == "quantized"]
-        if quantized and len(self.policies) > 1:
-            raise ValueError(f"kvplug policy {quantized[0]!r} keeps the KV pool in packed pages "
-                             "whose size is fixed at engine start; it cannot be switched to or "
-                             "from, nor draft: leave switch_to and draft empty")
-        self.quantized = bool(quantized)
+        packed = [p for p in [*self.policies, self.store] if p is not None
+                  and p.store == "quantized"]
+        if packed and len(self.policies) > 1:
+            raise ValueError(f"kvplug policy {packed[0].name!r} keeps the KV pool in packed "
+                             "pages whose size is fixed at engine start; it cannot be switched "
+                             "to or from, nor draft: leave switch_to and draft empty")
+        # the policy whose hooks write the packed pool (the store, or the policy itself)
+        self.packer: Policy | None = packed[0] if packed else None
+        self.quantized = self.packer is not None
+        for p in self.policies if self.quantized else ():
+            chunks = {p.read_chunk(layer, unit) or unit for layer in range(num_layers)
+                      if isinstance(p, SelectionPolicy)}
+            if any(chunk < unit for chunk in chunks):
+                raise ValueError(f"kvplug policy {p.name!r} reads {min(chunks)}-token chunks; "
+                                 f"over the packed pool of {self.packer.name!r} a selection "
+                                 f"reads whole {unit}-token pages: make its chunk a multiple "
+                                 f"of the KV block size {unit}")
         self.any_selection = any(isinstance(p, SelectionPolicy) for p in self.policies)
         # merged slots are read by kvplug's count-weighted decode, decode rows apart
         self.merged = any(p.store == "merged" for _, p in self.choices)
@@ -197,7 +213,7 @@ class RequestTracker:
         batch = runner.input_batch
         req_ids = tuple(batch.req_ids[: batch.num_reqs])
         compressing = "prefill_compress" in policy.stages
-        quantized = [] if policy.store == "quantized" else None
+        quantized = [] if self.worker.quantized else None
         states, read_from, layer_read_from = [], [], []
         ending, continuing, recompacting = [], [], []
         for row, req_id in enumerate(req_ids):
@@ -219,7 +235,8 @@ class RequestTracker:
                 if record is None:
                     record = self.quantized[req_id] = new_record(request.num_tokens, computed,
                                                                  self.block_size)
-                quantized.append(plan_row(policy, record, computed, new, self.block_size))
+                quantized.append(plan_row(self.worker.packer, record, computed, new,
+                                          self.block_size))
             if not compressing:
                 continue
             record = self.compactions.setdefault(req_id, RequestCompaction())

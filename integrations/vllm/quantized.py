@@ -136,12 +136,16 @@ class QuantizedLayer:
 
     def forward(self, rows: tuple[QuantizedRow, ...], query: Tensor, key: Tensor,
                 value: Tensor, pages: Tensor, block_table: Tensor, starts: list[int],
-                output: Tensor) -> None:
+                output: Tensor, selected: tuple[Tensor, Tensor] | None = None) -> None:
         """Attend every row and write what the step's plan packs.  ``query``
-        ``[tokens, H_q, D]``, ``key``/``value`` ``[tokens, H_kv, D]`` (the step's, exact)."""
+        ``[tokens, H_q, D]``, ``key``/``value`` ``[tokens, H_kv, D]`` (the step's, exact).
+        ``selected``: what a selection policy reads of the leading decode rows, per (row,
+        kv-head) (``selection_blocks``' table into the pool viewed per kv-head, and the
+        tokens read); None: every page."""
         decode = [r for r, row in enumerate(rows) if row.new == 1 and not row.prefill]
         if decode:
-            self._decode(rows, decode, query, key, value, pages, block_table, starts, output)
+            self._decode(rows, decode, query, key, value, pages, block_table, starts, output,
+                         selected)
         for r, row in enumerate(rows):
             if r in decode:
                 continue
@@ -186,8 +190,9 @@ class QuantizedLayer:
         return out[0], lse[0]
 
     def _decode(self, rows, decode: list[int], query, key, value, pages, block_table,
-                starts, output) -> None:
-        """The decode rows at once: one query each over its pages and exact tokens."""
+                starts, output, selected) -> None:
+        """The decode rows at once: one query each over its pages (or the selected ones)
+        and its exact tokens (always read: the newest)."""
         token = torch.tensor([starts[r] for r in decode])
         exact = [self._exact(rows[r], key[starts[r]:starts[r] + 1],
                              value[starts[r]:starts[r] + 1]) for r in decode]
@@ -197,15 +202,33 @@ class QuantizedLayer:
         q = query[token][:, None]                                        # [R, 1, H_q, D]
         allowed = (torch.arange(keys.shape[1])[None, :] < lens[:, None])[:, None]
         parts = [masked_attention(q, keys, values, allowed, self.scale)]
-        num_pages = torch.tensor([rows[r].computed // self.layout.block_size for r in decode])
-        if int(num_pages.max()):
-            parts.append(pages_attention(self.layout, q, pages, block_table[decode],
+        if selected is not None:
+            parts.append(self._selected_pages(q, decode, pages, *selected))
+        else:
+            num_pages = torch.tensor([rows[r].computed // self.layout.block_size
+                                      for r in decode])
+            if int(num_pages.max()):
+                parts.append(pages_attention(self.layout, q, pages, block_table[decode],
                                              num_pages, scale=self.scale))
         out, lse = merge_attention_states(torch.stack([p[0] for p in parts], dim=-2),
                                           torch.stack([p[1] for p in parts], dim=-1), dim=-2)
         output[token] = out[:, 0].to(output.dtype).view_as(output[token])
         for i, r in enumerate(decode):
             self._write(rows[r], *exact[i], pages, block_table[r], q[i], lse[i])
+
+    def _selected_pages(self, q: Tensor, decode: list[int], pages: Tensor, table: Tensor,
+                        lens: Tensor) -> tuple[Tensor, Tensor]:
+        """Each (row, kv-head) over its selected full pages: every selected block but the
+        current one, which holds the row's exact tokens (last in ``table``; ``lens`` counts
+        its tokens, at least the step's own)."""
+        R, _, H_q, D = q.shape
+        H_kv = pages.shape[1]
+        heads = (torch.tensor(decode)[:, None] * H_kv + torch.arange(H_kv)).flatten()
+        num_pages = (lens[heads].long() - 1) // self.layout.block_size
+        per_head = pages.view(-1, 1, pages.shape[-1])             # block p, head h: p·H + h
+        out, lse = pages_attention(self.layout, q.view(R * H_kv, 1, H_q // H_kv, D), per_head,
+                                   table[heads], num_pages, scale=self.scale)
+        return out.view(R, 1, H_q, D), lse.view(R, 1, H_q)
 
     # -- writes ---------------------------------------------------------------------
     def _keep_probes(self, row: QuantizedRow, query: Tensor) -> None:

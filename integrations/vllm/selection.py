@@ -138,6 +138,8 @@ def _check_policy(engine_args, vllm_config, recreate):
 
     config = resolve_config(vllm_config.additional_config)
     policies = [c.build_policy() for c in config.policy_configs()]
+    if config.store is not None:
+        policies.append(config.store.build_policy())
     if (config.draft is not None) != is_self_drafting(vllm_config):
         raise ValueError(
             "kvplug self-speculation needs both the kvplug config's 'draft' policy and "
@@ -164,7 +166,9 @@ def _check_policy(engine_args, vllm_config, recreate):
                          "each time a decoded token fills a block, one token a step; "
                          "speculative decoding is not supported with it")
     selecting = [p.name for p in policies if p.stages & {"select", "prefill_compress"}]
-    if selecting:
+    # a packed pool keeps vLLM's block size: its per-page ranges cost less per token there
+    packing = any(p.store == "quantized" for p in policies)
+    if selecting and not packing:
         cache = vllm_config.cache_config
         if not cache.user_specified_block_size and cache.block_size != SPARSE_BLOCK_SIZE:
             engine_args.block_size = SPARSE_BLOCK_SIZE

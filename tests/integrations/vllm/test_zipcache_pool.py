@@ -5,7 +5,8 @@ Passkey prompts of 400 to 900 tokens batched together (chunked prefill at 512 to
 aborts request 2 mid-decode and preempts (recompute) every running request once;
 passes 2 and 3 find the prompts' full blocks in the prefix cache.  vLLM's default
 backend runs the same prompts once, in its own process, with the same
-``VLLM_CPU_KVCACHE_SPACE``.
+``VLLM_CPU_KVCACHE_SPACE``; so does Quest reading 4 pages per kv-head over ZipCache's
+pool (config ``store``).
 """
 
 import json
@@ -19,6 +20,8 @@ LENGTHS = [400, 550, 700, 900]
 ABORTED = "2"
 PASSKEY_TOKENS = 6          # the passkey's digits, the first tokens of every answer
 COMMON = dict(blocks=None, max_tokens=24, engine={"block_size": 128})
+QUEST_OVER_ZIPCACHE = {"policy": "quest", "budget": 512, "page_size": 128, "dense_layers": 2,
+                       "store": {"policy": "zipcache"}}
 
 
 @pytest.fixture(scope="module")
@@ -30,19 +33,22 @@ def runs(model_dir, tmp_path_factory):
                            passes=3, abort=[ABORTED], abort_at=6, preempt_at=[10, None, None],
                            **COMMON)
     dense = stepped_run(model_dir, prompts_file, "dense", kvplug=None, **COMMON)
-    return zipcache, dense
+    quest = stepped_run(model_dir, prompts_file, "quest", kvplug=QUEST_OVER_ZIPCACHE,
+                        abort=[ABORTED], abort_at=6, **COMMON)
+    return zipcache, dense, quest
 
 
 def test_the_engine_allocates_over_6x_the_blocks(runs):
-    """Read from the engine's block pool: same KV space, packed pages."""
-    zipcache, dense = runs
+    """Read from the engine's block pool: same KV space, packed pages (under Quest too)."""
+    zipcache, dense, quest = runs
     assert zipcache["total_blocks"] >= 6 * dense["total_blocks"]
+    assert quest["total_blocks"] == zipcache["total_blocks"]
 
 
 def test_answers_keep_the_passkey(runs):
-    zipcache, dense = runs
+    zipcache, dense, quest = runs
     reference = dense["passes"][0]["outputs"]
-    for zip_pass in zipcache["passes"]:
+    for zip_pass in zipcache["passes"] + quest["passes"]:
         assert zip_pass["outputs"].pop(ABORTED) == "aborted"
         for i, got in zip_pass["outputs"].items():
             assert len(got) == 24
@@ -60,8 +66,16 @@ def test_prefix_cache_hits_read_the_pages_as_written(runs):
 
 
 def test_no_state_or_block_is_left(runs):
-    zipcache, _ = runs
+    zipcache, _, quest = runs
     states = zipcache["states"]
     assert states["live"] == 0 and states["preempted"] > 0
-    for zip_pass in zipcache["passes"]:
-        assert zip_pass["free_after"] == zipcache["total_blocks"]
+    assert quest["states"]["live"] == 0
+    for run in (zipcache, quest):
+        for run_pass in run["passes"]:
+            assert run_pass["free_after"] == run["total_blocks"]
+
+
+def test_quest_reads_selected_pages(runs):
+    """Quest selected at every layer past its dense ones, every decode step."""
+    states = runs[2]["states"]
+    assert states["sparse_decode_layers"] > 0

@@ -26,8 +26,8 @@ from .count_attention import count_weighted_decode, count_weighted_decode_ref
 from .lowrank_rope import lowrank_rope_keys, lowrank_rope_keys_ref
 from .quant_pack import (PackedKV, dequantize_kv, pack_codes, quantize_kv, quantize_pack,
                          quantize_pack_ref, quantized_decode, quantized_decode_ref, unpack_codes)
-from .quant_pages import (PageLayout, chunk_pages_attention, pack_pages, pages_attention,
-                          pages_attention_ref, unpack_pages)
+from .quant_pages import (PageLayout, attention_with_lse, chunk_pages_attention, pack_pages,
+                          pages_attention, pages_attention_ref, unpack_pages)
 from .sparse_decode import (SparseDecodePlan, plan_sparse_decode, selected_positions,
                             sparse_paged_decode, sparse_paged_decode_ref)
 
@@ -36,7 +36,7 @@ __all__ = [
     "chunk_topk", "chunk_topk_ref", "count_weighted_decode", "count_weighted_decode_ref",
     "gather_pages", "landmarks", "lowrank_rope_keys",
     "lowrank_rope_keys_ref", "merge_attention_states",
-    "PackedKV", "PageLayout", "chunk_pages_attention", "dequantize_kv", "pack_pages",
+    "PackedKV", "PageLayout", "attention_with_lse", "chunk_pages_attention", "dequantize_kv", "pack_pages",
     "pages_attention", "pages_attention_ref", "unpack_pages", "pack_codes", "quantize_kv", "quantize_pack",
     "quantize_pack_ref", "quantized_decode", "quantized_decode_ref", "unpack_codes",
     "plan_sparse_decode", "rope_inv_freq", "select_topk", "selected_positions",

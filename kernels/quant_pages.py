@@ -171,28 +171,42 @@ def unpack_pages(layout: PageLayout, pages: Tensor) -> tuple[Tensor, Tensor]:
 
 
 def chunk_pages_attention(layout: PageLayout, query: Tensor, pages: Tensor, block_table: Tensor,
-                          *, scale: float, max_scores: int = 1 << 24) -> tuple[Tensor, Tensor]:
+                          *, scale: float, tile: int = 32) -> tuple[Tensor, Tensor]:
     """A prefill chunk's ``n`` queries ``[n, H_q, D]`` attending to every token of one
-    sequence's pages ``block_table`` ``[num_pages]``: pages are dequantized a tile at a time
-    (as vLLM's TurboQuant does for continuation chunks), the tile sized so its scores hold
-    at most ``max_scores`` floats.  Returns ``out`` ``[n, H_q, D]`` float32 and ``lse``
+    sequence's pages ``block_table`` ``[num_pages]``: ``tile`` pages dequantized at a time
+    (as vLLM's TurboQuant does for continuation chunks), each read by
+    :func:`attention_with_lse`.  Returns ``out`` ``[n, H_q, D]`` float32 and ``lse``
     ``[n, H_q]``."""
-    n, H_q, D = query.shape
-    H_kv, T = pages.shape[1], layout.block_size
-    G = H_q // H_kv
-    qg = (query.float() * scale).view(n, H_kv, G, D).permute(1, 2, 0, 3).reshape(H_kv, G * n, D)
-    tile = max(1, max_scores // (H_q * n * T))
     outs, lses = [], []
     for start in range(0, max(block_table.shape[0], 1), tile):
         keys, values = unpack_pages(layout, _gather(pages, block_table[start:start + tile].long()))
-        keys = keys.transpose(0, 1).flatten(1, 2)                          # [H, w·T, D]
-        s = qg @ keys.transpose(1, 2)                                      # [H, Gn, w·T]
-        lse = torch.logsumexp(s, dim=-1)
-        outs.append(torch.exp(s - lse[..., None]) @ values.transpose(0, 1).flatten(1, 2))
+        out, lse = attention_with_lse(query, keys.transpose(1, 2).flatten(0, 1),
+                                      values.transpose(1, 2).flatten(0, 1), scale=scale)
+        outs.append(out)
         lses.append(lse)
-    out, lse = merge_attention_states(torch.stack(outs, dim=1), torch.stack(lses, dim=1), dim=1)
-    return (out.view(H_kv, G, n, D).permute(2, 0, 1, 3).reshape(n, H_q, D),
-            lse.view(H_kv, G, n).permute(2, 0, 1).reshape(n, H_q))
+    return merge_attention_states(torch.stack(outs, dim=-2), torch.stack(lses, dim=-1), dim=-2)
+
+
+def attention_with_lse(query: Tensor, keys: Tensor, values: Tensor, *, scale: float,
+                       causal: bool = False) -> tuple[Tensor, Tensor]:
+    """``query`` ``[n, H_q, D]`` over ``keys``/``values`` ``[e, H_kv, D]`` (``causal``: query
+    ``i`` sees keys ``<= i``, ``n == e``) with torch's fused CPU attention, which keeps no
+    ``n x e`` scores and returns the LSE: ``out`` ``[n, H_q, D]`` float32, ``lse`` ``[n, H_q]``."""
+    G = query.shape[1] // keys.shape[1]
+    q = query.float().transpose(0, 1)[None]
+    k = keys.float().repeat_interleave(G, dim=1).transpose(0, 1)[None]
+    v = values.float().repeat_interleave(G, dim=1).transpose(0, 1)[None]
+    if query.is_cuda:
+        s = (q @ k.transpose(-1, -2)) * scale
+        if causal:
+            s = s.masked_fill(torch.ones(s.shape[-2:], dtype=torch.bool,
+                                         device=s.device).triu(1), -torch.inf)
+        lse = torch.logsumexp(s, dim=-1)
+        out = torch.exp(s - lse[..., None]) @ v
+    else:
+        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+            q, k, v, 0.0, causal, scale=scale)
+    return out[0].transpose(0, 1), lse[0].transpose(0, 1)
 
 
 def pages_attention_ref(layout: PageLayout, query: Tensor, pages: Tensor, block_table: Tensor,

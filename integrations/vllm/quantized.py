@@ -36,8 +36,8 @@ import torch
 from torch import Tensor
 
 from kvplug.kernels import merge_attention_states
-from kvplug.kernels.quant_pages import (PageLayout, chunk_pages_attention, pack_pages,
-                                        pages_attention, unpack_pages)
+from kvplug.kernels.quant_pages import (PageLayout, attention_with_lse, chunk_pages_attention,
+                                        pack_pages, pages_attention, unpack_pages)
 
 
 @dataclass
@@ -173,21 +173,21 @@ class QuantizedLayer:
 
     def _attend_chunk(self, row: QuantizedRow, query: Tensor, exact_k: Tensor, exact_v: Tensor,
                       pages: Tensor, table: Tensor) -> tuple[Tensor, Tensor]:
-        """A chunk of ``n`` queries (positions ``computed ..``): its pages, then the exact
-        tokens causally."""
-        n, held = query.shape[0], exact_k.shape[0] - query.shape[0]
+        """A chunk of ``n`` queries (positions ``computed ..``): its pages, the exact tokens
+        held before it, and its own tokens causally."""
+        n = query.shape[0]
+        held = exact_k.shape[0] - n
+        parts = [attention_with_lse(query, exact_k[held:], exact_v[held:], scale=self.scale,
+                                    causal=True)]
+        if held:
+            parts.append(attention_with_lse(query, exact_k[:held], exact_v[:held],
+                                            scale=self.scale))
         num_pages = row.computed // self.layout.block_size
-        allowed = (torch.arange(exact_k.shape[0])[None, :]
-                   <= held + torch.arange(n)[:, None])
-        parts = [masked_attention(query[None], exact_k[None], exact_v[None], allowed[None],
-                                  self.scale)]
         if num_pages:
-            out, lse = chunk_pages_attention(self.layout, query, pages, table[:num_pages],
-                                             scale=self.scale)
-            parts.append((out[None], lse[None]))
-        out, lse = merge_attention_states(torch.stack([p[0] for p in parts], dim=-2),
-                                          torch.stack([p[1] for p in parts], dim=-1), dim=-2)
-        return out[0], lse[0]
+            parts.append(chunk_pages_attention(self.layout, query, pages, table[:num_pages],
+                                               scale=self.scale))
+        return merge_attention_states(torch.stack([p[0] for p in parts], dim=-2),
+                                      torch.stack([p[1] for p in parts], dim=-1), dim=-2)
 
     def _decode(self, rows, decode: list[int], query, key, value, pages, block_table,
                 starts, output, selected) -> None:

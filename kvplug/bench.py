@@ -143,9 +143,8 @@ def _measure(spec: dict[str, Any]) -> dict[str, Any]:
     if backend == "kvplug" and set(backends) != {kv_vllm.BACKEND_NAME}:
         raise RuntimeError(f"asked for kvplug but the attention layers run {backends}")
     vc = llm.llm_engine.vllm_config
-    mc, pc, cc, sc = vc.model_config, vc.parallel_config, vc.cache_config, vc.scheduler_config
-    kv_bytes_per_token = (mc.get_num_layers(pc) * 2 * mc.get_num_kv_heads(pc) * mc.get_head_size()
-                          * torch.empty((), dtype=mc.dtype).element_size())  # kv cache dtype "auto"
+    mc, cc, sc = vc.model_config, vc.cache_config, vc.scheduler_config
+    kv_bytes_per_token = kv_vllm.pool_bytes_per_token(llm)
     tok = llm.get_tokenizer()
     special = set(tok.all_special_ids) | set(tok.get_added_vocab().values())
     allowed = np.array([i for i in range(mc.get_vocab_size()) if i not in special])

@@ -69,6 +69,14 @@ def side_bytes(llm) -> int:
     return sum(llm.collective_rpc("kvplug_side_bytes"))
 
 
+def pool_bytes_per_token(llm) -> int:
+    """Bytes the engine's KV pool holds per token, every layer and kv-head included, read
+    from the tensors it allocated (a packed store's pages are smaller than the default's)."""
+    cache = llm.llm_engine.vllm_config.cache_config
+    return sum(llm.collective_rpc("kvplug_pool_bytes")) // (cache.num_gpu_blocks
+                                                            * cache.block_size)
+
+
 def set_policy(llm, config: dict) -> None:
     """Switch an idle ``vllm.LLM`` to another of its configured policies.
 
@@ -85,4 +93,5 @@ def set_policy(llm, config: dict) -> None:
 
 
 __all__ = ["BACKEND_NAME", "register", "request_states", "attention_backends", "side_bytes",
+           "pool_bytes_per_token",
            "set_policy"]

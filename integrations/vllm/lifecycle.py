@@ -387,6 +387,13 @@ def worker_side_bytes(worker) -> int:
                for store in getattr(layer.impl, "summaries", {}).values())
 
 
+def worker_pool_bytes(worker) -> int:
+    """RPC target: bytes of the KV pool the engine allocated to its attention layers."""
+    caches = [layer.kv_cache[0] if isinstance(layer.kv_cache, list) else layer.kv_cache
+              for layer in _attention_layers(worker)]
+    return sum(cache.numel() * cache.element_size() for cache in caches)
+
+
 def patch_worker_rpc() -> None:
     from vllm.v1.worker.worker_base import WorkerBase
 
@@ -394,3 +401,4 @@ def patch_worker_rpc() -> None:
     WorkerBase.kvplug_attention_backends = worker_attention_backends
     WorkerBase.kvplug_set_policy = worker_set_policy
     WorkerBase.kvplug_side_bytes = worker_side_bytes
+    WorkerBase.kvplug_pool_bytes = worker_pool_bytes

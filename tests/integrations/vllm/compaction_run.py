@@ -53,7 +53,8 @@ def main(model: str, config_path: str, prompts_path: str, out_path: str) -> None
     layouts = {} if reclaimer is None else reclaimer.layouts
     params = SamplingParams(max_tokens=config["max_tokens"], temperature=0.0, ignore_eos=True)
     prompts = json.load(open(prompts_path))
-    result = {"total_blocks": pool.get_num_free_blocks(), "passes": []}
+    result = {"total_blocks": pool.get_num_free_blocks(), "passes": [],
+              "pool_bytes_per_token": kv_vllm.pool_bytes_per_token(llm)}
     for n in range(config.get("passes", 1)):
         if config.get("switch"):
             kv_vllm.set_policy(llm, config["switch"][n])

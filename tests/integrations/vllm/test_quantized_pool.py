@@ -45,6 +45,10 @@ def test_the_engine_allocates_over_6x_the_blocks(runs):
     packed, dense, quest = runs
     assert packed["total_blocks"] >= 6 * dense["total_blocks"]
     assert quest["total_blocks"] == packed["total_blocks"]
+    # the tensors it allocated: 76 B per token and kv-head (4/2-bit, 128-token pages) vs
+    # 512 (fp32 K and V), over 30 layers and 3 kv-heads
+    assert dense["pool_bytes_per_token"] == 30 * 3 * 512
+    assert packed["pool_bytes_per_token"] == quest["pool_bytes_per_token"] == 30 * 3 * 76
 
 
 def test_answers_keep_the_passkey(runs):

@@ -13,7 +13,7 @@ fall back to it on CPU tensors unless Triton runs in interpreter mode.
   bytes, and decode attention that dequantizes the packed codes tile by tile.
 * :class:`PageLayout` / :func:`pack_pages` / :func:`pages_attention`: the same KV in
   fixed-size pages of a paged pool (both precisions in one page), and attention over a
-  sequence's pages.
+  sequence's pages (on CPU a fused C++ kernel, ``csrc/quant_pages_cpu.cpp``).
 
 Shared conventions (GQA order, paged layout, RoPE form, dispatch) are in
 :mod:`kvplug.kernels.common`.

@@ -21,7 +21,9 @@ Conventions used by every kernel in ``kvplug.kernels``:
 * **Dispatch.** A launcher runs its Triton kernel on CUDA tensors, and on CPU
   tensors only when Triton was imported with ``TRITON_INTERPRET=1`` (the
   kernels are then interpreted, which is what the tests use).  Otherwise CPU
-  tensors take the vectorized torch reference: that *is* the CPU path.
+  tensors take the vectorized torch reference: that *is* the CPU path, except
+  where torch cannot read the data without a full-precision copy (ZipCache's
+  packed pages), which has a C++ kernel (:mod:`kvplug.kernels.cpu_ext`).
 """
 
 from __future__ import annotations

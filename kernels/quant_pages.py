@@ -24,14 +24,16 @@ are per page and group (block-local: a page never reads another's), finer than
 ZipCache's per-sequence ranges.  :func:`pack_pages` quantizes whole pages from K/V and
 a group per token; :func:`unpack_pages` is its inverse up to quantization error;
 :func:`pages_attention` attends one decode query per sequence to its pages (Triton: a
-page's codes unpacked and dequantized in registers, online softmax; its torch
-reference :func:`pages_attention_ref`, the CPU path, reads a tile of pages at a time and
-applies each group's parameters to the scores and weights: never a full-precision copy
-of the past).
+page's codes unpacked and dequantized in registers, online softmax; on CPU the same in
+C++, a token's codes at a time, ``csrc/quant_pages_cpu.cpp``; its torch reference
+:func:`pages_attention_ref` reads a tile of pages at a time and applies each group's
+parameters to the scores and weights: never a full-precision copy of the past).
 """
 
 from __future__ import annotations
 
+import functools
+import logging
 from dataclasses import dataclass
 
 import torch
@@ -40,9 +42,11 @@ import triton.language as tl
 from torch import Tensor
 
 from .common import LOG2E, merge_attention_states, next_pow2, use_triton
+from .cpu_ext import cpu_ext
 from .online_softmax import online_softmax_step
 from .quant_pack import PARAM_DTYPE, check_bits, pack_codes, range_params, unpack_codes
 
+logger = logging.getLogger(__name__)
 _F16 = 2   # bytes of a stored parameter
 
 
@@ -371,11 +375,31 @@ def _pages_decode_kernel(
     tl.store(lse_ptr + r * stride_lr + hq * stride_lh, lse, mask=g_ok)
 
 
+@functools.cache
+def cpu_page_read():
+    """The fused C++ page read (:mod:`kvplug.kernels.cpu_ext`), or None with a warning
+    when it cannot be built (the torch reference then reads the pages: same result,
+    slower).  An engine calls it at start, so the build does not stall a step."""
+    try:
+        return cpu_ext()
+    except RuntimeError as e:
+        logger.warning("%s; decode reads the packed pages with the torch reference", e)
+        return None
+
+
 def pages_attention(layout: PageLayout, query: Tensor, pages: Tensor, block_table: Tensor,
                     num_pages: Tensor, *, scale: float) -> tuple[Tensor, Tensor]:
-    """:func:`pages_attention_ref`'s contract; one query per sequence (``n = 1``) runs the
-    Triton kernel where Triton runs, everything else the reference."""
+    """:func:`pages_attention_ref`'s contract.  One query per sequence (``n = 1``) runs the
+    Triton kernel where Triton runs and the fused C++ kernel (``csrc/quant_pages_cpu.cpp``)
+    on CPU; everything else the reference."""
     R, n, H_q, D = query.shape
+    if n == 1 and query.device.type == "cpu" and not use_triton(_pages_decode_kernel, query):
+        kernel = cpu_page_read()
+        if kernel is not None and kernel.supports(H_q // pages.shape[1], D, layout.bits_salient):
+            out, lse = kernel.pages_decode((query[:, 0].float() * scale).contiguous(), pages,
+                                           block_table.long(), num_pages.long(),
+                                           layout.block_size, layout.bits_salient)
+            return out[:, None], lse[:, None]
     if n != 1 or not use_triton(_pages_decode_kernel, query):
         return pages_attention_ref(layout, query, pages, block_table, num_pages, scale=scale)
     H_kv = pages.shape[1]

@@ -51,6 +51,7 @@ from kvplug.integrations.vllm.common import (KVPlugBackendMixin, LayerSummaries,
                                              with_rows)
 from kvplug.integrations.vllm.lifecycle import current_worker, tracker, worker_policy
 from kvplug.integrations.vllm.quantized import QuantizedLayer, page_view
+from kvplug.kernels.quant_pages import cpu_page_read
 from kvplug.policies import KeepPlan, Policy, Selection, SelectionPolicy, StepContext
 
 
@@ -622,6 +623,7 @@ class KVPlugCPUBackend(KVPlugBackendMixin, CPUAttentionBackend):
         if worker is None or not worker.quantized:
             return spec
         layout = worker.packer.page_layout(spec.block_size, spec.head_size)
+        cpu_page_read()   # built (once per machine) before the first step needs it
         return replace(spec, state_content_bytes=layout.slot_bytes)
 
     @staticmethod

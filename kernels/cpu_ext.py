@@ -1,0 +1,56 @@
+"""kvplug's C++ CPU kernels (``kernels/csrc``), compiled once per machine on first use.
+
+Triton has no CPU backend here, and some reads cannot be vectorized in torch without
+writing a full-precision copy of what they read (ZipCache's packed pages): those have a
+C++ kernel, built with torch's extension loader (g++ and ninja, both needed) for the
+machine's own instruction set into ``~/.cache/kvplug/cpu_ext/<cpu>`` (override with
+``KVPLUG_CPU_EXT_DIR``).  :func:`cpu_ext` builds or loads it; the first call takes
+about a minute, later ones (and other processes) load the built library.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import logging
+import os
+import platform
+from pathlib import Path
+
+logger = logging.getLogger(__name__)
+
+SOURCES = ("quant_pages_cpu.cpp",)
+FLAGS = ["-O3", "-march=native", "-ffast-math", "-fopenmp"]
+
+
+def _cpu_tag() -> str:
+    """The build's machine: ``-march=native`` code must not run on another CPU."""
+    flags = ""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith(("flags", "model name")):
+                flags += line
+                if line.startswith("flags"):
+                    break
+    except OSError:
+        flags = platform.processor()
+    return f"{platform.machine()}-{hashlib.sha1(flags.encode()).hexdigest()[:12]}"
+
+
+@functools.cache
+def cpu_ext():
+    """The compiled module (``pages_decode``); raises ``RuntimeError`` naming what failed
+    when it cannot be built."""
+    from torch.utils.cpp_extension import load
+
+    build = Path(os.environ.get("KVPLUG_CPU_EXT_DIR",
+                                Path.home() / ".cache" / "kvplug" / "cpu_ext")) / _cpu_tag()
+    build.mkdir(parents=True, exist_ok=True)
+    sources = [str(Path(__file__).with_name("csrc") / name) for name in SOURCES]
+    logger.info("kvplug: loading its CPU kernels (built once into %s)", build)
+    try:
+        return load(name="kvplug_cpu_ext", sources=sources, extra_cflags=FLAGS,
+                    extra_ldflags=["-fopenmp"], build_directory=str(build), verbose=False)
+    except (OSError, RuntimeError, ImportError) as e:  # no compiler, ninja or headers
+        raise RuntimeError(f"kvplug could not build its CPU kernels {SOURCES} in {build} "
+                           f"(needs g++ and ninja): {e}") from e

@@ -468,8 +468,10 @@ def run(args: argparse.Namespace) -> int:
               "machine": machine(), "model": Path(model).name, "vllm": version("vllm"),
               "workload": workload, "rss_bound_mb": args.rss_bound_mb, "runs": []}
     log_dir = Path(tempfile.mkdtemp(prefix="kvplug-soak-"))
-    # SIGTERM unwinds like Ctrl-C, so the server (its own session) is stopped, not orphaned
+    # SIGTERM unwinds like Ctrl-C, so the server (its own session) is stopped, not orphaned;
+    # SIGINT too when started from a shell's background job (which ignores it by default)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     for config in configs:
         report["runs"].append(soak_one(args, model, config, jobs, probes, log_dir))
         r = report["runs"][-1]

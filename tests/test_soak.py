@@ -104,10 +104,12 @@ def test_short_soak_full_and_snapkv(model_dir, tmp_path):
 def test_a_signalled_soak_stops_its_server(model_dir, tmp_path, sig):
     """SIGTERM / SIGINT to ``kvplug soak`` while its server starts: no process of the
     server's session is left."""
+    # started as a shell's background job starts it: SIGINT ignored, which soak must undo
     proc = subprocess.Popen([sys.executable, "-m", "kvplug", "soak", "--model", str(model_dir),
                              "--requests", "4", "--max-model-len", "256", "--pool-tokens", "288",
                              "--out", str(tmp_path)], stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
+                            stderr=subprocess.STDOUT, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
     for line in proc.stdout:
         if "server pid" in line:
             server = int(line.split("server pid ")[1].split()[0])

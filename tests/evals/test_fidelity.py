@@ -2,10 +2,12 @@
 own cache against ``full`` on the essays."""
 
 import json
+import sys
 
 import pytest
 
 from kvplug.evals import fidelity
+from engine_process import run_engine_script
 
 
 def test_full_is_the_reference_and_a_quantized_cache_keeps_fewer_bytes(model_dir, tmp_path):
@@ -40,3 +42,27 @@ def test_windows_are_spread_over_the_essays_and_bounded():
 def test_a_bad_policy_is_refused_naming_it(model_dir):
     with pytest.raises(ValueError, match="nonsense"):
         fidelity.main(["--model", str(model_dir), "--policies", "nonsense", "--windows", "1"])
+
+
+def test_vllm_forced_tokens_read_the_models_own_logprobs(model_dir, tmp_path):
+    """Teacher forcing through a vLLM engine (a logits processor forces the scored tokens)
+    gives the NLL that HF's token-by-token teacher forcing gives, and full = vLLM's own."""
+    args = ["--model", str(model_dir), "--context", "160", "--score", "6", "--greedy", "3",
+            "--windows", "2"]
+    run_engine_script([sys.executable, "-m", "kvplug.evals.fidelity", *args, "--engine", "vllm",
+                       "--policies", "vllm-default", "--kv-space-gb", "1",
+                       "--out", str(tmp_path)], timeout=600)
+    vllm = json.loads((tmp_path / "fidelity.json").read_text())
+    hf = fidelity.main([*args, "--policies", "full"])
+    full, default = vllm["rows"]
+    assert [full["policy"], default["policy"]] == ["full", "vllm-default"]
+    hf_nll = [w["nll"] for w in hf["rows"][0]["windows"]]
+    assert [w["nll"] for w in full["windows"]] == pytest.approx(hf_nll, abs=1e-3)
+    assert [w["nll"] for w in default["windows"]] == pytest.approx(hf_nll, abs=1e-3)
+    assert all(w["agree"] == 3 for w in default["windows"])
+    assert full["kv_bytes_per_token"] == default["kv_bytes_per_token"] == 30 * 2 * 3 * 64 * 4
+
+
+def test_vllm_default_needs_the_vllm_engine(model_dir):
+    with pytest.raises(ValueError, match="--engine vllm"):
+        fidelity.main(["--model", str(model_dir), "--policies", "vllm-default", "--windows", "1"])

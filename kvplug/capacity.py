@@ -145,6 +145,8 @@ def worker(spec_path: str, result_path: str) -> None:
     from vllm import LLM, SamplingParams
     from vllm.inputs import TokensPrompt
 
+    import kvplug.integrations.vllm as kv_vllm
+
     extra = {} if spec["config"] is None else {
         "attention_backend": "kvplug", "additional_config": {"kvplug": spec["config"]}}
     llm = LLM(spec["model"], dtype="float32", enforce_eager=True, enable_prefix_caching=False,
@@ -181,12 +183,9 @@ def worker(spec_path: str, result_path: str) -> None:
         if s["only_decodes"]:
             batches.setdefault(s["decoding"], []).append(s["step_s"])
     batch = max((b for b, times in batches.items() if len(times) >= 3), default=max(batches))
-    groups = scheduler.kv_cache_config.kv_cache_groups
     result = {"requests": spec["requests"], "block_size": llm.llm_engine.vllm_config
               .cache_config.block_size, "pool_blocks": pool.num_gpu_blocks - 1,
-              # every layer's page bytes per token, as the engine allocates them
-              "kv_bytes_per_token": sum(g.kv_cache_spec.page_size_bytes * len(g.layer_names)
-                                        for g in groups) // groups[0].kv_cache_spec.block_size,
+              "kv_bytes_per_token": kv_vllm.pool_bytes_per_token(llm),
               "max_decoding": max(s["decoding"] for s in steps), "decode_batch": batch,
               "decode_steps": len(batches[batch]),
               "decode_tok_s": batch / statistics.median(batches[batch]),

@@ -50,6 +50,7 @@ from kvplug.integrations.vllm.common import (KVPlugBackendMixin, LayerSummaries,
                                              current_rows, decode_rows, step_context,
                                              with_rows)
 from kvplug.integrations.vllm.lifecycle import current_worker, tracker, worker_policy
+from kvplug.integrations.vllm.selection import logger
 from kvplug.integrations.vllm.quantized import QuantizedLayer, page_view
 from kvplug.kernels.quant_pages import cpu_page_read
 from kvplug.policies import KeepPlan, Policy, Selection, SelectionPolicy, StepContext
@@ -528,6 +529,17 @@ def key_rows(kv_cache: torch.Tensor, isa: str) -> torch.Tensor:
 
 
 @functools.cache
+def _warn_slot_bits(bits: tuple[int, int]) -> None:
+    """Once per engine process: the pool's slots are sized for the salient bits, so a
+    token stored at fewer bits keeps its lower precision but saves no pool byte."""
+    salient, other = bits
+    if other < salient:
+        logger.warning("kvplug: the packed pool sizes every token's slot for %d bits: tokens "
+                       "stored at %d bits lose precision but save no memory on vLLM",
+                       salient, other)
+
+
+@functools.cache
 def _vec_layout(isa: str, dtype: torch.dtype, block_size: int, head_dim: int) -> bool:
     """Write known keys and values with vLLM's own cache op and see whether they land as
     kvplug reads them: keys transposed per block, values as rows."""
@@ -624,6 +636,7 @@ class KVPlugCPUBackend(KVPlugBackendMixin, CPUAttentionBackend):
             return spec
         layout = worker.packer.page_layout(spec.block_size, spec.head_size)
         cpu_page_read()   # built (once per machine) before the first step needs it
+        _warn_slot_bits(layout.bits)
         return replace(spec, state_content_bytes=layout.slot_bytes)
 
     @staticmethod

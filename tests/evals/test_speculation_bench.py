@@ -30,7 +30,7 @@ def test_rows_speedup_acceptance_and_step_profile():
     assert r["draft_ms_per_forward"] == 31.2 and r["target_ms_per_step"] == 125.0
 
 
-def test_contexts_beyond_the_essays_are_refused():
+def test_contexts_past_the_essays_read_on_into_opticks_and_past_both_are_refused():
     class Tok:
         def apply_chat_template(self, messages, **_):
             return messages[0]["content"]
@@ -41,7 +41,10 @@ def test_contexts_beyond_the_essays_are_refused():
         def decode(self, ids):
             return " ".join(ids)
 
-    with pytest.raises(ValueError, match="context 100000 exceeds the essays"):
+    essays = len(sb.ESSAYS.read_text().split())
+    ids = sb.prompt_ids(Tok(), essays + 500)
+    assert len(ids) == essays + 500 and ids[essays:essays + 3] == sb.OPTICKS.read_text().split()[:3]
+    with pytest.raises(ValueError, match="context 100000 exceeds the text"):
         sb.prompt_ids(Tok(), 100000)
 
 

@@ -181,7 +181,9 @@ def main(argv: list[str] | None = None) -> int:
             spec = {"name": name, "model": model, "engine": table[name],
                     "contexts": args.context, "batches": args.batch,
                     "decode_tokens": args.decode_tokens,
-                    "repeats": args.repeats, "max_model_len": max(args.context) + 256}
+                    "repeats": args.repeats,
+                    # the prompt, its tokens and the last step's drafts (8k fits 8192)
+                    "max_model_len": max(args.context) + 1 + args.decode_tokens + args.gamma}
             spec_path, result_path = Path(tmp, f"{name}.spec"), Path(tmp, f"{name}.json")
             spec_path.write_text(json.dumps(spec))
             env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": os.environ.get(

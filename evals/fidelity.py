@@ -28,7 +28,6 @@ number per window, machine, command) and ``fidelity.md``.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import shlex
@@ -38,7 +37,7 @@ from pathlib import Path
 
 import torch
 
-from kvplug.bench import machine, positive_int
+from kvplug.bench import machine, positive_int, print_and_save
 from kvplug.eval import BASELINE, parse_policy
 
 ESSAYS = Path(__file__).parent / "ruler" / "data" / "essays.txt"
@@ -261,13 +260,7 @@ def main(argv: list[str] | None = None) -> dict:
     if args.threads:
         torch.set_num_threads(args.threads)
     result = run(args)
-    text = markdown(result)
-    print(text)
-    if args.out:
-        out = Path(args.out)
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "fidelity.json").write_text(json.dumps(result, indent=1) + "\n")
-        (out / "fidelity.md").write_text(text)
+    print_and_save(args.out, "fidelity", result, markdown(result))
     return result
 
 

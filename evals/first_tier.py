@@ -18,7 +18,6 @@ rate yield per verification step, ``(1 - a^(γ+1)) / (1 - a)``.  Writes
 from __future__ import annotations
 
 import argparse
-import json
 import shlex
 import sys
 import time
@@ -26,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from kvplug.bench import machine, positive_int
+from kvplug.bench import machine, positive_int, print_and_save
 from kvplug.evals.fidelity import windows
 
 # name -> layers skipped, for a 30-layer model (SmolLM2-135M); every pattern keeps the
@@ -112,13 +111,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--out", default=None, help="directory for first_tier.md and first_tier.json")
     args = p.parse_args(argv)
     result = run(args)
-    text = markdown(result)
-    print(text)
-    if args.out:
-        out = Path(args.out)
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "first_tier.json").write_text(json.dumps(result, indent=1) + "\n")
-        (out / "first_tier.md").write_text(text)
+    print_and_save(args.out, "first_tier", result, markdown(result))
     return result
 
 

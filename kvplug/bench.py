@@ -355,6 +355,17 @@ def write_outputs(report: dict[str, Any], out: Path) -> str:
     return md
 
 
+def print_and_save(out: str | None, name: str, result: dict, text: str) -> None:
+    """Print an eval's markdown ``text``; with ``out``, write it as ``name.md`` and
+    ``result`` as ``name.json`` there."""
+    print(text)
+    if out:
+        folder = Path(out)
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / f"{name}.json").write_text(json.dumps(result, indent=1) + "\n")
+        (folder / f"{name}.md").write_text(text)
+
+
 def machine() -> dict[str, Any]:
     cpu = platform.processor() or "unknown"
     for line in Path("/proc/cpuinfo").read_text().splitlines():

@@ -87,30 +87,37 @@ def agreement(tokens: list[int], reference: list[int]) -> int:
     return min(len(tokens), len(reference))
 
 
-def _specs(args: argparse.Namespace) -> list[tuple[str, tuple]]:
-    """``full`` first, then the other policies, each checked before any model loads."""
+def _specs(args: argparse.Namespace) -> list[tuple[str, tuple, dict]]:
+    """``full`` first, then the other policies, each with its resolved parameters ({} for
+    vLLM's own backend): built and checked against ``--engine`` before any model loads."""
+    from kvplug.integrations.capabilities import HF, VLLM_CPU, check_engine
     from kvplug.policies import build_policy
 
-    specs = [("full", ())] + [p for p in map(parse_policy, args.policies) if p[0] != "full"]
-    for name, params in specs:
-        if name == BASELINE and args.engine != "vllm":
-            raise ValueError(f"policy {BASELINE!r} is vLLM's own backend: it needs "
-                             "--engine vllm")
-        if name != BASELINE:
-            build_policy(name, dict(params))
+    specs = []
+    for name, params in [("full", ())] + [p for p in map(parse_policy, args.policies)
+                                          if p[0] != "full"]:
+        if name == BASELINE:
+            if args.engine != "vllm":
+                raise ValueError(f"policy {BASELINE!r} is vLLM's own backend: it needs "
+                                 "--engine vllm")
+            specs.append((name, params, {}))
+            continue
+        policy = build_policy(name, dict(params))
+        check_engine(policy, VLLM_CPU if args.engine == "vllm" else HF)
+        specs.append((name, params, policy.params()))
     return specs
 
 
 def run_hf(args: argparse.Namespace, path: str, texts: list[torch.Tensor],
-           specs: list[tuple[str, tuple]]) -> list[dict]:
+           specs: list[tuple[str, tuple, dict]]) -> list[dict]:
     from tqdm import tqdm
 
     from kvplug.integrations import transformers as kvhf
 
     model = kvhf.load_model(path, "full", dtype=torch.float32).eval()
     rows, reference = [], []
-    for name, params in tqdm(specs, desc="policies"):
-        with kvhf.use_policy(model, name, **dict(params)) as policy:
+    for name, params, resolved in tqdm(specs, desc="policies"):
+        with kvhf.use_policy(model, name, **dict(params)):
             per_window = []
             for i, ids in enumerate(texts):
                 nll, kept = score_window(model, ids, args.context)
@@ -121,13 +128,13 @@ def run_hf(args: argparse.Namespace, path: str, texts: list[torch.Tensor],
                                    "kv_bytes": kept})
         fed = args.context + args.score - 1               # the last scored token is never fed
         per_token = sum(sum(w["kv_bytes"].values()) for w in per_window) / len(texts) / fed
-        rows.append({"policy": name, "given": dict(params), "params": policy.params(),
+        rows.append({"policy": name, "given": dict(params), "params": resolved,
                      "windows": per_window, "kv_bytes_per_token": round(per_token)})
     return rows
 
 
 def run_vllm(args: argparse.Namespace, path: str, texts: list[torch.Tensor],
-             specs: list[tuple[str, tuple]]) -> list[dict]:
+             specs: list[tuple[str, tuple, dict]]) -> list[dict]:
     """One engine per policy, every window's forced and greedy requests in one batch."""
     import gc
 
@@ -139,14 +146,13 @@ def run_vllm(args: argparse.Namespace, path: str, texts: list[torch.Tensor],
 
     import kvplug.integrations.vllm as kv_vllm
     from kvplug.evals.forced_tokens import FQCN, forced_params
-    from kvplug.policies import build_policy
 
     prompts = [TokensPrompt(prompt_token_ids=ids[0, :args.context].tolist()) for ids in texts]
     forced = [forced_params(ids[0, args.context:].tolist()) for ids in texts]
     free_run = SamplingParams(temperature=0.0, max_tokens=args.greedy, min_tokens=args.greedy,
                               ignore_eos=True, detokenize=False)
     rows, reference = [], []
-    for name, params in tqdm(specs, desc="policies"):
+    for name, params, resolved in tqdm(specs, desc="policies"):
         config = {"policy": name, **dict(params)}
         backend = ({} if name == BASELINE else
                    {"attention_backend": "kvplug", "additional_config": {"kvplug": config}})
@@ -175,9 +181,8 @@ def run_vllm(args: argparse.Namespace, path: str, texts: list[torch.Tensor],
             if name == "full":
                 reference.append(tokens)
             per_window.append({"nll": round(nll, 5), "agree": agreement(tokens, reference[i])})
-        rows.append({"policy": name, "given": dict(params), "windows": per_window,
-                     "params": {} if name == BASELINE else build_policy(name, dict(params)).params(),
-                     "kv_bytes_per_token": per_token})
+        rows.append({"policy": name, "given": dict(params), "params": resolved,
+                     "windows": per_window, "kv_bytes_per_token": per_token})
     return rows
 
 

@@ -19,7 +19,7 @@ from pathlib import Path
 
 logger = logging.getLogger(__name__)
 
-SOURCES = ("quant_pages_cpu.cpp",)
+SOURCES = ("bindings.cpp", "quant_pages_cpu.cpp")
 FLAGS = ["-O3", "-march=native", "-ffast-math", "-fopenmp"]
 
 

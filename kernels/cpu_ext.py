@@ -19,7 +19,7 @@ from pathlib import Path
 
 logger = logging.getLogger(__name__)
 
-SOURCES = ("bindings.cpp", "quant_pages_cpu.cpp")
+SOURCES = ("bindings.cpp", "quant_pages_cpu.cpp", "paged_queries_cpu.cpp")
 FLAGS = ["-O3", "-march=native", "-ffast-math", "-fopenmp"]
 
 
@@ -39,7 +39,7 @@ def _cpu_tag() -> str:
 
 @functools.cache
 def cpu_ext():
-    """The compiled module (``pages_decode``); raises ``RuntimeError`` naming what failed
+    """The compiled module (``pages_decode``, ``paged_queries``); raises ``RuntimeError`` naming what failed
     when it cannot be built."""
     from torch.utils.cpp_extension import load
 

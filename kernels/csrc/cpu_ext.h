@@ -33,3 +33,7 @@ std::vector<torch::Tensor> pages_decode(torch::Tensor query, torch::Tensor pages
                                         torch::Tensor table, torch::Tensor num_pages,
                                         int64_t block_size, int64_t bits);
 
+// paged_queries_cpu.cpp
+void paged_queries(torch::Tensor query, torch::Tensor kv_cache, torch::Tensor query_start_loc,
+                   torch::Tensor seq_lens, torch::Tensor block_table, double scale,
+                   torch::Tensor out);

@@ -69,6 +69,7 @@ def test_drafts_read_sparse_and_verification_dense(runs):
     assert states["draft_kv_tokens_read"] <= DRAFT_BUDGET * num_kv_heads * states["draft_row_layers"]
     assert states["draft_kv_tokens_read"] < 0.25 * states["draft_kv_tokens_context"]
     assert states.get("sparse_decode_layers", 0) == 0   # verification read every token
+    assert states["short_row_layers"] > 0   # ... by kvplug's kernel for short rows
 
 
 def test_acceptance_is_counted_and_states_freed(runs):

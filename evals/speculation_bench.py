@@ -50,6 +50,10 @@ def configs(gamma: int, budget: int) -> dict[str, dict]:
         "default": {},
         # vLLM's own prompt-lookup drafter, its default n-gram sizes
         "ngram": {"speculative_config": {"method": "ngram", "num_speculative_tokens": gamma}},
+        # the same drafts verified by kvplug's backend (its short-row kernel, paged_queries)
+        "kvplug-ngram": {"attention_backend": "kvplug",
+                         "speculative_config": {"method": "ngram", "num_speculative_tokens": gamma},
+                         "additional_config": {"kvplug": {"policy": "full"}}},
         "self-streamingllm": self_drafting({"policy": "streamingllm", "budget": budget}),
         "self-quest": self_drafting({"policy": "quest", "budget": budget, "page_size": 32}),
     }
@@ -157,7 +161,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="KV tokens a draft step reads per sequence")
     p.add_argument("--repeats", type=positive_int, default=2)
     p.add_argument("--settings", default=None,
-                   help="comma-separated subset of: default, ngram, self-streamingllm, self-quest")
+                   help="comma-separated subset of: default, ngram, kvplug-ngram, self-streamingllm, "
+                        "self-quest")
     p.add_argument("--out", required=True)
     p.add_argument("--worker", nargs=2, help=argparse.SUPPRESS)
     args = p.parse_args(argv)

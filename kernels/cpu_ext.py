@@ -39,8 +39,8 @@ def _cpu_tag() -> str:
 
 @functools.cache
 def cpu_ext():
-    """The compiled module (``pages_decode``, ``paged_queries``); raises ``RuntimeError`` naming what failed
-    when it cannot be built."""
+    """The compiled module (``pages_decode``, ``paged_queries``); raises ``RuntimeError``
+    naming what failed when it cannot be built."""
     from torch.utils.cpp_extension import load
 
     build = Path(os.environ.get("KVPLUG_CPU_EXT_DIR",
@@ -54,3 +54,14 @@ def cpu_ext():
     except (OSError, RuntimeError, ImportError) as e:  # no compiler, ninja or headers
         raise RuntimeError(f"kvplug could not build its CPU kernels {SOURCES} in {build} "
                            f"(needs g++ and ninja): {e}") from e
+
+
+@functools.cache
+def optional_cpu_ext(instead: str):
+    """:func:`cpu_ext`, or None with one warning naming what failed and what runs
+    ``instead`` (callers with a slower path of their own)."""
+    try:
+        return cpu_ext()
+    except RuntimeError as e:
+        logger.warning("%s; %s", e, instead)
+        return None

@@ -11,16 +11,11 @@ against each block at once, so the block is read once for all of them (C++,
 
 from __future__ import annotations
 
-import functools
-import logging
-
 import torch
 from torch import Tensor
 
 from .common import gather_pages, group_size
-from .cpu_ext import cpu_ext
-
-logger = logging.getLogger(__name__)
+from .cpu_ext import optional_cpu_ext
 
 
 def split_kv_blocks(kv_cache: Tensor) -> tuple[Tensor, Tensor]:
@@ -57,15 +52,11 @@ def paged_queries_ref(query: Tensor, kv_cache: Tensor, query_start_loc: Tensor,
     return out
 
 
-@functools.cache
 def cpu_paged_queries():
     """The C++ kernel (:mod:`kvplug.kernels.cpu_ext`), or None with a warning when it
     cannot be built (the caller keeps its own attention path)."""
-    try:
-        return cpu_ext().paged_queries
-    except RuntimeError as e:
-        logger.warning("%s; verification rows use the engine's own attention", e)
-        return None
+    ext = optional_cpu_ext("verification rows use the engine's own attention")
+    return None if ext is None else ext.paged_queries
 
 
 def paged_queries(query: Tensor, kv_cache: Tensor, query_start_loc: Tensor, seq_lens: Tensor,

@@ -32,8 +32,6 @@ parameters to the scores and weights: never a full-precision copy of the past).
 
 from __future__ import annotations
 
-import functools
-import logging
 from dataclasses import dataclass
 
 import torch
@@ -42,11 +40,10 @@ import triton.language as tl
 from torch import Tensor
 
 from .common import LOG2E, merge_attention_states, next_pow2, use_triton
-from .cpu_ext import cpu_ext
+from .cpu_ext import optional_cpu_ext
 from .online_softmax import online_softmax_step
 from .quant_pack import PARAM_DTYPE, check_bits, pack_codes, range_params, unpack_codes
 
-logger = logging.getLogger(__name__)
 _F16 = 2   # bytes of a stored parameter
 
 
@@ -375,16 +372,11 @@ def _pages_decode_kernel(
     tl.store(lse_ptr + r * stride_lr + hq * stride_lh, lse, mask=g_ok)
 
 
-@functools.cache
 def cpu_page_read():
     """The fused C++ page read (:mod:`kvplug.kernels.cpu_ext`), or None with a warning
     when it cannot be built (the torch reference then reads the pages: same result,
     slower).  An engine calls it at start, so the build does not stall a step."""
-    try:
-        return cpu_ext()
-    except RuntimeError as e:
-        logger.warning("%s; decode reads the packed pages with the torch reference", e)
-        return None
+    return optional_cpu_ext("decode reads the packed pages with the torch reference")
 
 
 def pages_attention(layout: PageLayout, query: Tensor, pages: Tensor, block_table: Tensor,

@@ -28,7 +28,10 @@ pool).
 ``draft`` is the selection policy (``{"policy": ..., params}``) the model reads
 through when it drafts tokens for itself (self-speculation, vLLM's
 ``--speculative-config`` naming kvplug's drafter); the policy it verifies with
-must read every token, so the output is the dense model's.
+must read every token, so the output is the dense model's.  ``first_tier``
+(``{"method": "ngram", "num_tokens": k, "min_n": .., "max_n": ..}``) puts a cheaper
+proposer under that draft, as TriForce's hierarchy does: prompt-lookup n-grams the
+draft checks k at a time in one forward, keeping the prefix it agrees with.
 """
 
 from __future__ import annotations
@@ -52,6 +55,9 @@ ENGINE_KEYS: dict[str, tuple[type, Any, str]] = {
                             "switched to while idle; their key summaries are kept from the start"),
     "draft": (dict, None, "selection policy config ({\"policy\": ..., params}) the model reads "
                           "through when it drafts for itself (self-speculation)"),
+    "first_tier": (dict, None, "proposer ({\"method\": \"ngram\", \"num_tokens\": k, "
+                               "\"min_n\": .., \"max_n\": ..}) whose tokens the draft checks "
+                               "k at a time (TriForce's hierarchy; needs 'draft')"),
     "store": (dict, None, "store policy config ({\"policy\": \"zipcache\", ...}) the KV is kept "
                           "in under the selection policy"),
 }
@@ -88,11 +94,51 @@ class PolicyConfig:
 
 
 @dataclass(frozen=True)
+class FirstTierConfig:
+    """The proposer under the draft policy: prompt lookup (vLLM's n-gram matcher over the
+    request's tokens and drafts), ``num_tokens`` tokens checked per draft forward, after
+    the longest earlier match of the last ``max_n`` down to ``min_n`` tokens.  vLLM's own
+    n-gram speculation matches 5 tokens because a wrong guess costs a dense verification
+    row; here it costs a few extra sparse query rows, so shorter matches pay."""
+
+    method: str = "ngram"
+    num_tokens: int = 3
+    min_n: int = 2
+    max_n: int = 5
+
+    METHODS = ("ngram",)
+
+    @classmethod
+    def parse(cls, data: Any) -> "FirstTierConfig":
+        where = "kvplug config first_tier"
+        fields_ = {f: getattr(cls, f) for f in ("method", "num_tokens", "min_n", "max_n")}
+        unknown = sorted(set(data) - set(fields_))
+        if unknown:
+            raise ValueError(f"{where}: unknown keys {unknown}; valid keys: {sorted(fields_)}")
+        values = {**fields_, **data}
+        if values["method"] not in cls.METHODS:
+            raise ValueError(f"{where} 'method': {values['method']!r} is not one of "
+                             f"{list(cls.METHODS)}")
+        for key in ("num_tokens", "min_n", "max_n"):
+            value = values[key]
+            if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= 64:
+                raise ValueError(f"{where} {key!r} must be an int in [1, 64], got {value!r}")
+        if values["min_n"] > values["max_n"]:
+            raise ValueError(f"{where}: min_n {values['min_n']} exceeds max_n {values['max_n']}")
+        return cls(**values)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"method": self.method, "num_tokens": self.num_tokens, "min_n": self.min_n,
+                "max_n": self.max_n}
+
+
+@dataclass(frozen=True)
 class KVPlugConfig(PolicyConfig):
     log_every_steps: int = ENGINE_KEYS["log_every_steps"][1]
     log_request_stats: bool = ENGINE_KEYS["log_request_stats"][1]
     switch_to: tuple[PolicyConfig, ...] = ()
     draft: PolicyConfig | None = None
+    first_tier: FirstTierConfig | None = None
     store: PolicyConfig | None = None
     sources: tuple[str, ...] = ()
 
@@ -107,6 +153,8 @@ class KVPlugConfig(PolicyConfig):
             switch = " switch_to=" + json.dumps([c.as_dict() for c in self.switch_to])
         if self.draft is not None:
             switch += " draft=" + json.dumps(self.draft.as_dict())
+        if self.first_tier is not None:
+            switch += " first_tier=" + json.dumps(self.first_tier.as_dict())
         if self.store is not None:
             switch += " store=" + json.dumps(self.store.as_dict())
         return (f"kvplug config: policy={self.policy} params={policy.params()} "
@@ -187,6 +235,12 @@ def _validate(merged: dict[str, Any], sources: tuple[str, ...]) -> KVPlugConfig:
     first = PolicyConfig.parse(merged, "kvplug config")
     if "draft" in engine:
         engine["draft"] = _draft_config(engine["draft"], first, engine.get("switch_to", ()))
+    if "first_tier" in engine:
+        if engine.get("draft") is None:
+            raise ValueError("kvplug config first_tier proposes tokens for the draft policy: "
+                             "set 'draft' too (e.g. {\"policy\": \"streamingllm\", "
+                             "\"budget\": 512})")
+        engine["first_tier"] = FirstTierConfig.parse(engine["first_tier"])
     if "store" in engine:
         engine["store"] = _store_config(engine["store"], first, engine)
     return KVPlugConfig(policy=first.policy, params=first.params, sources=sources, **engine)

@@ -79,6 +79,29 @@ def test_draft_policy_is_validated():
                        environ={})
 
 
+def test_first_tier_is_validated():
+    draft = {"policy": "streamingllm", "budget": 256}
+    config = resolve_config({"kvplug": {"draft": draft, "first_tier": {"num_tokens": 2}}},
+                            environ={})
+    assert config.first_tier.as_dict() == {"method": "ngram", "num_tokens": 2, "min_n": 2,
+                                           "max_n": 5}
+    assert 'first_tier={"method": "ngram"' in config.describe()
+    assert resolve_config({"kvplug": {"draft": draft}}, environ={}).first_tier is None
+    bad = [({"method": "eagle"}, r"'method': 'eagle' is not one of \['ngram'\]"),
+           ({"num_tokens": 0}, r"'num_tokens' must be an int in \[1, 64\], got 0"),
+           ({"max_n": True}, r"'max_n' must be an int in \[1, 64\], got True"),
+           ({"min_n": 4, "max_n": 3}, r"min_n 4 exceeds max_n 3"),
+           ({"n": 3}, r"unknown keys \['n'\]; valid keys: \['max_n', 'method', 'min_n', "
+                      r"'num_tokens'\]"),
+           ("ngram", r"'first_tier' must be dict, got 'ngram'")]
+    for tier, message in bad:
+        with pytest.raises(ValueError, match=message):
+            resolve_config({"kvplug": {"draft": draft, "first_tier": tier}}, environ={})
+    with pytest.raises(ValueError, match=r"first_tier proposes tokens for the draft policy: "
+                                         r"set 'draft' too"):
+        resolve_config({"kvplug": {"first_tier": {}}}, environ={})
+
+
 def test_store_policy_is_validated():
     """A store policy (no stage, a store of its own) under a selection policy."""
     config = resolve_config({"kvplug": {"policy": "quest", "budget": 256,

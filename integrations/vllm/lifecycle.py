@@ -155,14 +155,21 @@ class WorkerPolicy:
 
 @dataclass
 class DraftStats:
-    """Self-speculation of one request: draft tokens verified and accepted."""
+    """Self-speculation of one request: draft tokens verified and accepted, and the first
+    tier's tokens checked and kept by the draft."""
 
     proposed: int = 0
     accepted: int = 0
+    first_proposed: int = 0
+    first_accepted: int = 0
 
     def as_dict(self) -> dict[str, float]:
         return {"draft_proposed": self.proposed, "draft_accepted": self.accepted,
-                "draft_acceptance": round(self.accepted / max(self.proposed, 1), 3)}
+                "draft_acceptance": round(self.accepted / max(self.proposed, 1), 3),
+                **({"first_tier_proposed": self.first_proposed,
+                    "first_tier_accepted": self.first_accepted,
+                    "first_tier_acceptance": round(self.first_accepted / self.first_proposed, 3)}
+                   if self.first_proposed else {})}
 
 
 class RequestTracker:
@@ -276,6 +283,14 @@ class RequestTracker:
         stats.accepted += accepted
         self.counts["draft_tokens_proposed"] += proposed
         self.counts["draft_tokens_accepted"] += accepted
+
+    def record_first_tier(self, req_id: str, proposed: int, accepted: int) -> None:
+        """The draft kept ``accepted`` of the first tier's ``proposed`` tokens for ``req_id``."""
+        stats = self.drafts.setdefault(req_id, DraftStats())
+        stats.first_proposed += proposed
+        stats.first_accepted += accepted
+        self.counts["first_tier_tokens_proposed"] += proposed
+        self.counts["first_tier_tokens_accepted"] += accepted
 
     def begin_draft(self, req_ids: tuple[str, ...]) -> None:
         """Publish a draft forward over ``req_ids`` (closed by :meth:`end_step`)."""

@@ -152,6 +152,13 @@ def _check_policy(engine_args, vllm_config, recreate):
             raise ValueError("kvplug self-speculation (the config's 'draft') runs on vLLM-cpu "
                              "only: kvplug's CUDA backend plans no draft forwards")
         policies.append(config.draft.build_policy())
+        gamma = vllm_config.speculative_config.num_speculative_tokens
+        if config.first_tier is not None and config.first_tier.num_tokens >= gamma:
+            raise ValueError(
+                f"kvplug config first_tier num_tokens={config.first_tier.num_tokens}: a draft "
+                f"forward checks a row's last token and at most num_speculative_tokens - 1 = "
+                f"{gamma - 1} guesses after it (the drafts' KV slots); lower num_tokens or "
+                "raise num_speculative_tokens")
     for policy in policies:
         check_engine(policy, VLLM_CPU if current_platform.is_cpu() else VLLM_CUDA)
     storing = [p.name for p in policies if "prefill_compress" in p.stages]

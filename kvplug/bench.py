@@ -94,17 +94,34 @@ def spec_decode_counts(llm) -> dict[str, float]:
             for key, name in SPEC_COUNTERS.items()}
 
 
+def share(part: float, whole: float) -> float | None:
+    """``part / whole`` to 3 places; ``None`` when there is no whole."""
+    return round(part / whole, 3) if whole else None
+
+
+def draft_counts(llm) -> dict[str, float]:
+    """kvplug's draft forwards, its first tier's tokens checked and kept, and the seconds
+    spent drafting so far (zeros for engines that do not draft through kvplug)."""
+    import kvplug.integrations.vllm as kv_vllm
+
+    keys = ("draft_forwards", "first_tier_tokens_proposed", "first_tier_tokens_accepted")
+    if not kv_vllm.attention_backends(llm).get(kv_vllm.BACKEND_NAME):
+        return {**dict.fromkeys(keys, 0), "draft_s": 0.0}
+    states = kv_vllm.request_states(llm)
+    return {**{k: states.get(k, 0) for k in keys}, "draft_s": states.get("draft_us", 0) / 1e6}
+
+
 def acceptance(draft_tokens: float, accepted_tokens: float, verify_steps: float) -> dict:
     """Share of drafts accepted and tokens per verification step (the accepted drafts plus
     the token it samples); ``None`` without drafts."""
-    return {"acceptance": round(accepted_tokens / draft_tokens, 3) if draft_tokens else None,
+    return {"acceptance": share(accepted_tokens, draft_tokens),
             "mean_accepted_length": round(1 + accepted_tokens / verify_steps, 2)
             if verify_steps else None}
 
 
 def timed_generate(llm, prompts, params) -> tuple[dict[str, float], list]:
-    """One batch, timed by the engine's own per-request timestamps; (timing and
-    speculative-decoding counts, the request outputs).
+    """One batch, timed by the engine's own per-request timestamps; (timing, vLLM's
+    speculative-decoding counts and kvplug's drafting counts, the request outputs).
 
     TTFT is the slowest request's first-token latency (the batch's prefill).
     Decode time is the N decode steps of the request that got its first token
@@ -112,7 +129,7 @@ def timed_generate(llm, prompts, params) -> tuple[dict[str, float], list]:
     before the others arrive, so that one runs a step ahead; the token budget
     puts all the others in the next step, so the batch stays together.
     """
-    counts = spec_decode_counts(llm)
+    counts = {**spec_decode_counts(llm), **draft_counts(llm)}
     t0 = time.perf_counter()
     outputs = llm.generate(prompts, params, use_tqdm=False)
     wall = time.perf_counter() - t0
@@ -122,7 +139,8 @@ def timed_generate(llm, prompts, params) -> tuple[dict[str, float], list]:
             "decode_s": last.last_token_ts - last.first_token_ts,
             "first_token_spread_s": last.first_token_ts - min(x.first_token_ts for x in m),
             "wall_s": wall,
-            **{k: v - counts[k] for k, v in spec_decode_counts(llm).items()}}, outputs
+            **{k: v - counts[k] for k, v in {**spec_decode_counts(llm),
+                                             **draft_counts(llm)}.items()}}, outputs
 
 
 def _measure(spec: dict[str, Any]) -> dict[str, Any]:
@@ -253,7 +271,9 @@ def build_rows(results: list[dict[str, Any]], decode_tokens: int, policy) -> lis
                          "kv_tokens_read_per_step": read,
                          "kv_bytes_read_per_step": read * bpt,
                          "requests_fit": res["pool_blocks"] * bs // ceil_to_block(ctx + n, bs),
-                         **acceptance(*(sum(r.get(k, 0) for r in runs) for k in SPEC_COUNTERS))})
+                         **acceptance(*(sum(r.get(k, 0) for r in runs) for k in SPEC_COUNTERS)),
+                         "first_tier_acceptance": share(*(sum(r.get(k, 0) for r in runs) for k in (
+                             "first_tier_tokens_accepted", "first_tier_tokens_proposed")))})
     base = {(r["batch"], r["context"]): r["decode_tok_s"]
             for r in rows if r["backend"] == "default"}
     for r in rows:
@@ -271,7 +291,7 @@ def _size(nbytes: float) -> str:
     return f"{nbytes:.1f} {units[0]}"
 
 
-def _or_dash(value) -> str:
+def or_dash(value) -> str:
     return "-" if value is None else str(value)
 
 
@@ -294,12 +314,14 @@ def markdown(report: dict[str, Any]) -> str:
              "Requests that fit: KV pool tokens / (context + N, rounded up to a block)."
              + (f" The kvplug engine speculates ({json.dumps(speculative)}); acceptance: drafts "
                 "accepted / proposed; mean accepted length: tokens per verification step "
-                "(vLLM's counters)." if speculative else ""), "",
+                "(vLLM's counters); first-tier acceptance: the first tier's guesses kvplug's draft "
+                "kept / checked." if speculative else ""), "",
              "| backend | batch | context | TTFT s | TPOT ms | decode tok/s | speedup | "
              "KV bytes/token | side bytes/token | KV read/step/seq | requests that fit |"
-             + (" acceptance | mean accepted length |" if speculative else ""),
+             + (" acceptance | mean accepted length | first-tier acceptance |"
+                if speculative else ""),
              "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
-             + ("---:|---:|" if speculative else "")]
+             + ("---:|---:|---:|" if speculative else "")]
     for r in report["rows"]:
         speedup = f"{r['speedup']:.2f}x" if r["speedup"] is not None else "-"
         lines.append(f"| {r['backend']} | {r['batch']} | {r['context']} | {r['ttft_s']:.2f} | "
@@ -307,8 +329,8 @@ def markdown(report: dict[str, Any]) -> str:
                      f"{r['kv_bytes_per_token']} | {r['side_bytes_per_token']:.0f} | "
                      f"{_size(r['kv_bytes_read_per_step'])} | "
                      f"{r['requests_fit']} |"
-                     + (f" {_or_dash(r['acceptance'])} | {_or_dash(r['mean_accepted_length'])} |"
-                        if speculative else ""))
+                     + (f" {or_dash(r['acceptance'])} | {or_dash(r['mean_accepted_length'])} | "
+                        f"{or_dash(r.get('first_tier_acceptance'))} |" if speculative else ""))
     if s["long_max_model_len"]:
         lines += ["", "Context + decode tokens exceed the model's positions: run with "
                   "VLLM_ALLOW_LONG_MAX_MODEL_LEN=1 (same compute; outputs past them are not "

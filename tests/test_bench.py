@@ -122,20 +122,23 @@ def test_outputs(tmp_path):
 
 def test_acceptance_of_a_speculating_engine():
     kv = _result("kvplug", [1.0, 1.0], [2.0, 2.0])
-    for run, (drafts, accepted, steps) in zip(kv["cells"][0]["runs"], [(40, 30, 10), (40, 10, 10)]):
-        run.update(draft_tokens=drafts, accepted_tokens=accepted, verify_steps=steps)
+    for run, (drafts, accepted, steps, kept) in zip(kv["cells"][0]["runs"],
+                                                    [(40, 30, 10, 6), (40, 10, 10, 3)]):
+        run.update(draft_tokens=drafts, accepted_tokens=accepted, verify_steps=steps,
+                   first_tier_tokens_proposed=10, first_tier_tokens_accepted=kept)
     rows = bench.build_rows([kv, _result("default", [1.0], [4.0])], N, build_policy("full"))
     default, spec = rows
     # summed over the cell's runs: 40 of 80 drafts accepted in 20 verification steps
     assert spec["acceptance"] == 0.5 and spec["mean_accepted_length"] == 3.0
     assert default["acceptance"] is None and default["mean_accepted_length"] is None
+    assert spec["first_tier_acceptance"] == 0.45 and default["first_tier_acceptance"] is None
     report = _report()
     report["rows"] = rows
     assert "acceptance" not in bench.markdown(report)
     report["settings"]["speculative_config"] = {"method": "custom_class",
                                                 "num_speculative_tokens": 4}
     md = bench.markdown(report).splitlines()
-    assert md[-2].endswith("| - | - |") and md[-1].endswith("| 0.5 | 3.0 |")
+    assert md[-2].endswith("| - | - | - |") and md[-1].endswith("| 0.5 | 3.0 | 0.45 |")
 
 
 def test_bad_speculative_config_fails_before_any_engine(tmp_path):

@@ -1,0 +1,11 @@
+"""A request's self-speculation stats as its log line prints them."""
+
+from kvplug.integrations.vllm.lifecycle import DraftStats
+
+
+def test_first_tier_stats_appear_only_with_a_first_tier():
+    assert DraftStats(proposed=8, accepted=6).as_dict() == {
+        "draft_proposed": 8, "draft_accepted": 6, "draft_acceptance": 0.75}
+    assert DraftStats(proposed=8, accepted=6, first_proposed=6, first_accepted=2).as_dict() == {
+        "draft_proposed": 8, "draft_accepted": 6, "draft_acceptance": 0.75,
+        "first_tier_proposed": 6, "first_tier_accepted": 2, "first_tier_acceptance": 0.333}

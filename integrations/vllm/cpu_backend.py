@@ -258,9 +258,17 @@ class KVPlugCPUImpl(LayerSummaries, CPUAttentionBackendImpl):
             # draft keys are rewritten by verification; they never enter the summaries
             return
         if (self.worker.any_selection or self.worker.merged) and kv_cache.numel():
-            self._keep_summaries(layer, key, kv_cache, slot_mapping)
+            self._keep_summaries(layer, key, kv_cache, slot_mapping if step is None
+                                 else step.summary_slots(slot_mapping))
             if self.log_counts is not None:   # new tokens stand for themselves
                 self.log_counts.view(-1, self.num_kv_heads)[slot_mapping[slot_mapping >= 0]] = 0
+
+    def fold_accepted(self, layer, kv_cache: torch.Tensor, slots: torch.Tensor) -> None:
+        """Fold the keys of drafts verification accepted (at ``slots``, written in the
+        verifying step, left out of the summaries then) into the summaries."""
+        if self.summaries and kv_cache.numel():
+            keys = key_rows(kv_cache, layer.isa).flatten(0, 1)[slots]
+            self._keep_summaries(layer, keys, kv_cache, slots)
 
     def forward(self, layer, query, key, value, kv_cache, attn_metadata, output,
                 output_scale=None, output_block_scale=None):

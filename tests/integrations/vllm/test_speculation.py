@@ -3,10 +3,10 @@
 Prompts of 100 to 900 tokens batched together (chunked prefill at 512 tokens,
 prefix caching, a second pass from the prefix cache); in the first pass request 2
 is aborted mid-decode and every running request is preempted (recompute) once.
-The kvplug engine drafts 4 tokens per step reading through StreamingLLM (64
-tokens: the sink block and the recent one; the cheapest draft read, Quest's chunk
-scoring is slow on 2 cores), checking up to 2 prompt-lookup guesses per draft forward
-(the first tier), and verifies with ``full``.  Its greedy output must
+The kvplug engine drafts 4 tokens per step reading through Quest (64 tokens in
+16-token pages), checking up to 2 prompt-lookup guesses per draft forward (the first
+tier), and verifies with ``full``; after every step, Quest's page bounds must be those
+of the keys each request's computed tokens hold (no rejected draft's key in them).  Its greedy output must
 be vLLM's default backend's without speculation, token for token, and its sampled
 tokens must follow the same distribution.  Each engine runs in its own process (``compaction_run.py``).
 """
@@ -28,7 +28,7 @@ ABORTED = "2"
 DRAFT_BUDGET = 64
 SPECULATIVE = {"method": "custom_class", "model": SELF_DRAFTER_PATH, "num_speculative_tokens": 4}
 KVPLUG = {"policy": "full",
-          "draft": {"policy": "streamingllm", "budget": DRAFT_BUDGET},
+          "draft": {"policy": "quest", "budget": DRAFT_BUDGET, "page_size": 16},
           "first_tier": {"method": "ngram", "num_tokens": 2}}
 ESSAYS = Path(__file__).parents[3] / "evals" / "ruler" / "data" / "essays.txt"
 SAMPLES = 400
@@ -45,7 +45,7 @@ def runs(model_dir, tmp_path_factory):
                   samples={"prompt": prose, "n": SAMPLES, "max_tokens": 3, "temperature": 1.0})
     speculating = stepped_run(model_dir, prompts_file, "spec", kvplug=KVPLUG,
                               speculative=SPECULATIVE, passes=2, abort=[ABORTED], abort_at=8,
-                              preempt_at=[12, None], **common)
+                              preempt_at=[12, None], check_summaries=True, **common)
     dense = stepped_run(model_dir, prompts_file, "dense", kvplug=None, **common)
     return speculating, dense
 
@@ -72,6 +72,11 @@ def test_drafts_read_sparse_and_verification_dense(runs):
     assert states["draft_kv_tokens_read"] < 0.25 * states["draft_kv_tokens_context"]
     assert states.get("sparse_decode_layers", 0) == 0   # verification read every token
     assert states["short_row_layers"] > 0   # ... by kvplug's kernel for short rows
+
+
+def test_summaries_hold_only_accepted_keys(runs):
+    # verification writes every draft's key; only the accepted ones enter the summaries
+    assert runs[0]["summary_error"] == 0.0
 
 
 def test_acceptance_is_counted_and_states_freed(runs):

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import functools
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -169,21 +169,21 @@ class WorkerPolicy:
 
 @dataclass
 class DraftStats:
-    """Self-speculation of one request: draft tokens verified and accepted, and the first
-    tier's tokens checked and kept by the draft."""
+    """Self-speculation of one request, per tier: ``draft`` (drafts verified, accepted)
+    and ``first_tier`` (guesses the draft checked, kept), as ``[proposed, accepted]``."""
 
-    proposed: int = 0
-    accepted: int = 0
-    first_proposed: int = 0
-    first_accepted: int = 0
+    tiers: dict[str, list[int]] = field(default_factory=dict)
+
+    def record(self, tier: str, proposed: int, accepted: int) -> None:
+        counts = self.tiers.setdefault(tier, [0, 0])
+        counts[0] += proposed
+        counts[1] += accepted
 
     def as_dict(self) -> dict[str, float]:
-        return {"draft_proposed": self.proposed, "draft_accepted": self.accepted,
-                "draft_acceptance": round(self.accepted / max(self.proposed, 1), 3),
-                **({"first_tier_proposed": self.first_proposed,
-                    "first_tier_accepted": self.first_accepted,
-                    "first_tier_acceptance": round(self.first_accepted / self.first_proposed, 3)}
-                   if self.first_proposed else {})}
+        return {key: value for tier, (proposed, accepted) in self.tiers.items()
+                for key, value in ((f"{tier}_proposed", proposed),
+                                   (f"{tier}_accepted", accepted),
+                                   (f"{tier}_acceptance", round(accepted / max(proposed, 1), 3)))}
 
 
 class RequestTracker:
@@ -294,21 +294,12 @@ class RequestTracker:
     def end_step(self) -> None:
         self.current = None
 
-    def record_verified(self, req_id: str, proposed: int, accepted: int) -> None:
-        """A verification step of ``req_id`` accepted ``accepted`` of ``proposed`` drafts."""
-        stats = self.drafts.setdefault(req_id, DraftStats())
-        stats.proposed += proposed
-        stats.accepted += accepted
-        self.counts["draft_tokens_proposed"] += proposed
-        self.counts["draft_tokens_accepted"] += accepted
-
-    def record_first_tier(self, req_id: str, proposed: int, accepted: int) -> None:
-        """The draft kept ``accepted`` of the first tier's ``proposed`` tokens for ``req_id``."""
-        stats = self.drafts.setdefault(req_id, DraftStats())
-        stats.first_proposed += proposed
-        stats.first_accepted += accepted
-        self.counts["first_tier_tokens_proposed"] += proposed
-        self.counts["first_tier_tokens_accepted"] += accepted
+    def record_drafts(self, req_id: str, tier: str, proposed: int, accepted: int) -> None:
+        """Of ``req_id``'s ``proposed`` tokens of ``tier``, ``accepted`` were kept: drafts
+        accepted by verification (``draft``), guesses kept by the draft (``first_tier``)."""
+        self.drafts.setdefault(req_id, DraftStats()).record(tier, proposed, accepted)
+        self.counts[f"{tier}_tokens_proposed"] += proposed
+        self.counts[f"{tier}_tokens_accepted"] += accepted
 
     def begin_draft(self, req_ids: tuple[str, ...]) -> None:
         """Publish a draft forward over ``req_ids`` (closed by :meth:`end_step`)."""

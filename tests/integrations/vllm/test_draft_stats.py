@@ -4,8 +4,11 @@ from kvplug.integrations.vllm.lifecycle import DraftStats
 
 
 def test_first_tier_stats_appear_only_with_a_first_tier():
-    assert DraftStats(proposed=8, accepted=6).as_dict() == {
-        "draft_proposed": 8, "draft_accepted": 6, "draft_acceptance": 0.75}
-    assert DraftStats(proposed=8, accepted=6, first_proposed=6, first_accepted=2).as_dict() == {
+    stats = DraftStats()
+    stats.record("draft", 4, 3)
+    stats.record("draft", 4, 3)
+    assert stats.as_dict() == {"draft_proposed": 8, "draft_accepted": 6, "draft_acceptance": 0.75}
+    stats.record("first_tier", 6, 2)
+    assert stats.as_dict() == {
         "draft_proposed": 8, "draft_accepted": 6, "draft_acceptance": 0.75,
         "first_tier_proposed": 6, "first_tier_accepted": 2, "first_tier_acceptance": 0.333}

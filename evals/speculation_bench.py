@@ -29,7 +29,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from kvplug.bench import (acceptance, int_list, machine, or_dash, positive_int, share,
+from kvplug.bench import (int_list, machine, or_dash, positive_int, speculation_stats,
                           timed_generate)
 
 TAG = "[speculation bench]"
@@ -132,11 +132,8 @@ def row(name: str, cell: dict, decode_tokens: int, baseline: dict | None) -> dic
     out = {"setting": name, "context": cell["context"], "batch": cell["batch"],
            "decode_tok_s": round(statistics.median(speeds), 2),
            "spread_tok_s": [round(min(speeds), 2), round(max(speeds), 2)],
-           **acceptance(*(sum(r[k] for r in runs)
-                          for k in ("draft_tokens", "accepted_tokens", "verify_steps"))),
+           **speculation_stats(runs),
            **step_profile(runs, decode_tokens),
-           "first_tier_acceptance": share(*(sum(r[k] for r in runs) for k in (
-               "first_tier_tokens_accepted", "first_tier_tokens_proposed"))),
            "identical_to_default": None}
     if baseline is not None:
         out["speedup"] = round(out["decode_tok_s"] / baseline["decode_tok_s"], 2)

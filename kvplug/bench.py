@@ -99,6 +99,16 @@ def share(part: float, whole: float) -> float | None:
     return round(part / whole, 3) if whole else None
 
 
+def speculation_stats(runs: list[dict[str, Any]]) -> dict[str, float | None]:
+    """Over a cell's runs: acceptance and mean accepted length (vLLM's counters), and the
+    share of the first tier's guesses kvplug's draft kept."""
+    total = {k: sum(r.get(k, 0) for r in runs)
+             for k in (*SPEC_COUNTERS, "first_tier_tokens_proposed", "first_tier_tokens_accepted")}
+    return {**acceptance(*(total[k] for k in SPEC_COUNTERS)),
+            "first_tier_acceptance": share(total["first_tier_tokens_accepted"],
+                                           total["first_tier_tokens_proposed"])}
+
+
 def draft_counts(llm) -> dict[str, float]:
     """kvplug's draft forwards, its first tier's tokens checked and kept, and the seconds
     spent drafting so far (zeros for engines that do not draft through kvplug)."""
@@ -129,7 +139,10 @@ def timed_generate(llm, prompts, params) -> tuple[dict[str, float], list]:
     before the others arrive, so that one runs a step ahead; the token budget
     puts all the others in the next step, so the batch stays together.
     """
-    counts = {**spec_decode_counts(llm), **draft_counts(llm)}
+    def counts_now() -> dict[str, float]:
+        return {**spec_decode_counts(llm), **draft_counts(llm)}
+
+    counts = counts_now()
     t0 = time.perf_counter()
     outputs = llm.generate(prompts, params, use_tqdm=False)
     wall = time.perf_counter() - t0
@@ -139,8 +152,7 @@ def timed_generate(llm, prompts, params) -> tuple[dict[str, float], list]:
             "decode_s": last.last_token_ts - last.first_token_ts,
             "first_token_spread_s": last.first_token_ts - min(x.first_token_ts for x in m),
             "wall_s": wall,
-            **{k: v - counts[k] for k, v in {**spec_decode_counts(llm),
-                                             **draft_counts(llm)}.items()}}, outputs
+            **{k: v - counts[k] for k, v in counts_now().items()}}, outputs
 
 
 def _measure(spec: dict[str, Any]) -> dict[str, Any]:
@@ -271,9 +283,7 @@ def build_rows(results: list[dict[str, Any]], decode_tokens: int, policy) -> lis
                          "kv_tokens_read_per_step": read,
                          "kv_bytes_read_per_step": read * bpt,
                          "requests_fit": res["pool_blocks"] * bs // ceil_to_block(ctx + n, bs),
-                         **acceptance(*(sum(r.get(k, 0) for r in runs) for k in SPEC_COUNTERS)),
-                         "first_tier_acceptance": share(*(sum(r.get(k, 0) for r in runs) for k in (
-                             "first_tier_tokens_accepted", "first_tier_tokens_proposed")))})
+                         **speculation_stats(runs)})
     base = {(r["batch"], r["context"]): r["decode_tok_s"]
             for r in rows if r["backend"] == "default"}
     for r in rows:

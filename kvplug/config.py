@@ -39,7 +39,7 @@ from __future__ import annotations
 import json
 import os
 import tomllib
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -111,7 +111,7 @@ class FirstTierConfig:
     @classmethod
     def parse(cls, data: Any) -> "FirstTierConfig":
         where = "kvplug config first_tier"
-        fields_ = {f: getattr(cls, f) for f in ("method", "num_tokens", "min_n", "max_n")}
+        fields_ = {f.name: f.default for f in fields(cls)}
         unknown = sorted(set(data) - set(fields_))
         if unknown:
             raise ValueError(f"{where}: unknown keys {unknown}; valid keys: {sorted(fields_)}")
@@ -128,8 +128,7 @@ class FirstTierConfig:
         return cls(**values)
 
     def as_dict(self) -> dict[str, Any]:
-        return {"method": self.method, "num_tokens": self.num_tokens, "min_n": self.min_n,
-                "max_n": self.max_n}
+        return asdict(self)
 
 
 @dataclass(frozen=True)

@@ -136,9 +136,9 @@ class SelfDrafter:
         rows = [row for row, n in accepted.items() if n]
         if not rows:
             return
-        index = torch.tensor([row for row in rows for _ in range(accepted[row])])
-        positions = torch.tensor([int(batch.num_tokens_no_spec[row]) - 1 - accepted[row] + j
-                                  for row in rows for j in range(accepted[row])])
+        index, positions = _token_rows(
+            rows, [int(batch.num_tokens_no_spec[row]) - 1 - accepted[row] for row in rows],
+            [accepted[row] for row in rows])
         layers = runner.vllm_config.compilation_config.static_forward_context
         for gid, groups in enumerate(runner.attn_groups):
             table = batch.block_table[gid]
@@ -175,9 +175,7 @@ class SelfDrafter:
         from vllm.forward_context import set_forward_context
 
         t = tracker()
-        index = torch.tensor([row for row, chunk in zip(rows, chunks) for _ in chunk])
-        positions = torch.tensor([start + j for start, chunk in zip(starts, chunks)
-                                  for j in range(len(chunk))])
+        index, positions = _token_rows(rows, starts, [len(chunk) for chunk in chunks])
         tokens = torch.tensor([token for chunk in chunks for token in chunk])
         t.begin_draft(tuple(req_ids[row] for row in index.tolist()))  # a draft step's plan
         try:
@@ -216,6 +214,15 @@ class SelfDrafter:
                 for name in group.layer_names:
                     attn_metadata[name], slot_mapping[name] = md, slots
         return attn_metadata, slot_mapping
+
+
+def _token_rows(rows: list[int], starts: list[int],
+                counts: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per token, its batch row and position: ``counts[i]`` tokens of ``rows[i]`` at the
+    positions from ``starts[i]`` on."""
+    index = torch.tensor([row for row, n in zip(rows, counts) for _ in range(n)])
+    positions = torch.tensor([start + j for start, n in zip(starts, counts) for j in range(n)])
+    return index, positions
 
 
 def _slots(blocks: torch.Tensor, positions: torch.Tensor, block_size: int) -> torch.Tensor:

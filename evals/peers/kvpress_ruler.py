@@ -51,7 +51,7 @@ from tqdm import tqdm
 from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache
 from transformers.utils import logging as transformers_logging
 
-from kvpress import (AdaKVPress, BasePress, ExpectedAttentionPress, KnormPress,
+from kvpress import (AdaKVPress, BasePress, ExpectedAttentionPress, KnormPress, KVzipPress,
                      ObservedAttentionPress, SnapKVPress, StreamingLLMPress, TOVAPress)
 from kvplug.eval import comma_separated, summarize_cells, write_tables
 from kvplug.evals.ruler import LM_EVAL_TASKS_DIR, synth
@@ -79,6 +79,9 @@ PRESSES = {
     "adakv_expected_attention": PressSpec(
         lambda ratio: AdaKVPress(ExpectedAttentionPress(compression_ratio=ratio))),
     "knorm": PressSpec(lambda ratio: KnormPress(compression_ratio=ratio)),
+    # kvpress's strongest query-agnostic press: scores each pair by how much the model attends
+    # to it while repeating the context (2-3x the prefill); per-layer budgets, same total kept
+    "kvzip": PressSpec(lambda ratio: KVzipPress(compression_ratio=ratio)),
     "streaming_llm": PressSpec(lambda ratio: StreamingLLMPress(compression_ratio=ratio)),
     # H2O-style: scores by the attention weights the prefill returns, which only eager does
     "observed_attention": PressSpec(lambda ratio: ObservedAttentionPress(compression_ratio=ratio),

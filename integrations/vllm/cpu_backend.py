@@ -387,7 +387,9 @@ class KVPlugCPUImpl(LayerSummaries, CPUAttentionBackendImpl):
 
     def _merged_forward(self, layer, query, key, value, kv_cache, md, plan, output) -> None:
         """A merging policy: prefill rows dense; once a decode row is compacted, its slots
-        are read by the count-weighted decode (a slot of count c weighs as c tokens)."""
+        are read by the count-weighted decode (a slot of count c weighs as c tokens): on
+        the pool's blocks by :func:`paged_queries` with each slot's log count as its score
+        bias, or over gathered slots (torch) where that kernel does not read the layout."""
         self._bind(layer, kv_cache)
         n = plan.num_rows
         compacted = md.rows.read_from is not None and any(md.rows.read_from[:n])
@@ -397,6 +399,12 @@ class KVPlugCPUImpl(LayerSummaries, CPUAttentionBackendImpl):
         if plan.rest is not None:
             self._dense_forward(layer, query[n:], key[n:], value[n:], kv_cache, plan.rest,
                                 output[n:])
+        if self._reads_short_rows(layer, kv_cache):
+            shape = (n, self.num_heads, self.head_size)
+            paged_queries(query[:n].view(shape), kv_cache, torch.arange(n + 1), plan.seq_lens,
+                          plan.block_table, scale=self.scale, slot_bias=self.log_counts,
+                          out=output[:n].view(shape))
+            return
         block_size = kv_cache.shape[2]
         table = plan.block_table[:, :-(-int(plan.seq_lens.max()) // block_size)].long()
 

@@ -5,6 +5,7 @@
 #include <torch/extension.h>
 
 #include <cstring>
+#include <optional>
 #include <vector>
 
 // Built with -ffast-math (vectorized expf and reductions), which assumes no infinities:
@@ -36,4 +37,4 @@ std::vector<torch::Tensor> pages_decode(torch::Tensor query, torch::Tensor pages
 // paged_queries_cpu.cpp
 void paged_queries(torch::Tensor query, torch::Tensor kv_cache, torch::Tensor query_start_loc,
                    torch::Tensor seq_lens, torch::Tensor block_table, double scale,
-                   torch::Tensor out);
+                   torch::Tensor out, std::optional<torch::Tensor> slot_bias);

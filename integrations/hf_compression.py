@@ -18,6 +18,11 @@ returns, so the saving has to live in the cache: :class:`CompressedCache` (one
   query-agnostic protocol).  A slot standing for ``c`` tokens (a merge) gets ``log c`` on
   its logit, which is attention over ``c`` identical keys; rows of a batch that
   keep fewer slots than others are padded with slots of count 0 (``-inf``).
+* A policy that scores by replaying its context (``"replay"``) does not score at the
+  prefill: the prompt stays dense until :func:`~kvplug.integrations.hf_replay.replay_context`
+  has run the policy's replay forwards over it (:meth:`CompressedCache.replaying`; each
+  layer scores the replay's queries and drops the replay's KV right after its
+  attention) and :meth:`CompressedCache.compress_replayed` applies the plans.
 * A policy that also compresses at decode (``"decode_compress"``) gives each layer
   a budget per row (its prefill budget; where the prompt was kept whole, the
   policy's budget): after a forward's attention has read every slot, a row holding
@@ -34,6 +39,8 @@ of the new tokens) and passes its own mask instead.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -43,7 +50,7 @@ from transformers import DynamicCache
 from transformers.cache_utils import Cache
 
 from kvplug.integrations.hf_cache import FixedPastLayer, full_attention_layers
-from kvplug.policies import CompressionPolicy, KeepPlan, LayerScores
+from kvplug.policies import CompressionPolicy, KeepPlan, LayerScores, ReplayChunk
 
 # attribute of the key tensor a CompressedCache returns: the cache, for the attention function
 _CACHE_TAG = "_kvplug_compressed_cache"
@@ -150,6 +157,12 @@ class CompressedLayer(FixedPastLayer):
         self.log_counts = counts if bool(counts.ne(0).any()) else None
         self.counted_slots = width
 
+    def drop_tokens_after_prompt(self) -> None:
+        """Forget what a forward stored after the dense prompt (a replay's KV)."""
+        self.keys = self.keys[:, :, :self.prompt_len]
+        self.values = self.values[:, :, :self.prompt_len]
+        self.tokens = self.prompt_len
+
     def slot_log_counts(self) -> Tensor | None:
         """``[B, H_kv, slots]`` log of the tokens each slot stands for (0 after the counted
         ones); None when every slot is one token."""
@@ -195,10 +208,16 @@ class CompressedCache(DynamicCache):
         Cache.__init__(self, layers=[CompressedLayer() for _ in layer_types])
         self.policy = policy
         self._scores: list[list[LayerScores] | None] = [None] * len(self.layers)  # per layer, row
+        self._replay: ReplayChunk | None = None      # the replay forward running, if one is
+        self._replay_scores: list[list[Tensor]] | None = None  # per layer, row: [H_kv, N]
 
     def update(self, key_states: Tensor, value_states: Tensor, layer_idx: int, *args, **kwargs):
         layer = self.layers[layer_idx]
-        if layer.is_initialized and not layer.compressed:
+        if layer.is_initialized and not layer.compressed and self._replay is None:
+            if "replay" in self.policy.stages:
+                raise RuntimeError(f"kvplug policy {self.policy.name!r} compresses a prompt "
+                                   "after replaying it: run generate(), or "
+                                   "compress_context() before reading more tokens")
             raise RuntimeError(f"kvplug policy {self.policy.name!r}: layer {layer_idx}'s prompt "
                                "was never scored (its attention did not run kvplug's compression "
                                "path); run the model with attn_implementation='kvplug' and the "
@@ -211,7 +230,12 @@ class CompressedCache(DynamicCache):
         """The policy's scores of layer ``layer_idx``'s prompt, from its prefill's ``query``
         ``[B, H_q, N, D]`` and ``key`` ``[B, H_kv, N, D]``, per batch row; the last layer
         to score compresses every layer (budgets may depend on all layers' scores).  A
-        budget that covers the prompt keeps all of it, unscored."""
+        budget that covers the prompt keeps all of it, unscored.  During a replay forward
+        the replay's queries score the prompt instead (:meth:`replaying`); a replay policy's
+        own prefill scores nothing."""
+        if self._replay is not None:
+            self._score_replay(layer_idx, query, key, scale)
+            return
         span = key.shape[2]
         if self.policy.token_budget(span) >= span:
             layer = self.layers[layer_idx]
@@ -219,12 +243,56 @@ class CompressedCache(DynamicCache):
             if "decode_compress" in self.policy.stages:
                 layer.budgets = [self.policy.kept_budget(span)] * key.shape[0]
             return
+        if "replay" in self.policy.stages:
+            return
         window = min(self.policy.observation_window, query.shape[2])
         queries = query[:, :, -window:].transpose(1, 2)                 # [B, W, H_q, D]
         self._scores[layer_idx] = [self.policy.prefill_scores(layer_idx, q, k, scale)
                                    for q, k in zip(queries, key.transpose(1, 2))]
         if all(scores is not None for scores in self._scores):
             self._compress()
+
+    @property
+    def awaits_replay(self) -> bool:
+        """A replay policy's prompt is stored dense and not yet compressed."""
+        return "replay" in self.policy.stages and any(
+            layer.is_initialized and not layer.compressed for layer in self.layers)
+
+    @contextmanager
+    def replaying(self, chunk: ReplayChunk) -> Iterator[None]:
+        """The forward run inside reads ``chunk.input_ids`` after the dense prompt: every
+        layer attends densely, scores the prompt by the forward's queries
+        (``policy.replay_scores``) and forgets the forward's KV."""
+        if not self.awaits_replay:
+            raise RuntimeError(f"kvplug policy {self.policy.name!r}: nothing to replay (no dense "
+                               "prompt in the cache, or it is compressed already)")
+        if self._replay_scores is None:
+            rows, num_kv_heads, span = self.layers[0].keys.shape[:3]
+            self._replay_scores = [[self.policy.unscored(num_kv_heads, span).to(layer.keys.device)
+                                    for _ in range(rows)] for layer in self.layers]
+        self._replay = chunk
+        try:
+            yield
+        finally:
+            self._replay = None
+            for layer in self.layers:
+                layer.drop_tokens_after_prompt()
+
+    def _score_replay(self, layer_idx: int, query: Tensor, key: Tensor, scale: float) -> None:
+        chunk, scores = self._replay, self._replay_scores[layer_idx]
+        for row, (q, k) in enumerate(zip(query.transpose(1, 2), key.transpose(1, 2))):
+            scores[row][:, chunk.start:chunk.end] = self.policy.replay_scores(
+                layer_idx, q, k, chunk, scale).to(scores[row])
+        self.layers[layer_idx].drop_tokens_after_prompt()
+
+    def compress_replayed(self) -> None:
+        """Keep what the policy's plans name of the prompt, from the replay's scores."""
+        if self._replay_scores is None:
+            raise RuntimeError(f"kvplug policy {self.policy.name!r}: no replay forward ran "
+                               "over the prompt, so nothing scored it")
+        self._scores = [[LayerScores(t) for t in rows] for rows in self._replay_scores]
+        self._replay_scores = None
+        self._compress()
 
     def _compress(self) -> None:
         span = self.layers[0].prompt_len
@@ -251,6 +319,7 @@ class CompressedCache(DynamicCache):
     def reset(self) -> None:
         super().reset()
         self._scores = [None] * len(self.layers)
+        self._replay, self._replay_scores = None, None
 
 
 def cache_of(key: Tensor) -> CompressedCache | None:

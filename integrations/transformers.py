@@ -59,7 +59,8 @@ from transformers.masking_utils import sdpa_mask
 
 from kvplug.config import resolve_config
 from kvplug.kernels import chunk_summaries, landmarks, sparse_paged_decode
-from kvplug.integrations import capabilities, hf_compression, hf_quantized, hf_shadowkv
+from kvplug.integrations import (capabilities, hf_compression, hf_quantized, hf_replay,
+                                 hf_shadowkv)
 from kvplug.integrations.hf_compression import CompressedCache
 from kvplug.integrations.hf_quantized import QuantizedCache
 from kvplug.integrations.hf_shadowkv import ShadowKVCache
@@ -328,6 +329,9 @@ def register() -> None:
     prepare = GenerationMixin._prepare_cache_for_generation
     if not getattr(prepare, "_kvplug_wrapped", False):
         GenerationMixin._prepare_cache_for_generation = _with_kvplug_cache(prepare)
+    prefill = GenerationMixin._prefill
+    if not getattr(prefill, "_kvplug_wrapped", False):
+        GenerationMixin._prefill = _with_replay(prefill)
 
 
 def _with_kvplug_cache(prepare: Callable[..., Any]) -> Callable[..., Any]:
@@ -349,6 +353,22 @@ def _with_kvplug_cache(prepare: Callable[..., Any]) -> Callable[..., Any]:
 
     prepare_cache._kvplug_wrapped = True
     return prepare_cache
+
+
+def _with_replay(prefill: Callable[..., Any]) -> Callable[..., Any]:
+    """transformers' ``_prefill``, then, where its cache holds a dense prompt a replay
+    policy has still to score, that policy's replay of the prompt and the compression
+    (:func:`~kvplug.integrations.hf_replay.replay_context`)."""
+    @functools.wraps(prefill)
+    def prefill_then_replay(self, input_ids, generation_config, model_kwargs, *args, **kwargs):
+        outputs = prefill(self, input_ids, generation_config, model_kwargs, *args, **kwargs)
+        cache = model_kwargs.get("past_key_values")
+        if isinstance(cache, CompressedCache) and cache.awaits_replay:
+            hf_replay.replay_context(self, cache, input_ids[:, :cache.get_seq_length()])
+        return outputs
+
+    prefill_then_replay._kvplug_wrapped = True
+    return prefill_then_replay
 
 
 def new_cache(model: torch.nn.Module, cache: DynamicCache | None = None) -> Cache:
@@ -393,12 +413,13 @@ def _model_policy(modules: list[torch.nn.Module]) -> Policy:
 
 
 def compress_context(model: torch.nn.Module, input_ids: torch.Tensor,
-                     context_tokens: int) -> CompressedCache | None:
+                     context_tokens: int, tokenizer=None) -> CompressedCache | None:
     """The query-agnostic protocol: prefill ``input_ids[:, :context_tokens]`` (the
     context) and compress it before the rest (the question) is seen.  Pass the returned
     cache to ``generate`` with the whole ``input_ids``: it reads the rest over the kept
     slots.  None for a policy that keeps every token, for which reading the prompt in
-    one forward is the same."""
+    one forward is the same.  A policy that replays the context reads its prompts with
+    ``tokenizer`` (the model's, loaded from its path, when None)."""
     policy = _model_policy(_attention_modules(model))
     if "prefill_compress" not in policy.stages:
         return None
@@ -408,6 +429,7 @@ def compress_context(model: torch.nn.Module, input_ids: torch.Tensor,
     cache = CompressedCache(policy, model.config)
     with torch.no_grad():
         model(input_ids[:, :context_tokens], past_key_values=cache, use_cache=True)
+    hf_replay.replay_context(model, cache, input_ids[:, :context_tokens], tokenizer)
     return cache
 
 

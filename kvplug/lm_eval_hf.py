@@ -59,7 +59,7 @@ class ContextFirstHFLM(HFLM):
                                  f"{tuple(context.shape)} tokens, the suite sized it as "
                                  f"(1, {expected}): context_tokens={end} would not end its "
                                  "context (is --apply_chat_template set?)")
-            cache = kvhf.compress_context(self.model, context, end)
+            cache = kvhf.compress_context(self.model, context, end, self.tokenizer)
             if cache is not None:
                 generation_kwargs["past_key_values"] = cache
         return super()._model_generate(context, max_length, stop, **generation_kwargs)

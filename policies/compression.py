@@ -16,7 +16,11 @@ The contract (docs/design.md, "Keeping less"):
   as they are;
 * policies that also declare ``decode_compress`` keep less again as decode adds
   tokens: once a layer holds more than its budget, ``decode_keep(layer, queries,
-  keys, budget, scale)`` says which of its slots stay (CAKE's decode-time eviction).
+  keys, budget, scale)`` says which of its slots stay (CAKE's decode-time eviction);
+* policies that declare ``replay`` (:class:`ReplayPolicy`) score by having the model
+  read its context again instead of by the prefill's own queries: the engine feeds
+  the prompts ``replay_chunks`` names over the context's cache, one forward each, hands
+  every layer's queries to ``replay_scores`` and keeps none of the replay's KV.
 
 Budget means KV tokens kept per sequence (averaged over layers), window
 included, as ``budget`` (tokens) or ``budget_ratio`` (fraction of the prompt).
@@ -25,6 +29,7 @@ included, as ``budget`` (tokens) or ``budget_ratio`` (fraction of the prompt).
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -123,6 +128,16 @@ def check_pooling(policy: str, kernel_size: int) -> None:
                          "(the pooled scores keep the context's length)")
 
 
+@dataclass(frozen=True)
+class ReplayChunk:
+    """One forward of a replay: ``input_ids`` (``[B, L]``) read after the whole context,
+    whose queries score the context tokens ``[start, end)``."""
+
+    start: int
+    end: int
+    input_ids: Tensor
+
+
 @dataclass
 class CompressionPolicy(Policy):
     """Base of the policies that keep fewer KV tokens than the context (prefill eviction
@@ -214,3 +229,44 @@ class CompressionPolicy(Policy):
         """The ``budget`` best-scored tokens of ``[0, span)`` per kv-head (``keys``/``values``
         ``[N, H_kv, D]`` are there for policies that merge)."""
         return KeepPlan(top_tokens(scores.token, budget, span))
+
+
+@dataclass
+class ReplayPolicy(CompressionPolicy):
+    """Base of the policies that score a context by the model's attention while it reads
+    the context again (``"replay"`` stage): after the context's prefill the engine runs
+    each of :meth:`replay_chunks` as a forward over the context's cache, gives every
+    layer's queries to :meth:`replay_scores` and drops the replay's own KV; the scores,
+    starting from :meth:`unscored`, then go through ``layer_budgets`` and ``keep_plan``
+    as a prefill's would.  Nothing of the context is always kept but what the scores say,
+    so the observation window is empty."""
+
+    stages: ClassVar[frozenset[str]] = frozenset({"prefill_compress", "layer_budgets", "replay"})
+
+    @property
+    def observation_window(self) -> int:
+        return 0
+
+    def prefill_scores(self, layer_idx, queries, keys, scale):
+        raise TypeError(f"policy {self.name!r} scores a context by replaying it "
+                        "(replay_chunks / replay_scores), not by the prefill's queries")
+
+    def replay_chunks(self, context_ids: Tensor, scored_from: int,
+                      encode: Callable[[str], list[int]],
+                      turn_end: list[int]) -> list[ReplayChunk]:
+        """The replay of ``context_ids`` (``[B, N]``, no padding) whose tokens from
+        ``scored_from`` on are the context proper (before: the chat template's preamble);
+        ``encode`` tokenizes text without special tokens, ``turn_end`` ends a user turn
+        and opens the reply (the chat template's)."""
+        raise NotImplementedError
+
+    def unscored(self, num_kv_heads: int, context_len: int) -> Tensor:
+        """``[H_kv, N]`` scores of one layer before any replay chunk scored it."""
+        raise NotImplementedError
+
+    def replay_scores(self, layer_idx: int, queries: Tensor, keys: Tensor, chunk: ReplayChunk,
+                      scale: float) -> Tensor:
+        """``[H_kv, end - start]`` scores of the context tokens ``chunk`` replays, from one
+        layer's replay ``queries`` ``[L, H_q, D]`` (post-RoPE) and ``keys`` ``[N + L, H_kv, D]``
+        (the context's, then the replay's)."""
+        raise NotImplementedError

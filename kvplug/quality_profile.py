@@ -183,9 +183,11 @@ def parse_variant(text: str, num_layers: int) -> Variant:
         layers = tuple(l for l in range(num_layers) if (l in chosen) == (kind == "only"))
     if policy != "full":
         from kvplug.policies import POLICIES, CompressionPolicy, build_policy
-        if not issubclass(POLICIES.get(policy, object), CompressionPolicy) or policy == "chelsea":
-            raise ValueError(f"variant {text!r}: {policy!r} is not an evicting policy "
-                             "(snapkv, cake, tova, full)")
+        kind = POLICIES.get(policy, object)
+        if not issubclass(kind, CompressionPolicy) or kind.store != "evicted" \
+                or "replay" in kind.stages:
+            raise ValueError(f"variant {text!r}: {policy!r} is not a policy that evicts by the "
+                             "prefill's own attention (snapkv, cake, tova, full)")
         try:                                                    # bad parameters fail here
             build_policy(policy, {"budget_ratio": 0.5, **dict(params)})
         except ValueError as error:

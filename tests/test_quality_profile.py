@@ -102,7 +102,7 @@ def test_variants_keep_sinks_share_and_skip_layers():
     assert all(m[:, -1].all() and (m == m[:1]).all() for m in tova)
 
 
-@pytest.mark.parametrize("text", ["chelsea", "quest", "snapkv+sinks", "snapkv@first=1",
+@pytest.mark.parametrize("text", ["chelsea", "kvzip", "quest", "snapkv+sinks", "snapkv@first=1",
                                   "tova[window_size=3]", "cake[gamma=-1]",
                                   "snapkv@only=x"])
 def test_bad_variants_are_refused(text):

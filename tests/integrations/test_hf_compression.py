@@ -122,7 +122,8 @@ def _position_ids_seen(module: torch.nn.Module, calls: list) -> torch.utils.hook
 @pytest.mark.parametrize("name", sorted(COMPRESSING))
 def test_small_budget_keeps_budget_tokens_at_logical_positions(bundled, name):
     """Budget 96 of a 400-token prompt: the layers keep 96 slots of the prompt (on average
-    for CAKE, which budgets each layer; Chelsea's slots stand for every prompt token) and
+    for CAKE and KVzip, which budget each layer, KVzip each kv-head too; Chelsea's slots
+    stand for every prompt token) and
     one more per generated token (CAKE, which also evicts at decode: none more), while
     positions (and ``get_seq_length``) stay those of the uncompressed sequence, in
     ``generate`` and in a forward given none."""
@@ -145,18 +146,26 @@ def test_small_budget_keeps_budget_tokens_at_logical_positions(bundled, name):
         finally:
             hook.remove()
     assert out.sequences.shape == (1, P + new_tokens)
-    assert generate_positions == [[list(range(P))]] + [[[P + t]] for t in range(new_tokens - 1)]
+    replays = int("replay" in POLICIES[name].stages)    # one replay chunk after the prompt
+    assert generate_positions[0] == [list(range(P))]
+    assert all(call[0][0] == P for call in generate_positions[1:1 + replays])
+    assert generate_positions[1 + replays:] == [[[P + t]] for t in range(new_tokens - 1)]
     assert rope_positions == [[[P + new_tokens - 1]]]
     assert cache.get_seq_length() == P + new_tokens
-    generated = 0 if "decode_compress" in POLICIES[name].stages else new_tokens
-    slots = [layer.keys.shape[2] - generated for layer in cache.layers]       # of the budget
+    stages = POLICIES[name].stages
+    generated = 0 if "decode_compress" in stages else new_tokens
+    slots = [layer.keys.shape[2] - generated for layer in cache.layers]       # of the prompt
     assert all(layer.values.shape == (1, 3, n + generated, 64)
                for layer, n in zip(cache.layers, slots))
-    assert sum(slots) == budget * len(slots)
-    assert (len(set(slots)) > 1) == (name == "cake")
+    kept = [3 * n if layer.log_counts is None else int(layer.log_counts[0].isfinite().sum())
+            for layer, n in zip(cache.layers, slots)]                # kept (kv-head, slot) pairs
+    assert sum(kept) == budget * len(slots) * 3
+    assert (len(set(kept)) > 1) == ("layer_budgets" in stages)
     for layer in cache.layers:
         if name == "chelsea":
             torch.testing.assert_close(layer.log_counts.exp().sum(-1), torch.full((1, 3), P * 1.0))
+        elif name == "kvzip":      # its kv-heads keep their own numbers: padded with count 0
+            assert set(layer.log_counts.unique().tolist()) <= {0.0, float("-inf")}
         else:
             assert layer.log_counts is None
 

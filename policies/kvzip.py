@@ -1,0 +1,124 @@
+"""KVzip: keep the KV pairs the model needs to reconstruct its context.
+
+Based on https://arxiv.org/abs/2505.23416 (Kim et al. 2025, official code
+snu-mllab/KVzip) as kvpress's ``KVzipPress`` runs it.  Query-agnostic: after the
+context's prefill the model is prompted to repeat the context and reads it again,
+chunk by chunk (``chunk_size`` tokens: "Repeat the previous context exactly.", later
+chunks "Repeat the part of the previous context exactly, starting with" and the last
+``prev_postfix`` tokens of the chunk before, then the end of the user turn and the
+chunk itself).  Each replay query attends to the attention sinks, the chunk's cached
+KV and the replay so far (causally); a context pair's score is the most attention any
+replay query of its GQA group gives it.  The first ``n_sink`` tokens are always kept;
+the chat template's preamble after them is not replayed and scores 0.
+
+The budget is shared across heads and layers (KVzip's default): the pairs with the
+highest scores of the whole sequence are kept, so each layer, and each kv-head in it,
+keeps its own number of pairs; ``layerwise`` gives every layer the same number (still
+shared among its heads).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from kvplug.policies.base import param, register_policy
+from kvplug.policies.compression import KeepPlan, ReplayChunk, ReplayPolicy
+
+FIRST_CHUNK_PROMPT = "\n\nRepeat the previous context exactly."
+NEXT_CHUNK_PROMPT = "\n\nRepeat the part of the previous context exactly, starting with"
+
+
+def split_by_scores(counts: torch.Tensor, total: int) -> list[int]:
+    """Integer shares of ``total`` in proportion to ``counts`` (largest remainders)."""
+    shares = counts.double() * total / counts.sum().clamp(min=1)
+    kept = shares.floor()
+    order = (shares - kept).argsort(descending=True, stable=True)
+    kept[order[:total - int(kept.sum())]] += 1
+    return [int(k) for k in kept]
+
+
+@register_policy("kvzip")
+@dataclass
+class KVzip(ReplayPolicy):
+    summary = ("keeps the KV pairs the model attends to most while it reads the context "
+               "again (prompted to repeat it), budget shared across heads and layers; "
+               "query-agnostic, the rest is evicted after prefill (memory)")
+    n_sink: int = param(4, "first tokens always kept (attention sinks)", min=0)
+    chunk_size: int = param(2048, "context tokens replayed per forward", min=1)
+    prev_postfix: int = param(8, "tokens of the previous chunk that open a later chunk's "
+                                 "repeat prompt", min=0)
+    layerwise: bool = param(False, "give every layer the same budget (shared among its "
+                                   "kv-heads) instead of sharing it across layers")
+
+    def replay_chunks(self, context_ids, scored_from, encode, turn_end):
+        batch = context_ids.shape[0]
+        as_ids = lambda ids: torch.tensor(ids, dtype=context_ids.dtype).expand(batch, -1)
+        chunks = []
+        for start in range(scored_from, context_ids.shape[1], self.chunk_size):
+            end = min(start + self.chunk_size, context_ids.shape[1])
+            if start == scored_from:
+                prompt = as_ids(encode(FIRST_CHUNK_PROMPT))
+            else:
+                previous = context_ids[:, max(start - self.prev_postfix, scored_from):start]
+                prompt = torch.cat([as_ids(encode(NEXT_CHUNK_PROMPT)), previous], dim=1)
+            chunks.append(ReplayChunk(start, end, torch.cat(
+                [prompt, as_ids(turn_end), context_ids[:, start:end]], dim=1)))
+        return chunks
+
+    def unscored(self, num_kv_heads, context_len):
+        scores = torch.zeros(num_kv_heads, context_len)
+        scores[:, :self.n_sink] = float("inf")
+        return scores
+
+    def replay_scores(self, layer_idx, queries, keys, chunk, scale):
+        """Softmax of each replay query over the sinks, the chunk and the replay up to
+        itself; the chunk's part, max over the replay queries and the GQA group."""
+        replayed, num_heads, _ = queries.shape
+        num_kv_heads = keys.shape[1]
+        context = keys.shape[0] - replayed
+        sink = min(self.n_sink, chunk.start)
+        read = torch.cat([keys[:sink], keys[chunk.start:chunk.end], keys[context:]])
+        group = num_heads // num_kv_heads
+        k = read.float().permute(1, 2, 0).repeat_interleave(group, dim=0)    # [H_q, D, S]
+        logits = torch.bmm(queries.float().transpose(0, 1), k) * scale        # [H_q, L, S]
+        own = torch.ones(replayed, replayed, dtype=torch.bool, device=keys.device).triu(1)
+        logits[..., -replayed:].masked_fill_(own, float("-inf"))
+        probs = logits.softmax(dim=-1)[..., sink:sink + chunk.end - chunk.start]
+        return probs.amax(dim=1).unflatten(0, (num_kv_heads, group)).amax(dim=1)
+
+    def layer_budgets(self, scores, budget, span):
+        """The ``L * H_kv * min(budget, span)`` best pairs of ``[0, span)`` over every layer
+        and kv-head (ties to the earlier layer, head and token), as tokens per layer;
+        ``layerwise``: ``min(budget, span)`` each."""
+        keep = min(budget, span)
+        if keep == span or self.layerwise:
+            return [keep] * len(scores)
+        pairs = torch.stack([s.token[:, :span].float() for s in scores])     # [L, H_kv, span]
+        num_layers, num_kv_heads = pairs.shape[:2]
+        best = pairs.flatten().topk(num_layers * num_kv_heads * keep, sorted=False).indices
+        per_layer = torch.bincount(best // (num_kv_heads * span), minlength=num_layers)
+        return split_by_scores(per_layer, num_layers * keep)
+
+    def keep_plan(self, scores, budget, span, keys, values):
+        """The ``H_kv * budget`` best pairs of the layer's ``[0, span)``, however they fall
+        on its kv-heads; a head keeping fewer than the most-keeping one is padded with
+        slots of count 0 (after its last kept token)."""
+        token = scores.token[:, :span]
+        num_kv_heads = token.shape[0]
+        best = token.flatten().topk(min(budget, span) * num_kv_heads, sorted=False).indices
+        kept = torch.zeros_like(token, dtype=torch.bool).flatten()
+        kept[best] = True
+        kept = kept.view_as(token)
+        per_head = kept.sum(dim=1)
+        width = int(per_head.max())
+        # each head's kept positions first (ascending), then its last one again as padding
+        order = torch.where(kept, torch.arange(span, device=token.device), span).sort(dim=1).values[:, :width]
+        last = order.gather(1, (per_head - 1).clamp(min=0)[:, None])
+        slot = torch.arange(width, device=token.device)
+        real = slot < per_head[:, None]
+        indices = torch.where(real, order, last)
+        if bool(real.all()):
+            return KeepPlan(indices)
+        return KeepPlan(indices, counts=real.long())

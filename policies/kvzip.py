@@ -24,19 +24,11 @@ from dataclasses import dataclass
 import torch
 
 from kvplug.policies.base import param, register_policy
+from kvplug.policies.cake import share
 from kvplug.policies.compression import KeepPlan, ReplayChunk, ReplayPolicy
 
 FIRST_CHUNK_PROMPT = "\n\nRepeat the previous context exactly."
 NEXT_CHUNK_PROMPT = "\n\nRepeat the part of the previous context exactly, starting with"
-
-
-def split_by_scores(counts: torch.Tensor, total: int) -> list[int]:
-    """Integer shares of ``total`` in proportion to ``counts`` (largest remainders)."""
-    shares = counts.double() * total / counts.sum().clamp(min=1)
-    kept = shares.floor()
-    order = (shares - kept).argsort(descending=True, stable=True)
-    kept[order[:total - int(kept.sum())]] += 1
-    return [int(k) for k in kept]
 
 
 @register_policy("kvzip")
@@ -99,7 +91,7 @@ class KVzip(ReplayPolicy):
         num_layers, num_kv_heads = pairs.shape[:2]
         best = pairs.flatten().topk(num_layers * num_kv_heads * keep, sorted=False).indices
         per_layer = torch.bincount(best // (num_kv_heads * span), minlength=num_layers)
-        return split_by_scores(per_layer, num_layers * keep)
+        return share(per_layer.tolist(), num_layers * keep, span)    # pairs / kv-heads, rounded
 
     def keep_plan(self, scores, budget, span, keys, values):
         """The ``H_kv * budget`` best pairs of the layer's ``[0, span)``, however they fall
@@ -114,7 +106,8 @@ class KVzip(ReplayPolicy):
         per_head = kept.sum(dim=1)
         width = int(per_head.max())
         # each head's kept positions first (ascending), then its last one again as padding
-        order = torch.where(kept, torch.arange(span, device=token.device), span).sort(dim=1).values[:, :width]
+        positions = torch.arange(span, device=token.device)
+        order = torch.where(kept, positions, span).sort(dim=1).values[:, :width]
         last = order.gather(1, (per_head - 1).clamp(min=0)[:, None])
         slot = torch.arange(width, device=token.device)
         real = slot < per_head[:, None]

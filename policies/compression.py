@@ -10,7 +10,7 @@ The contract (docs/design.md, "Keeping less"):
   ``keep_plan`` needs (a :class:`LayerScores`), and nothing is stored yet;
 * ``layer_budgets(scores, keep, span)`` turns the per-sequence budget into a
   budget per layer once every layer has scored (uniform here; CAKE allocates);
-* ``keep_plan(scores, budget, span, keys, values)`` is what one layer keeps of
+* ``keep_plan(scores, budget, span, keys, values, head_cap)`` is what one layer keeps of
   the tokens ``[0, span)``: a :class:`KeepPlan`.  The engine keeps the tokens at
   and after ``span`` (the prompt's partial last block, and every decode token)
   as they are;
@@ -201,8 +201,9 @@ class CompressionPolicy(Policy):
         state.stats.kv_tokens_stored = kept
 
     def largest_layer_budget(self, budget: int, span: int) -> int:
-        """The most tokens of ``[0, span)`` any layer may keep when the layers share
-        ``budget`` (what an engine that stores every layer alike must reserve)."""
+        """The most tokens of ``[0, span)`` any layer (any kv-head of it, with
+        ``uneven_heads``) may keep when the layers share ``budget`` (what an engine that
+        stores every layer alike must reserve)."""
         return min(budget, span)
 
     def prefill_scores(self, layer_idx: int, queries: Tensor, keys: Tensor,
@@ -225,9 +226,11 @@ class CompressionPolicy(Policy):
         raise NotImplementedError
 
     def keep_plan(self, scores: LayerScores, budget: int, span: int, keys: Tensor,
-                  values: Tensor) -> KeepPlan:
+                  values: Tensor, head_cap: int | None = None) -> KeepPlan:
         """The ``budget`` best-scored tokens of ``[0, span)`` per kv-head (``keys``/``values``
-        ``[N, H_kv, D]`` are there for policies that merge)."""
+        ``[N, H_kv, D]`` are there for policies that merge).  ``head_cap``: the most slots
+        one kv-head may hold (the engine passes :meth:`largest_layer_budget`), which
+        policies whose heads keep uneven numbers (``uneven_heads``) stay within."""
         return KeepPlan(top_tokens(scores.token, budget, span))
 
 

@@ -5,9 +5,10 @@ On the same context (a query-agnostic sample of kvplug's suite: the prompt's fir
 context by replaying it and keeps its share of (layer, kv-head, token) pairs:
 kvplug through its HF path (``compress_context``), kvpress through its press, run in
 its own venv (``.venv-kvpress``, kvpress pins ``transformers<5.3``) by this script as a
-subprocess.  Written to ``--out``: ``results.md`` / ``results.json`` (pairs kept, their
-Jaccard overlap, per-layer shares) and ``layers.png`` (each layer's share of its pairs
-kept, both libraries)::
+subprocess.  kvplug runs twice: uncapped, as KVzip (the algorithm's agreement), and with
+its default ``max_layer_ratio`` (the engine cap on one kv-head's pairs: what it changes).
+Written to ``--out``: ``results.md`` / ``results.json`` (pairs kept, their Jaccard
+overlap, per-layer shares) and ``layers.png`` (each layer's share of its pairs kept)::
 
     .venv/bin/python evals/peers/kvzip_agreement.py --lengths 4096,8192 --budget 0.125 \\
         --out evals/results/peers/kvzip_agreement
@@ -50,7 +51,7 @@ def kvpress_kept(model_dir: str, ids_path: Path, budget: float, out: Path) -> No
     torch.save(kept, out)
 
 
-def kvplug_kept(model_dir: str, ids: torch.Tensor, budget: float) -> torch.Tensor:
+def kvplug_kept(model_dir: str, ids: torch.Tensor, budget: float, **params) -> torch.Tensor:
     """kvplug's side: the ``[L, H_kv, N]`` mask of the pairs its ``kvzip`` keeps."""
     from kvplug.integrations import transformers as kvhf
     from kvplug.policies import KVzip
@@ -59,12 +60,12 @@ def kvplug_kept(model_dir: str, ids: torch.Tensor, budget: float) -> torch.Tenso
     class RecordedKVzip(KVzip):
         plans: list = field(default_factory=list)
 
-        def keep_plan(self, scores, budget, span, keys, values):
-            plan = super().keep_plan(scores, budget, span, keys, values)
+        def keep_plan(self, scores, budget, span, keys, values, head_cap=None):
+            plan = super().keep_plan(scores, budget, span, keys, values, head_cap)
             self.plans.append(plan)
             return plan
 
-    policy = RecordedKVzip(budget_ratio=budget)
+    policy = RecordedKVzip(budget_ratio=budget, **params)
     model = kvhf.load_model(model_dir, policy, dtype=torch.float32)
     with torch.no_grad():
         kvhf.compress_context(model, torch.cat([ids, ids[:, -1:]], dim=1), ids.shape[1])
@@ -98,9 +99,10 @@ def plot(rows: list[dict], path: Path) -> None:
 
     fig, axes = plt.subplots(1, len(rows), figsize=(6 * len(rows), 3.5), squeeze=False)
     for ax, row in zip(axes[0], rows):
-        for lib in ("kvplug", "kvpress"):
-            ax.plot(row[f"{lib}_layer_share"], marker="o" if lib == "kvplug" else "x",
-                    label=lib, linestyle="-" if lib == "kvplug" else "--")
+        for lib, marker, style in (("kvplug", "o", "-"), ("kvpress", "x", "--"),
+                                   ("kvplug_capped", ".", ":")):
+            ax.plot(row[f"{lib}_layer_share"], marker=marker, linestyle=style,
+                    label=lib.replace("_capped", f" (cap {row['cap']}x budget)"))
         ax.set_title(f"{row['context_tokens']}-token context, budget {row['budget']}")
         ax.set_xlabel("layer")
         ax.set_ylabel("share of the layer's pairs kept")
@@ -127,6 +129,8 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit(f"{KVPRESS_PYTHON} is missing: run scripts/setup_kvpress.sh first")
     if not 0 < args.budget < 1:
         raise SystemExit(f"--budget {args.budget} must be in (0, 1)")
+    from kvplug.policies import KVzip
+
     torch.set_num_threads(1)
     args.out.mkdir(parents=True, exist_ok=True)
     rows = []
@@ -138,16 +142,21 @@ def main(argv: list[str] | None = None) -> int:
                         str(args.budget), "--kvpress-side", str(ids_path), str(mask_path)],
                        check=True)
         theirs = torch.load(mask_path)
-        ours = kvplug_kept(args.model, ids, args.budget)
+        ours = kvplug_kept(args.model, ids, args.budget, max_layer_ratio=1 / args.budget + 1)
+        capped = kvplug_kept(args.model, ids, args.budget)
         ids_path.unlink()
         mask_path.unlink()
+        jaccard = lambda a, b: round(((a & b).sum() / (a | b).sum()).item(), 4)
         rows.append({
             "length": length, "context_tokens": ids.shape[1], "budget": args.budget,
             "kvplug_kept": round(ours.float().mean().item(), 4),
             "kvpress_kept": round(theirs.float().mean().item(), 4),
-            "jaccard": round(((ours & theirs).sum() / (ours | theirs).sum()).item(), 4),
+            "jaccard": jaccard(ours, theirs),
+            "cap": KVzip.max_layer_ratio, "capped_jaccard": jaccard(capped, theirs),
             "kvplug_layer_share": [round(x, 4) for x in ours.float().mean((1, 2)).tolist()],
             "kvpress_layer_share": [round(x, 4) for x in theirs.float().mean((1, 2)).tolist()],
+            "kvplug_capped_layer_share": [round(x, 4)
+                                          for x in capped.float().mean((1, 2)).tolist()],
         })
         print(f"{length}: Jaccard {rows[-1]['jaccard']}", flush=True)
     command = "python evals/peers/kvzip_agreement.py " + " ".join(argv if argv is not None else sys.argv[1:])
@@ -156,12 +165,13 @@ def main(argv: list[str] | None = None) -> int:
          "rows": rows}, indent=1))
     lines = [f"`{command}` (task `{args.task}`, sample 0; SmolLM2-135M-Instruct, float32)", "",
              "| prompt length | context tokens | budget | kvplug kept | kvpress kept | Jaccard | "
-             "largest per-layer share difference |", "|---:|---:|---:|---:|---:|---:|---:|"]
+             "largest per-layer share difference | Jaccard, kvplug's default cap |",
+             "|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for row in rows:
         diff = max(abs(a - b) for a, b in zip(row["kvplug_layer_share"], row["kvpress_layer_share"]))
         lines.append(f"| {row['length']} | {row['context_tokens']} | {row['budget']} | "
                      f"{row['kvplug_kept']} | {row['kvpress_kept']} | {row['jaccard']} | "
-                     f"{diff:.4f} |")
+                     f"{diff:.4f} | {row['capped_jaccard']} ({row['cap']}x budget) |")
     (args.out / "results.md").write_text("\n".join(lines) + "\n")
     plot(rows, args.out / "layers.png")
     return 0

@@ -72,7 +72,7 @@ class MergeIdentical(CompressionPolicy):
     def prefill_scores(self, layer_idx, queries, keys, scale):
         return LayerScores(torch.zeros(keys.shape[1], keys.shape[0]))
 
-    def keep_plan(self, scores, budget, span, keys, values):
+    def keep_plan(self, scores, budget, span, keys, values, head_cap=None):
         firsts, counts = [], []
         for head in range(keys.shape[1]):
             kv = torch.cat([keys[:span, head], values[:span, head]], dim=-1)
@@ -165,9 +165,13 @@ def test_small_budget_keeps_budget_tokens_at_logical_positions(bundled, name):
         if name == "chelsea":
             torch.testing.assert_close(layer.log_counts.exp().sum(-1), torch.full((1, 3), P * 1.0))
         elif name == "kvzip":      # its kv-heads keep their own numbers: padded with count 0
-            assert set(layer.log_counts.unique().tolist()) <= {0.0, float("-inf")}
+            assert layer.log_counts is None or set(layer.log_counts.unique().tolist()) <= {
+                0.0, float("-inf")}
+            assert max(slots) <= 2 * budget          # no kv-head past its cap
         else:
             assert layer.log_counts is None
+    if name == "kvzip":
+        assert any(layer.log_counts is not None for layer in cache.layers)
 
 
 def test_kept_slots_are_the_planned_tokens_and_decoding_reads_those(bundled):

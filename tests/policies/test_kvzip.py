@@ -58,7 +58,7 @@ def test_unscored_keeps_the_sinks_and_nothing_else():
 def test_layer_budgets_share_the_best_pairs_across_layers_unless_layerwise():
     torch.manual_seed(1)
     scores = [LayerScores(torch.rand(2, 50) * scale) for scale in (1.0, 1.4, 0.7)]
-    policy = build_policy("kvzip", {"budget": 10})
+    policy = build_policy("kvzip", {"budget": 10, "max_layer_ratio": 5})     # uncapped
     budgets = policy.layer_budgets(scores, 10, 50)
     assert sum(budgets) == 30 and budgets[1] > budgets[0] > budgets[2]
     best = torch.stack([s.token for s in scores]).flatten().topk(60).indices
@@ -80,9 +80,30 @@ def test_keep_plan_keeps_the_layers_best_pairs_padding_heads_that_keep_fewer():
     assert even.indices.tolist() == [[4, 5], [4, 5]] and even.counts is None
 
 
+def test_no_kv_head_keeps_more_than_its_cap_and_the_rest_goes_to_the_next_best_pairs():
+    """One layer scores above the others: uncapped it would take 40 pairs of one head;
+    capped at 2 x budget = 20 per head, its budget stops there and the other layers get
+    the remaining best pairs, each head's plan within the cap."""
+    torch.manual_seed(2)
+    hot = torch.rand(2, 50)
+    hot[0, :40] += 10
+    scores = [LayerScores(hot), LayerScores(torch.rand(2, 50)), LayerScores(torch.rand(2, 50))]
+    policy = build_policy("kvzip", {"budget": 10})
+    assert policy.largest_layer_budget(10, 50) == 20
+    budgets = policy.layer_budgets(scores, 10, 50)
+    assert sum(budgets) == 30 and max(budgets) <= 20
+    plan = policy.keep_plan(scores[0], budgets[0], 50, None, None, head_cap=20)
+    kept = plan.counts.sum(dim=1) if plan.counts is not None else torch.full((2,), plan.size)
+    assert kept.max() == 20 and kept.sum() == 2 * budgets[0]
+    assert set(plan.indices[0][:20].tolist()) <= set(range(40))   # the hot head's best
+    uncapped = build_policy("kvzip", {"budget": 10, "max_layer_ratio": 5})
+    assert uncapped.keep_plan(scores[0], 20, 50, None, None).indices.shape[1] == 40
+
+
 @pytest.mark.parametrize("params, bad", [({"n_sink": -1}, "n_sink"),
                                          ({"chunk_size": 0}, "chunk_size"),
-                                         ({"layerwise": "yes"}, "layerwise")])
+                                         ({"layerwise": "yes"}, "layerwise"),
+                                         ({"max_layer_ratio": 0.5}, "max_layer_ratio")])
 def test_bad_parameters_are_refused_by_name(params, bad):
     with pytest.raises(ValueError, match=bad):
         build_policy("kvzip", {"budget": 8, **params})

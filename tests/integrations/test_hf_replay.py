@@ -11,7 +11,8 @@ import torch
 from transformers import DynamicCache
 
 from kvplug.integrations import transformers as kvhf
-from kvplug.integrations.hf_replay import chat_turn, replay_context
+from kvplug.integrations.hf_replay import replay_context
+from kvplug.integrations.replay import chat_turn
 from kvplug.policies import KVzip
 
 pytestmark = pytest.mark.usefixtures("clean_env")

@@ -13,7 +13,8 @@ HF = "HF transformers"
 
 # engine -> (stages it runs, stores it keeps)
 ENGINES: dict[str, tuple[frozenset[str], frozenset[str]]] = {
-    VLLM_CPU: (frozenset({"select", "prefill_compress", "layer_budgets", "decode_compress"}),
+    VLLM_CPU: (frozenset({"select", "prefill_compress", "layer_budgets", "decode_compress",
+                          "replay"}),
                frozenset({"dense", "evicted", "merged", "quantized"})),
     VLLM_CUDA: (frozenset({"select"}), frozenset({"dense"})),
     HF: (frozenset({"select", "prefill_compress", "layer_budgets", "decode_compress", "replay"}),

@@ -9,7 +9,7 @@ COMPRESSING = {
     "cake": {"policy": "cake", "budget": 48},
     "chelsea": {"policy": "chelsea", "budget": 96},
     "tova": {"policy": "tova", "budget": 96},
-    "kvzip": {"policy": "kvzip", "budget": 96},
+    "kvzip": {"policy": "kvzip", "budget": 48},
 }
 
 QUANTIZING = {

@@ -299,6 +299,9 @@ class CompactionStep:
     continuing: tuple[tuple[int, RequestCompaction], ...]
     recompacting: tuple[tuple[int, RequestCompaction, int], ...] = ()
     scores: dict[int, list[LayerScores]] = field(default_factory=dict)  # row -> per layer
+    # replay policies: (row, record, block table, isa) of the ending rows, scored by the
+    # replay forwards that run after the step's own (.replay.run_replays)
+    replays: list[tuple] = field(default_factory=list)
     caches: dict[int, torch.Tensor] = field(default_factory=dict)        # layer -> its cache
     log_counts: dict[int, torch.Tensor] = field(default_factory=dict)    # layer -> its counts
 
@@ -313,3 +316,16 @@ def gather_kept(plan, keys: torch.Tensor, values: torch.Tensor):
     kept_values = values[index, heads] if plan.values is None else plan.values.transpose(0, 1)
     log_counts = None if plan.counts is None else plan.counts.t().float().log()
     return kept_keys.to(keys.dtype), kept_values.to(values.dtype), log_counts
+
+
+def padded(keys: torch.Tensor, values: torch.Tensor, log_counts: torch.Tensor | None,
+           slots: int):
+    """Kept ``keys``/``values`` ``[n, H_kv, D]`` and their log counts filled up to ``slots``
+    slots with slots of count 0 (log count ``-inf``), which attention weighs as nothing."""
+    missing = slots - keys.shape[0]
+    if missing <= 0:
+        return keys, values, log_counts
+    if log_counts is None:
+        log_counts = keys.new_zeros(keys.shape[:2])
+    fill = lambda t, value: torch.cat([t, t.new_full((missing, *t.shape[1:]), value)])
+    return fill(keys, 0.0), fill(values, 0.0), fill(log_counts, float("-inf"))

@@ -45,7 +45,7 @@ from vllm.v1.attention.backends.cpu_attn import (CPUAttentionBackend, CPUAttenti
                                                  CPUAttentionMetadata,
                                                  CPUAttentionMetadataBuilder)
 
-from kvplug.integrations.vllm.compaction import CompactionStep, gather_kept
+from kvplug.integrations.vllm.compaction import CompactionStep, gather_kept, padded
 from kvplug.integrations.vllm.block_summaries import (ROW_KEYS, every_block, selection_blocks,
                                                       with_dense_heads)
 from kvplug.kernels import count_weighted_decode, sparse_paged_decode_ref
@@ -55,6 +55,7 @@ from kvplug.integrations.vllm.common import (KVPlugBackendMixin, LayerSummaries,
 from kvplug.integrations.vllm.lifecycle import current_worker, tracker, worker_policy
 from kvplug.integrations.vllm.selection import logger
 from kvplug.integrations.vllm.quantized import QuantizedLayer, page_view
+from kvplug.integrations.vllm.replay import ReplayForward
 from kvplug.kernels.paged_queries import cpu_paged_queries, paged_queries, split_kv_blocks
 from kvplug.kernels.quant_pages import cpu_page_read
 from kvplug.policies import KeepPlan, Policy, Selection, SelectionPolicy, StepContext
@@ -163,7 +164,7 @@ class KVPlugCPUMetadataBuilder(CPUAttentionMetadataBuilder):
         super().__init__(kv_cache_spec, layer_names, vllm_config, device)
         self.worker = worker_policy(vllm_config)
         self.num_layers = vllm_config.model_config.get_num_layers(vllm_config.parallel_config)
-        if self.worker.any_selection or self.worker.merged:
+        if self.worker.any_selection or self.worker.counted_slots:
             self._init_reorder_batch_threshold(1)  # decode rows first
 
     def _schedule(self, seq_lens, query_start_loc, num_heads, num_kv_heads):
@@ -195,7 +196,7 @@ class KVPlugCPUMetadataBuilder(CPUAttentionMetadataBuilder):
         if step is not None and step.layer_read_from is not None:
             md.layer_reads = LayerReads(self, common_prefix_len, common_attn_metadata, step)
         policy = self.worker.policy_for(md.rows)
-        if (isinstance(policy, SelectionPolicy) or policy.store == "merged") and md.rows is not None:
+        if (isinstance(policy, SelectionPolicy) or policy.counted_slots) and md.rows is not None:
             md.decode = self._plan(md, common_attn_metadata, policy)
         return md
 
@@ -242,7 +243,7 @@ class KVPlugCPUImpl(LayerSummaries, CPUAttentionBackendImpl):
 
     def _bind(self, layer, kv_cache: torch.Tensor) -> bool:
         bound = super()._bind(layer, kv_cache)
-        if bound and self.worker.merged:
+        if bound and self.worker.counted_slots:
             num_blocks, _, block_size, _ = kv_cache.shape
             self.log_counts = torch.zeros(num_blocks, block_size, self.num_kv_heads)
         return bound
@@ -257,7 +258,7 @@ class KVPlugCPUImpl(LayerSummaries, CPUAttentionBackendImpl):
         if step is not None and step.draft:
             # draft keys are rewritten by verification; they never enter the summaries
             return
-        if (self.worker.any_selection or self.worker.merged) and kv_cache.numel():
+        if (self.worker.any_selection or self.worker.counted_slots) and kv_cache.numel():
             self._keep_summaries(layer, key, kv_cache, slot_mapping if step is None
                                  else step.summary_slots(slot_mapping))
             if self.log_counts is not None:   # new tokens stand for themselves
@@ -272,6 +273,9 @@ class KVPlugCPUImpl(LayerSummaries, CPUAttentionBackendImpl):
 
     def forward(self, layer, query, key, value, kv_cache, attn_metadata, output,
                 output_scale=None, output_block_scale=None):
+        if isinstance(attn_metadata, ReplayForward):
+            attn_metadata.attend(self, layer, query, key, value, kv_cache, output)
+            return output
         plan = getattr(attn_metadata, "decode", None)
         if self.worker.quantized:
             self._quantized_forward(layer, query, key, value, kv_cache, attn_metadata, output)
@@ -439,7 +443,8 @@ class KVPlugCPUImpl(LayerSummaries, CPUAttentionBackendImpl):
             kept = record.queries.get(self.layer_idx)
             record.queries[self.layer_idx] = (last if kept is None
                                               else torch.cat([kept, last])[-window:]).clone()
-        for row, record in step.ending:
+        replay = "replay" in policy.stages     # scored after the step's forward (.replay)
+        for row, record in [] if replay else step.ending:
             context = record.layout.context
             queries = query[starts[row]:starts[row + 1]]
             if self.layer_idx in record.queries:
@@ -450,35 +455,11 @@ class KVPlugCPUImpl(LayerSummaries, CPUAttentionBackendImpl):
             step.scores.setdefault(row, []).append(scores)
         if self.layer_idx == self.worker.num_layers - 1:
             for row, record in step.ending:
-                self._compact(md.block_table[row].long(), record, step.scores[row], step,
-                              layer.isa)
-
-    def _compact(self, block_table, record, scores, step: CompactionStep, isa: str) -> None:
-        """Write each layer's kept span tokens into the last of the request's kept span
-        blocks (as many as that layer fills); the scheduler frees the blocks before the
-        kept region once the step is committed."""
-        policy, layout = self.worker.policy, record.layout
-        budgets = policy.layer_budgets(scores, layout.span_budget, layout.span)
-        context_blocks = block_table[:-(-layout.context // layout.block_size)]
-        firsts = []
-        for layer_idx, (layer_scores, budget) in enumerate(zip(scores, budgets)):
-            first = layout.tail_block - layout.layer_blocks(budget)
-            firsts.append(first)
-            if first == layout.tail_block:          # keeps none of the span
-                continue
-            cache = step.caches[layer_idx]
-            keys, values = context_kv(cache, context_blocks, layout.context, isa)
-            plan = policy.keep_plan(layer_scores, (layout.tail_block - first) * layout.block_size,
-                                    layout.span, keys, values)
-            kept_keys, kept_values, log_counts = gather_kept(plan, keys, values)
-            blocks = block_table[first:layout.tail_block]
-            write_kept(cache, blocks, kept_keys, kept_values, isa)
-            if layer_idx in step.log_counts:
-                step.log_counts[layer_idx][blocks] = 0 if log_counts is None else \
-                    log_counts.view(blocks.shape[0], layout.block_size, -1)
-        if any(first != layout.first_block for first in firsts):
-            record.layer_kept_blocks = tuple(layout.tail_block - first for first in firsts)
-        tracker().counts["compacted_requests"] += 1
+                if replay:
+                    step.replays.append((row, record, md.block_table[row].long(), layer.isa))
+                else:
+                    compact(policy, md.block_table[row].long(), record, step.scores[row], step,
+                            layer.isa)
 
     def _recompact(self, query, kv_cache, table, offset: int, record, computed: int,
                    isa: str) -> None:
@@ -606,6 +587,43 @@ def _vec_layout(isa: str, dtype: torch.dtype, block_size: int, head_dim: int) ->
                                    kv_cache_dtype="auto")
     return (torch.equal(value_cache[0, 0], known[:, 0])
             and torch.equal(key_cache[0, 0].reshape(head_dim, block_size).t(), known[:, 0]))
+
+
+def compact(policy, block_table: torch.Tensor, record, scores, step: CompactionStep,
+            isa: str) -> None:
+    """Write each layer's kept span tokens into the last of the request's kept span blocks
+    (as many as that layer fills; with ``uneven_heads``, the whole region, padded); the
+    scheduler frees the blocks before the kept region once the step is committed."""
+    layout = record.layout
+    budgets = policy.layer_budgets(scores, layout.span_budget, layout.span)
+    head_cap = policy.largest_layer_budget(layout.span_budget, layout.span)
+    context_blocks = block_table[:-(-layout.context // layout.block_size)]
+    firsts = []
+    for layer_idx, (layer_scores, budget) in enumerate(zip(scores, budgets)):
+        if policy.uneven_heads:     # its widest head sets a layer's slots: give it the region
+            first, keep = layout.first_block, budget
+        else:
+            first = layout.tail_block - layout.layer_blocks(budget)
+            keep = (layout.tail_block - first) * layout.block_size
+        firsts.append(first)
+        if first == layout.tail_block:          # keeps none of the span
+            continue
+        cache = step.caches[layer_idx]
+        keys, values = context_kv(cache, context_blocks, layout.context, isa)
+        plan = policy.keep_plan(layer_scores, keep, layout.span, keys, values, head_cap)
+        blocks = block_table[first:layout.tail_block]
+        kept_keys, kept_values, log_counts = padded(*gather_kept(plan, keys, values),
+                                                    blocks.shape[0] * layout.block_size)
+        write_kept(cache, blocks, kept_keys, kept_values, isa)
+        if layer_idx in step.log_counts:
+            step.log_counts[layer_idx][blocks] = 0 if log_counts is None else \
+                log_counts.view(blocks.shape[0], layout.block_size, -1)
+        elif log_counts is not None:
+            raise RuntimeError(f"kvplug policy {policy.name!r} keeps counted slots, but layer "
+                               f"{layer_idx} keeps no slot counts")
+    if any(first != layout.first_block for first in firsts):
+        record.layer_kept_blocks = tuple(layout.tail_block - first for first in firsts)
+    tracker().counts["compacted_requests"] += 1
 
 
 def context_kv(kv_cache: torch.Tensor, blocks: torch.Tensor, context: int,

@@ -120,8 +120,8 @@ class WorkerPolicy:
                                  f"reads whole {unit}-token pages: make its chunk a multiple "
                                  f"of the KV block size {unit}")
         self.any_selection = any(isinstance(p, SelectionPolicy) for p in self.policies)
-        # merged slots are read by kvplug's count-weighted decode, decode rows apart
-        self.merged = any(p.store == "merged" for _, p in self.choices)
+        # counted slots are read by kvplug's count-weighted decode, decode rows apart
+        self.counted_slots = any(p.counted_slots for _, p in self.choices)
 
     @property
     def next_policy(self) -> Policy:
@@ -274,7 +274,7 @@ class RequestTracker:
                 record.layout = compaction_layout(policy, computed + new, self.block_size)
                 if record.layout.first_block:        # else it keeps every token as it is
                     ending.append((row, record))
-            else:
+            elif policy.observation_window:   # keeps its chunk's last queries for the end
                 continuing.append((row, record))
         compaction = (CompactionStep(tuple(ending), tuple(continuing), tuple(recompacting))
                       if compressing else None)
@@ -369,7 +369,11 @@ def patch_model_runner() -> None:
     @functools.wraps(execute_model)
     def _execute_model(self, *args, **kwargs):
         try:
-            return execute_model(self, *args, **kwargs)
+            output = execute_model(self, *args, **kwargs)
+            if _TRACKER is not None and _TRACKER.current is not None:
+                from kvplug.integrations.vllm.replay import run_replays
+                run_replays(self, _TRACKER.current)
+            return output
         finally:
             if _TRACKER is not None:
                 _TRACKER.end_step()

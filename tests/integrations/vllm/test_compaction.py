@@ -59,6 +59,7 @@ def tight_run(model_dir, prompts_file):
 
 
 @pytest.mark.parametrize("config", [{"policy": "snapkv", "budget": 4096},
+                                    {"policy": "kvzip", "budget": 4096},
                                     {"policy": "cake", "budget": PROMPT_TOKENS + 24}])
 def test_budget_over_the_context_is_token_identical_to_full(model_dir, prompts_file,
                                                             full_run, config):
@@ -229,6 +230,8 @@ def test_every_compressing_policy_frees_blocks_or_is_refused(model_dir, prompts_
     assert all(len(tokens) == 16 for tokens in one_pass["outputs"].values())
     assert one_pass["free_after"] == run["total_blocks"] and run["states"]["live"] == 0
     assert run["states"]["compacted_requests"] == 4
+    if "replay" in POLICIES[name].stages:    # one replay chunk each (200 tokens)
+        assert run["states"]["replay_forwards"] == 4
     if name == "cake":       # its layers keep different numbers of blocks and read apart
         assert run["states"]["layer_read_plans"] > 0
 
@@ -253,3 +256,26 @@ def test_vllm_keeps_what_the_hf_path_keeps(model_dir, prompts_file, name):
         out = model.generate(torch.tensor([ids]), max_new_tokens=16, do_sample=False)
         assert out[0, len(ids):].tolist() == run["passes"][0]["outputs"][str(i)]
     assert run["states"]["compacted_requests"] == 4
+
+
+def test_vllm_replays_and_keeps_what_the_hf_path_keeps(model_dir, prompts_file, tmp_path):
+    """KVzip on 192-token prompts (6 whole blocks, so both engines score the same span with
+    the same budget and cap): vLLM's replay forwards, over the request's blocks, score as
+    HF's over its cache, every layer keeps the same pairs (padded alike with count-0
+    slots), and greedy decoding gives the same tokens."""
+    import torch
+
+    from kvplug.integrations import transformers as kvhf
+
+    prompts = [ids[:6 * BLOCK] for ids in json.loads(prompts_file.read_text())]
+    aligned = tmp_path / "prompts.json"
+    aligned.write_text(json.dumps(prompts))
+    config = COMPRESSING["kvzip"]
+    run = stepped_run(model_dir, aligned, "kvzip-aligned", kvplug=config, blocks=200,
+                      max_tokens=16)
+    assert run["states"]["compacted_requests"] == 4 and run["states"]["replay_forwards"] == 4
+    model = kvhf.load_model(model_dir, "kvzip", params={"budget": config["budget"]},
+                            dtype=torch.float32)
+    for i, ids in enumerate(prompts):
+        out = model.generate(torch.tensor([ids]), max_new_tokens=16, do_sample=False)
+        assert out[0, len(ids):].tolist() == run["passes"][0]["outputs"][str(i)]

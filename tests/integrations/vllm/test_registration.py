@@ -162,3 +162,23 @@ def test_self_speculation_needs_draft_and_drafter_and_reserves_lookahead(model_d
     monkeypatch.setenv("KVPLUG_CONFIG", '{"draft": {"policy": "streamingllm", "budget": 64}, '
                                         '"first_tier": {"num_tokens": 2}}')
     assert config(drafter).num_lookahead_tokens == 3
+
+
+def test_a_replay_policy_gives_engine_steps_room_for_its_replays(model_dir, monkeypatch):
+    """The step that ends several prefills runs their replays too: vLLM's 300 s step timeout
+    is raised unless the user set one."""
+    from vllm.engine.arg_utils import EngineArgs
+
+    from kvplug.integrations.vllm.selection import REPLAY_STEP_TIMEOUT_S
+
+    monkeypatch.setenv("VLLM_EXECUTE_MODEL_TIMEOUT_SECONDS", "")  # restored after the test
+    monkeypatch.delenv("VLLM_EXECUTE_MODEL_TIMEOUT_SECONDS")
+    monkeypatch.setenv("KVPLUG_CONFIG", '{"policy": "snapkv", "budget": 256}')
+    EngineArgs(model=str(model_dir), dtype="float32", attention_backend="kvplug").create_engine_config()
+    assert "VLLM_EXECUTE_MODEL_TIMEOUT_SECONDS" not in os.environ
+    monkeypatch.setenv("KVPLUG_CONFIG", '{"policy": "kvzip", "budget": 256}')
+    EngineArgs(model=str(model_dir), dtype="float32", attention_backend="kvplug").create_engine_config()
+    assert os.environ["VLLM_EXECUTE_MODEL_TIMEOUT_SECONDS"] == str(REPLAY_STEP_TIMEOUT_S)
+    monkeypatch.setenv("VLLM_EXECUTE_MODEL_TIMEOUT_SECONDS", "42")
+    EngineArgs(model=str(model_dir), dtype="float32", attention_backend="kvplug").create_engine_config()
+    assert os.environ["VLLM_EXECUTE_MODEL_TIMEOUT_SECONDS"] == "42"

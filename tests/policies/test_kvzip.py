@@ -41,10 +41,11 @@ def test_replay_chunks_repeat_each_chunk_after_kvzips_prompts():
     assert chunks[2].input_ids[0, -1].item() == 112 and chunks[2].input_ids.shape[0] == 2
 
 
-def test_replay_scores_are_the_max_attention_of_the_replay_over_each_chunk_token():
+@pytest.mark.parametrize("replayed", [6, 300])       # one block of replay queries, and two
+def test_replay_scores_are_the_max_attention_of_the_replay_over_each_chunk_token(replayed):
     torch.manual_seed(0)
     policy = build_policy("kvzip", {"budget": 8, "n_sink": 3})
-    queries, keys = torch.randn(6, 4, 8), torch.randn(20 + 6, 2, 8)
+    queries, keys = torch.randn(replayed, 4, 8), torch.randn(20 + replayed, 2, 8)
     for chunk in (ReplayChunk(0, 12, None), ReplayChunk(12, 20, None)):   # sinks 0, then 3
         got = policy.replay_scores(0, queries, keys, chunk, 0.4)
         torch.testing.assert_close(got, _reference_scores(queries, keys, chunk, 3, 0.4))

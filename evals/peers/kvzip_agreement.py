@@ -5,13 +5,15 @@ On the same context (a query-agnostic sample of kvplug's suite: the prompt's fir
 context by replaying it and keeps its share of (layer, kv-head, token) pairs:
 kvplug through its HF path (``compress_context``), kvpress through its press, run in
 its own venv (``.venv-kvpress``, kvpress pins ``transformers<5.3``) by this script as a
-subprocess.  kvplug runs twice: uncapped, as KVzip (the algorithm's agreement), and with
-its default ``max_layer_ratio`` (the engine cap on one kv-head's pairs: what it changes).
-Written to ``--out``: ``results.md`` / ``results.json`` (pairs kept, their Jaccard
-overlap, per-layer shares) and ``layers.png`` (each layer's share of its pairs kept)::
+subprocess.  kvplug's pairs come uncapped, as KVzip (the algorithm's agreement), and at
+each ``max_layer_ratio`` of ``--caps`` (kvplug's cap on one kv-head's pairs, which a paged
+engine reserves for every layer: what it changes), all from one replay.  Written to
+``--out``: ``results.md`` / ``results.json`` (pairs kept, their Jaccard overlap, per-layer
+shares, the largest kv-head's count) and ``layers.png`` (each layer's share of its pairs
+kept)::
 
     .venv/bin/python evals/peers/kvzip_agreement.py --lengths 4096,8192 --budget 0.125 \\
-        --out evals/results/peers/kvzip_agreement
+        --caps 2,3,4,6 --out evals/results/peers/kvzip_agreement
 """
 
 from __future__ import annotations
@@ -51,32 +53,40 @@ def kvpress_kept(model_dir: str, ids_path: Path, budget: float, out: Path) -> No
     torch.save(kept, out)
 
 
-def kvplug_kept(model_dir: str, ids: torch.Tensor, budget: float, **params) -> torch.Tensor:
-    """kvplug's side: the ``[L, H_kv, N]`` mask of the pairs its ``kvzip`` keeps."""
+def kvplug_kept(model_dir: str, ids: torch.Tensor, budget: float,
+                caps: list[float]) -> dict[float, torch.Tensor]:
+    """kvplug's side: per ``max_layer_ratio`` of ``caps``, the ``[L, H_kv, N]`` mask of the
+    pairs its ``kvzip`` keeps (one replay: the plans of each cap from the same scores)."""
     from kvplug.integrations import transformers as kvhf
     from kvplug.policies import KVzip
 
     @dataclass
     class RecordedKVzip(KVzip):
-        plans: list = field(default_factory=list)
+        scored: list = field(default_factory=list)
 
-        def keep_plan(self, scores, budget, span, keys, values, head_cap=None):
-            plan = super().keep_plan(scores, budget, span, keys, values, head_cap)
-            self.plans.append(plan)
-            return plan
+        def layer_budgets(self, scores, budget, span):
+            self.scored[:] = [scores, budget, span]
+            return super().layer_budgets(scores, budget, span)
 
-    policy = RecordedKVzip(budget_ratio=budget, **params)
+    policy = RecordedKVzip(budget_ratio=budget)
     model = kvhf.load_model(model_dir, policy, dtype=torch.float32)
     with torch.no_grad():
         kvhf.compress_context(model, torch.cat([ids, ids[:, -1:]], dim=1), ids.shape[1])
-    kept = torch.zeros(len(policy.plans), policy.plans[0].indices.shape[0], ids.shape[1],
-                       dtype=torch.bool)
-    for idx, plan in enumerate(policy.plans):
-        real = torch.ones_like(plan.indices, dtype=torch.bool) if plan.counts is None \
-            else plan.counts > 0
-        for head in range(kept.shape[1]):
-            kept[idx, head, plan.indices[head][real[head]]] = True
-    return kept
+    scores, tokens, span = policy.scored
+    masks = {}
+    for cap in caps:
+        capped = KVzip(budget_ratio=budget, max_layer_ratio=cap)
+        head_cap = capped.largest_layer_budget(tokens, span)
+        kept = torch.zeros(len(scores), scores[0].token.shape[0], ids.shape[1], dtype=torch.bool)
+        for idx, (layer, layer_budget) in enumerate(
+                zip(scores, capped.layer_budgets(scores, tokens, span))):
+            plan = capped.keep_plan(layer, layer_budget, span, None, None, head_cap)
+            real = torch.ones_like(plan.indices, dtype=torch.bool) if plan.counts is None \
+                else plan.counts > 0
+            for head in range(kept.shape[1]):
+                kept[idx, head, plan.indices[head][real[head]]] = True
+        masks[cap] = kept
+    return masks
 
 
 def context_ids(model_dir: str, task: str, length: int) -> torch.Tensor:
@@ -100,9 +110,9 @@ def plot(rows: list[dict], path: Path) -> None:
     fig, axes = plt.subplots(1, len(rows), figsize=(6 * len(rows), 3.5), squeeze=False)
     for ax, row in zip(axes[0], rows):
         for lib, marker, style in (("kvplug", "o", "-"), ("kvpress", "x", "--"),
-                                   ("kvplug_capped", ".", ":")):
+                                   ("kvplug_default_cap", ".", ":")):
             ax.plot(row[f"{lib}_layer_share"], marker=marker, linestyle=style,
-                    label=lib.replace("_capped", f" (cap {row['cap']}x budget)"))
+                    label=lib.replace("_default_cap", f" (cap {row['default_cap']}x budget)"))
         ax.set_title(f"{row['context_tokens']}-token context, budget {row['budget']}")
         ax.set_xlabel("layer")
         ax.set_ylabel("share of the layer's pairs kept")
@@ -118,6 +128,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="comma-separated suite prompt lengths")
     p.add_argument("--budget", type=float, default=0.125, help="fraction of the pairs kept")
     p.add_argument("--task", default="niah_single_1", help="suite task whose sample is used")
+    p.add_argument("--caps", default="2,3,4,6",
+                   help="comma-separated max_layer_ratio values kvplug is also run at")
     p.add_argument("--out", type=Path, default=Path("evals/results/peers/kvzip_agreement"))
     p.add_argument("--kvpress-side", nargs=2, metavar=("IDS", "OUT"), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -131,6 +143,7 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit(f"--budget {args.budget} must be in (0, 1)")
     from kvplug.policies import KVzip
 
+    caps = [float(c) for c in args.caps.split(",")]
     torch.set_num_threads(1)
     args.out.mkdir(parents=True, exist_ok=True)
     rows = []
@@ -142,21 +155,23 @@ def main(argv: list[str] | None = None) -> int:
                         str(args.budget), "--kvpress-side", str(ids_path), str(mask_path)],
                        check=True)
         theirs = torch.load(mask_path)
-        ours = kvplug_kept(args.model, ids, args.budget, max_layer_ratio=1 / args.budget + 1)
-        capped = kvplug_kept(args.model, ids, args.budget)
+        uncapped = 1 / args.budget + 1          # cap >= the span: nothing capped
+        masks = kvplug_kept(args.model, ids, args.budget, [uncapped, KVzip.max_layer_ratio, *caps])
+        ours = masks.pop(uncapped)
         ids_path.unlink()
         mask_path.unlink()
         jaccard = lambda a, b: round(((a & b).sum() / (a | b).sum()).item(), 4)
+        share = lambda mask: [round(x, 4) for x in mask.float().mean((1, 2)).tolist()]
         rows.append({
             "length": length, "context_tokens": ids.shape[1], "budget": args.budget,
             "kvplug_kept": round(ours.float().mean().item(), 4),
             "kvpress_kept": round(theirs.float().mean().item(), 4),
             "jaccard": jaccard(ours, theirs),
-            "cap": KVzip.max_layer_ratio, "capped_jaccard": jaccard(capped, theirs),
-            "kvplug_layer_share": [round(x, 4) for x in ours.float().mean((1, 2)).tolist()],
-            "kvpress_layer_share": [round(x, 4) for x in theirs.float().mean((1, 2)).tolist()],
-            "kvplug_capped_layer_share": [round(x, 4)
-                                          for x in capped.float().mean((1, 2)).tolist()],
+            "largest_head_share": round(ours.float().mean(2).max().item(), 4),
+            "capped_jaccard": {str(cap): jaccard(masks[cap], theirs) for cap in caps},
+            "default_cap": KVzip.max_layer_ratio,
+            "kvplug_layer_share": share(ours), "kvpress_layer_share": share(theirs),
+            "kvplug_default_cap_layer_share": share(masks[KVzip.max_layer_ratio]),
         })
         print(f"{length}: Jaccard {rows[-1]['jaccard']}", flush=True)
     command = "python evals/peers/kvzip_agreement.py " + " ".join(argv if argv is not None else sys.argv[1:])
@@ -164,14 +179,24 @@ def main(argv: list[str] | None = None) -> int:
         {"command": command, "task": args.task, "machine": platform.processor() or platform.machine(),
          "rows": rows}, indent=1))
     lines = [f"`{command}` (task `{args.task}`, sample 0; SmolLM2-135M-Instruct, float32)", "",
+             "kvplug uncapped against kvpress's `KVzipPress`:", "",
              "| prompt length | context tokens | budget | kvplug kept | kvpress kept | Jaccard | "
-             "largest per-layer share difference | Jaccard, kvplug's default cap |",
+             "largest per-layer share difference | largest kv-head's share of the context |",
              "|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for row in rows:
         diff = max(abs(a - b) for a, b in zip(row["kvplug_layer_share"], row["kvpress_layer_share"]))
         lines.append(f"| {row['length']} | {row['context_tokens']} | {row['budget']} | "
                      f"{row['kvplug_kept']} | {row['kvpress_kept']} | {row['jaccard']} | "
-                     f"{diff:.4f} | {row['capped_jaccard']} ({row['cap']}x budget) |")
+                     f"{diff:.4f} | {row['largest_head_share']} |")
+    lines += ["", "kvplug with each kv-head capped at `max_layer_ratio` x the budget (what a "
+              "paged engine reserves for every layer: that share of the context), Jaccard "
+              "against kvpress:", "",
+              "| max_layer_ratio | reserved share of the context | "
+              + " | ".join(f"Jaccard at {row['length']}" for row in rows) + " |",
+              "|---:|---:|" + "---:|" * len(rows)]
+    for cap in caps:
+        lines.append(f"| {cap:g} | {min(1.0, cap * args.budget):.3g} | "
+                     + " | ".join(str(row["capped_jaccard"][str(cap)]) for row in rows) + " |")
     (args.out / "results.md").write_text("\n".join(lines) + "\n")
     plot(rows, args.out / "layers.png")
     return 0

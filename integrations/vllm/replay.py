@@ -89,10 +89,11 @@ def run_replays(runner, step) -> None:
         ids = torch.from_numpy(runner.input_batch.token_ids_cpu[row, :context]).long()[None]
         blocks = block_table[:-(-context // record.layout.block_size)]
         scores = [policy.unscored(num_kv_heads, context) for _ in layer_names]
-        for chunk in replay_chunks(policy, ids, tokenizer):
+        chunks = replay_chunks(policy, ids, tokenizer)
+        rope_reaching(runner.model, context + max(c.input_ids.shape[1] for c in chunks))
+        for chunk in chunks:
             tokens = chunk.input_ids[0]
             positions = torch.arange(context, context + tokens.shape[0])
-            rope_reaching(runner.model, context + tokens.shape[0])
             forward = ReplayForward(policy, blocks, context, chunk, scores)
             with set_forward_context({name: forward for name in layer_names},
                                      runner.vllm_config, num_tokens=tokens.shape[0],
@@ -100,7 +101,6 @@ def run_replays(runner, step) -> None:
                 runner.model(input_ids=tokens, positions=positions)
             tracker().counts["replay_forwards"] += 1
         compact(policy, block_table, record, [LayerScores(s) for s in scores], compaction, isa)
-    compaction.replays.clear()
 
 
 def rope_reaching(model: torch.nn.Module, positions: int) -> None:

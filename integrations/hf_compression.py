@@ -300,11 +300,10 @@ class CompressedCache(DynamicCache):
         rows = range(len(self._scores[0]))
         budgets = [self.policy.layer_budgets([scores[row] for scores in self._scores], budget, span)
                    for row in rows]
-        head_cap = self.policy.largest_layer_budget(budget, span)
         for idx, (layer, scores) in enumerate(zip(self.layers, self._scores)):
             layer.keep([self.policy.keep_plan(scores[row], budgets[row][idx], span,
                                               layer.keys[row].transpose(0, 1),
-                                              layer.values[row].transpose(0, 1), head_cap)
+                                              layer.values[row].transpose(0, 1))
                         for row in rows])
             if "decode_compress" in self.policy.stages:
                 layer.budgets = [budgets[row][idx] for row in rows]

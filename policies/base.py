@@ -89,18 +89,13 @@ class Policy:
     store: ClassVar[str] = "dense"
     fallback_store: ClassVar[str | None] = None
     # whether a compressing policy's kv-heads may keep different numbers of tokens in a
-    # layer (the heads that keep fewer padded with slots of count 0)
+    # layer (an engine pads the heads that keep fewer with slots of count 0, or stores
+    # each head's slots in cells of its own)
     uneven_heads: ClassVar[bool] = False
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):
             check_param(self.name, f, getattr(self, f.name))
-
-    @property
-    def counted_slots(self) -> bool:
-        """Whether an engine must keep, per stored slot, the tokens it stands for (merged
-        centroids; padding of uneven heads) and weigh attention by it."""
-        return self.store == "merged" or self.uneven_heads
 
     # -- lifecycle -----------------------------------------------------------
     def new_request_state(self, prompt_tokens: int) -> RequestState:

@@ -136,7 +136,7 @@ class Chelsea(CompressionPolicy):
         return LayerScores(with_window(scores, context, window))
 
     def keep_plan(self, scores: LayerScores, budget: int, span: int, keys: Tensor,
-                  values: Tensor, head_cap: int | None = None) -> KeepPlan:
+                  values: Tensor, cell: int | None = None) -> KeepPlan:
         """``min(budget, span)`` slots per kv-head for ``[0, span)``: the ``+inf``-scored
         tokens exact, the rest merged by rounds of chunked soft matching."""
         num_kv_heads = keys.shape[1]

@@ -10,7 +10,7 @@ The contract (docs/design.md, "Keeping less"):
   ``keep_plan`` needs (a :class:`LayerScores`), and nothing is stored yet;
 * ``layer_budgets(scores, keep, span)`` turns the per-sequence budget into a
   budget per layer once every layer has scored (uniform here; CAKE allocates);
-* ``keep_plan(scores, budget, span, keys, values, head_cap)`` is what one layer keeps of
+* ``keep_plan(scores, budget, span, keys, values, cell)`` is what one layer keeps of
   the tokens ``[0, span)``: a :class:`KeepPlan`.  The engine keeps the tokens at
   and after ``span`` (the prompt's partial last block, and every decode token)
   as they are;
@@ -226,11 +226,11 @@ class CompressionPolicy(Policy):
         raise NotImplementedError
 
     def keep_plan(self, scores: LayerScores, budget: int, span: int, keys: Tensor,
-                  values: Tensor, head_cap: int | None = None) -> KeepPlan:
+                  values: Tensor, cell: int | None = None) -> KeepPlan:
         """The ``budget`` best-scored tokens of ``[0, span)`` per kv-head (``keys``/``values``
-        ``[N, H_kv, D]`` are there for policies that merge).  ``head_cap``: the most slots
-        one kv-head may hold (the engine passes :meth:`largest_layer_budget`), which
-        policies whose heads keep uneven numbers (``uneven_heads``) stay within."""
+        ``[N, H_kv, D]`` are there for policies that merge).  ``cell``: an engine that stores
+        each kv-head's slots in cells of that many passes it for policies whose heads keep
+        uneven numbers (``uneven_heads``), which then round each head's up to whole cells."""
         return KeepPlan(top_tokens(scores.token, budget, span))
 
 

@@ -14,10 +14,11 @@ the chat template's preamble after them is not replayed and scores 0.
 The budget is shared across heads and layers (KVzip's default): the pairs with the
 highest scores of the whole sequence are kept, so each layer, and each kv-head in it,
 keeps its own number of pairs; ``layerwise`` gives every layer the same number (still
-shared among its heads).  kvplug caps what one kv-head keeps at ``max_layer_ratio``
-times the budget (an engine limit, as CAKE's): an engine that stores a layer's heads and
-its layers in the same blocks reserves that much for each, so the cap is what lets it
-free the rest.  A head's pairs past the cap go to the next best pairs of other heads.
+shared among its heads).  kvplug caps what one layer keeps at ``max_layer_ratio`` times
+the budget (an engine limit, as CAKE's): an engine that stores every layer of a token in
+the same blocks reserves that much for each layer, so the cap is what lets it free the
+rest.  A layer's share past the cap goes to the other layers; inside a layer the kv-heads
+share its pairs as their scores say.
 """
 
 from __future__ import annotations
@@ -49,10 +50,10 @@ class KVzip(ReplayPolicy):
                                  "repeat prompt", min=0)
     layerwise: bool = param(False, "give every layer the same budget (shared among its "
                                    "kv-heads) instead of sharing it across layers")
-    max_layer_ratio: float = param(2.0, "kvplug engine limit, not KVzip's: no kv-head of a "
-                                        "layer keeps more than this times the budget (the "
-                                        "engine reserves that for every layer; large: uncapped, "
-                                        "as KVzip)", min=1.0)
+    max_layer_ratio: float = param(2.0, "kvplug engine limit, not KVzip's: no layer keeps "
+                                        "more than this times the budget (the engine reserves "
+                                        "that for every layer; large: uncapped, as KVzip)",
+                                   min=1.0)
 
     uneven_heads = True
 
@@ -101,56 +102,54 @@ class KVzip(ReplayPolicy):
         return best.unflatten(0, (num_kv_heads, group)).amax(dim=1)
 
     def largest_layer_budget(self, budget, span):
-        """``max_layer_ratio * budget`` slots, clipped to the span: the most one kv-head
-        keeps, known before the replay scores anything."""
+        """``max_layer_ratio * budget`` pairs per kv-head, clipped to the span: the most one
+        layer keeps, known before the replay scores anything."""
         return min(span, math.floor(self.max_layer_ratio * budget))
 
     def layer_budgets(self, scores, budget, span):
         """The ``L * H_kv * min(budget, span)`` best pairs of ``[0, span)`` over every layer
-        and kv-head, none past a head's cap (ties to the earlier layer, head and token), as
-        tokens per layer; ``layerwise``: ``min(budget, span)`` each."""
+        and kv-head (ties to the earlier layer, head and token), as pairs per kv-head of each
+        layer, none past the cap (the excess shared among the other layers in proportion to
+        their pairs); ``layerwise``: ``min(budget, span)`` each."""
         keep = min(budget, span)
         if keep == span or self.layerwise:
             return [keep] * len(scores)
-        cap = self.largest_layer_budget(budget, span)
-        pairs = torch.stack([within_cap(s.token[:, :span].float(), cap) for s in scores])
+        pairs = torch.stack([s.token[:, :span].float() for s in scores])
         num_layers, num_kv_heads = pairs.shape[:2]
         best = pairs.flatten().topk(num_layers * num_kv_heads * keep, sorted=False).indices
         per_layer = torch.bincount(best // (num_kv_heads * span), minlength=num_layers)
-        return share(per_layer.tolist(), num_layers * keep, cap)    # pairs / kv-heads, rounded
+        return share(per_layer.tolist(), num_layers * keep,
+                     self.largest_layer_budget(budget, span))    # pairs / kv-heads, rounded
 
-    def keep_plan(self, scores, budget, span, keys, values, head_cap=None):
-        """The ``H_kv * budget`` best pairs of the layer's ``[0, span)``, however they fall
-        on its kv-heads (each at most ``head_cap``); a head keeping fewer than the
-        most-keeping one is padded with slots of count 0 (after its last kept token)."""
+    def keep_plan(self, scores, budget, span, keys, values, cell=None):
+        """The ``H_kv * budget`` best pairs of the layer's ``[0, span)``, however they fall on
+        its kv-heads; a head keeping fewer than the most-keeping one is padded with slots of
+        count 0 (after its last kept token).  With ``cell``, each head keeps its pairs rounded
+        up to whole cells, its next best filling its last."""
         token = scores.token[:, :span]
-        if head_cap is not None:
-            token = within_cap(token.float(), head_cap)
         num_kv_heads = token.shape[0]
         best = token.flatten().topk(min(budget, span) * num_kv_heads, sorted=False).indices
         kept = torch.zeros_like(token, dtype=torch.bool).flatten()
         kept[best] = True
         kept = kept.view_as(token)
         per_head = kept.sum(dim=1)
+        if cell is not None:             # each head's pairs rounded up to whole cells
+            per_head = -(-per_head // cell) * cell
+            rank = torch.empty_like(token, dtype=torch.long).scatter_(
+                1, token.float().argsort(dim=1, descending=True, stable=True),
+                torch.arange(span, device=token.device).expand_as(token))
+            kept = rank < per_head[:, None]
         width = int(per_head.max())
         if width == 0:                                  # the layer keeps none of the span
             return KeepPlan(torch.zeros(num_kv_heads, 0, dtype=torch.long, device=token.device))
         # each head's kept positions first (ascending), then its last one again as padding
+        # (a head keeping none: the span's last)
         positions = torch.arange(span, device=token.device)
         order = torch.where(kept, positions, span).sort(dim=1).values[:, :width]
-        last = order.gather(1, (per_head - 1).clamp(min=0)[:, None])
+        last = order.gather(1, (per_head - 1).clamp(min=0)[:, None]).clamp(max=span - 1)
         slot = torch.arange(width, device=token.device)
         real = slot < per_head[:, None]
         indices = torch.where(real, order, last)
         if bool(real.all()):
             return KeepPlan(indices)
         return KeepPlan(indices, counts=real.long())
-
-
-def within_cap(scores: Tensor, cap: int) -> Tensor:
-    """``[H_kv, N]`` scores with all but each head's ``cap`` best at ``-inf``, so a top-k over
-    several heads takes at most ``cap`` of one."""
-    if cap >= scores.shape[-1]:
-        return scores
-    best = scores.topk(cap, dim=-1, sorted=False).indices
-    return torch.full_like(scores, float("-inf")).scatter(-1, best, scores.gather(-1, best))

@@ -6,7 +6,7 @@ context by replaying it and keeps its share of (layer, kv-head, token) pairs:
 kvplug through its HF path (``compress_context``), kvpress through its press, run in
 its own venv (``.venv-kvpress``, kvpress pins ``transformers<5.3``) by this script as a
 subprocess.  kvplug's pairs come uncapped, as KVzip (the algorithm's agreement), and at
-each ``max_layer_ratio`` of ``--caps`` (kvplug's cap on one kv-head's pairs, which a paged
+each ``max_layer_ratio`` of ``--caps`` (kvplug's cap on one layer's pairs, which a paged
 engine reserves for every layer: what it changes), all from one replay.  Written to
 ``--out``: ``results.md`` / ``results.json`` (pairs kept, their Jaccard overlap, per-layer
 shares, the largest kv-head's count) and ``layers.png`` (each layer's share of its pairs
@@ -76,11 +76,10 @@ def kvplug_kept(model_dir: str, ids: torch.Tensor, budget: float,
     masks = {}
     for cap in caps:
         capped = KVzip(budget_ratio=budget, max_layer_ratio=cap)
-        head_cap = capped.largest_layer_budget(tokens, span)
         kept = torch.zeros(len(scores), scores[0].token.shape[0], ids.shape[1], dtype=torch.bool)
         for idx, (layer, layer_budget) in enumerate(
                 zip(scores, capped.layer_budgets(scores, tokens, span))):
-            plan = capped.keep_plan(layer, layer_budget, span, None, None, head_cap)
+            plan = capped.keep_plan(layer, layer_budget, span, None, None)
             real = torch.ones_like(plan.indices, dtype=torch.bool) if plan.counts is None \
                 else plan.counts > 0
             for head in range(kept.shape[1]):
@@ -188,7 +187,7 @@ def main(argv: list[str] | None = None) -> int:
         lines.append(f"| {row['length']} | {row['context_tokens']} | {row['budget']} | "
                      f"{row['kvplug_kept']} | {row['kvpress_kept']} | {row['jaccard']} | "
                      f"{diff:.4f} | {row['largest_head_share']} |")
-    lines += ["", "kvplug with each kv-head capped at `max_layer_ratio` x the budget (what a "
+    lines += ["", "kvplug with each layer capped at `max_layer_ratio` x the budget (what a "
               "paged engine reserves for every layer: that share of the context), Jaccard "
               "against kvpress:", "",
               "| max_layer_ratio | reserved share of the context | "

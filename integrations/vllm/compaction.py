@@ -93,12 +93,15 @@ def compaction_layout(policy: CompressionPolicy, context: int,
                       block_size: int) -> CompactionLayout:
     """The layout of a ``context``-token prefill: the budget less the tail block's tokens is
     what a layer keeps of the span on average; the kept region is the largest layer budget
-    the policy may give, in whole blocks (rounded up), and at least the observation
+    the policy may give, in whole blocks (rounded up; with ``uneven_heads``, room for each
+    kv-head's pairs in whole cells, :class:`HeadCells`), and at least the observation
     window's part inside the span."""
     span_blocks = context // block_size
     tail = context - span_blocks * block_size
     span_budget = max(policy.token_budget(context) - tail, 0)
     keep = policy.largest_layer_budget(span_budget, span_blocks * block_size)
+    if policy.uneven_heads:           # each kv-head's pairs rounded up to whole cells
+        keep += block_size - 1
     keep = max(keep, min(policy.observation_window, context) - tail)
     kept_blocks = min(span_blocks, -(-keep // block_size))
     recompacts = "decode_compress" in policy.stages
@@ -262,6 +265,54 @@ def attach_reclaimer(kv_cache_manager, worker) -> BlockReclaimer:
 
 # -- worker side ----------------------------------------------------------------------
 
+@dataclass(frozen=True)
+class HeadCells:
+    """A compacted request whose kv-heads keep uneven numbers of pairs (``uneven_heads``):
+    a layer's kept region of ``blocks`` blocks is ``blocks * H_kv`` cells (a block of one
+    kv-head, ``block_size`` slots), and each kv-head of each layer holds
+    ``cells[layer, head]`` of them, the heads one after another from the region's first
+    cell on (cell ``c``: block ``c // H_kv`` of the region, kv-head slot ``c % H_kv``).  A
+    region then holds a layer's pairs summed over its heads, not ``H_kv`` times its
+    widest head's."""
+
+    blocks: int
+    cells: torch.Tensor    # [L, H_kv] int64
+
+
+def cell_tables(rows: list[HeadCells | None], block_table: torch.Tensor,
+                seq_lens: torch.Tensor, block_size: int, num_layers: int,
+                num_kv_heads: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per layer, what each (decode row, kv-head) reads over the cache viewed as cells
+    (``[num_blocks * H_kv, 1, block, 2·D]``): its own cells of the row's kept region, then
+    its cell of every block after it (the tail block and decode's); rows without
+    ``HeadCells`` read every block of theirs.  ``block_table``/``seq_lens``: the rows'
+    reads from their region's first block on.  Returns ``table`` ``[L, R·H_kv, W]`` and
+    ``lens`` ``[L, R·H_kv]`` (int32), a row's heads consecutive."""
+    heads = torch.arange(num_kv_heads)
+    tables, lens = [], []
+    for row, kept in enumerate(rows):
+        cells = (torch.zeros(num_layers, num_kv_heads, dtype=torch.long) if kept is None
+                 else kept.cells.long())
+        region = 0 if kept is None else kept.blocks
+        seq_len = int(seq_lens[row])
+        blocks = block_table[row, :-(-seq_len // block_size)].long()
+        region_cells = (blocks[:region, None] * num_kv_heads + heads).flatten()
+        tail = blocks[region:]
+        slot = torch.arange(int(cells.max()) + tail.shape[0])
+        in_region = slot < cells[..., None]                                  # [L, H_kv, W]
+        first = (cells.cumsum(dim=1) - cells)[..., None]
+        own = (region_cells[(first + slot).clamp(max=max(region_cells.shape[0] - 1, 0))]
+               if region_cells.numel() else torch.zeros_like(in_region, dtype=torch.long))
+        after = tail[(slot - cells[..., None]).clamp(0, tail.shape[0] - 1)] * num_kv_heads \
+            + heads[:, None]
+        tables.append(torch.where(in_region, own, after))
+        lens.append(cells * block_size + seq_len - region * block_size)
+    width = max(t.shape[-1] for t in tables)
+    table = torch.cat([torch.nn.functional.pad(t, (0, width - t.shape[-1])) for t in tables],
+                      dim=1)
+    return table.to(torch.int32), torch.cat(lens, dim=1).to(torch.int32)
+
+
 @dataclass
 class RequestCompaction:
     """Worker-side compaction record of one request's prefill run."""
@@ -271,6 +322,7 @@ class RequestCompaction:
     # the blocks each layer keeps once compacted, where layers keep different numbers of
     # blocks (else every layer keeps layout.kept_blocks)
     layer_kept_blocks: tuple[int, ...] | None = None
+    head_cells: HeadCells | None = None    # where its kv-heads keep uneven numbers of cells
 
     def kept_blocks(self, layer_idx: int) -> int:
         """Blocks of kept tokens layer ``layer_idx`` holds before the tail block."""
@@ -316,16 +368,3 @@ def gather_kept(plan, keys: torch.Tensor, values: torch.Tensor):
     kept_values = values[index, heads] if plan.values is None else plan.values.transpose(0, 1)
     log_counts = None if plan.counts is None else plan.counts.t().float().log()
     return kept_keys.to(keys.dtype), kept_values.to(values.dtype), log_counts
-
-
-def padded(keys: torch.Tensor, values: torch.Tensor, log_counts: torch.Tensor | None,
-           slots: int):
-    """Kept ``keys``/``values`` ``[n, H_kv, D]`` and their log counts filled up to ``slots``
-    slots with slots of count 0 (log count ``-inf``), which attention weighs as nothing."""
-    missing = slots - keys.shape[0]
-    if missing <= 0:
-        return keys, values, log_counts
-    if log_counts is None:
-        log_counts = keys.new_zeros(keys.shape[:2])
-    fill = lambda t, value: torch.cat([t, t.new_full((missing, *t.shape[1:]), value)])
-    return fill(keys, 0.0), fill(values, 0.0), fill(log_counts, float("-inf"))

@@ -45,7 +45,8 @@ from vllm.v1.attention.backends.cpu_attn import (CPUAttentionBackend, CPUAttenti
                                                  CPUAttentionMetadata,
                                                  CPUAttentionMetadataBuilder)
 
-from kvplug.integrations.vllm.compaction import CompactionStep, gather_kept, padded
+from kvplug.integrations.vllm.compaction import (CompactionStep, HeadCells, cell_tables,
+                                                 gather_kept)
 from kvplug.integrations.vllm.block_summaries import (ROW_KEYS, every_block, selection_blocks,
                                                       with_dense_heads)
 from kvplug.kernels import count_weighted_decode, sparse_paged_decode_ref
@@ -81,6 +82,7 @@ class DecodePlan:
     # (TidalDecode, StreamingLLM, DuoAttention's streaming part) plan their read once
     reads: list[PlannedRead] = field(default_factory=list)
     all_blocks: torch.Tensor | None = None  # every_block(), for dense kv-heads, once per step
+    cells: CellReads | None = None    # set when a decode row's kv-heads keep their own cells
 
     def block_read(self, selection, block_size: int, num_kv_heads: int) -> BlockRead:
         """The blocks a selection reads: per (row, kv-head), or one table per row when
@@ -128,6 +130,23 @@ class PlannedRead:
 
 
 @dataclass
+class CellReads:
+    """Decode rows whose kv-heads keep their own cells (:class:`HeadCells`): per layer, one
+    table per (row, kv-head) over the cache viewed as cells (:func:`cell_tables`, planned
+    once per step), read by vLLM's kernel as a :class:`BlockRead` made at the layer's first
+    use."""
+
+    table: torch.Tensor   # [L, R·H_kv, W] int32
+    lens: torch.Tensor    # [L, R·H_kv] int32
+    reads: dict[int, BlockRead] = field(default_factory=dict)
+
+    def for_layer(self, layer_idx: int) -> BlockRead:
+        if layer_idx not in self.reads:
+            self.reads[layer_idx] = BlockRead(self.table[layer_idx], self.lens[layer_idx])
+        return self.reads[layer_idx]
+
+
+@dataclass
 class LayerReads:
     """Per-layer metadata where compacted rows' layers keep different numbers of blocks
     (CAKE): each layer reads a row from its own first block.  Made once per distinct
@@ -164,7 +183,7 @@ class KVPlugCPUMetadataBuilder(CPUAttentionMetadataBuilder):
         super().__init__(kv_cache_spec, layer_names, vllm_config, device)
         self.worker = worker_policy(vllm_config)
         self.num_layers = vllm_config.model_config.get_num_layers(vllm_config.parallel_config)
-        if self.worker.any_selection or self.worker.counted_slots:
+        if self.worker.any_selection or self.worker.merged or self.worker.head_cells:
             self._init_reorder_batch_threshold(1)  # decode rows first
 
     def _schedule(self, seq_lens, query_start_loc, num_heads, num_kv_heads):
@@ -196,7 +215,8 @@ class KVPlugCPUMetadataBuilder(CPUAttentionMetadataBuilder):
         if step is not None and step.layer_read_from is not None:
             md.layer_reads = LayerReads(self, common_prefix_len, common_attn_metadata, step)
         policy = self.worker.policy_for(md.rows)
-        if (isinstance(policy, SelectionPolicy) or policy.counted_slots) and md.rows is not None:
+        if md.rows is not None and (isinstance(policy, SelectionPolicy)
+                                    or policy.store == "merged" or policy.uneven_heads):
             md.decode = self._plan(md, common_attn_metadata, policy)
         return md
 
@@ -205,13 +225,23 @@ class KVPlugCPUMetadataBuilder(CPUAttentionMetadataBuilder):
         if num_rows == 0:
             return None
         rest = None if num_rows == common.num_reqs else self._rows(md, num_rows, common.num_reqs)
-        return DecodePlan(
+        plan = DecodePlan(
             num_rows=num_rows, seq_lens=md.seq_lens[:num_rows].long(),
             block_table=md.block_table[:num_rows],
             dense=self._rows(md, 0, num_rows), rest=rest,
             ctx=step_context(policy, md.seq_lens[:num_rows].long(), self.block_size,
                              self.num_layers),
             policy=policy)
+        cells = md.rows.head_cells
+        if cells is not None:
+            if any(kept is not None for kept in cells[num_rows:]):
+                raise RuntimeError("kvplug: a request whose kv-heads keep their own cells was "
+                                   "scheduled more than one token after its prefill")
+            if any(kept is not None for kept in cells[:num_rows]):
+                plan.cells = CellReads(*cell_tables(
+                    list(cells[:num_rows]), plan.block_table, plan.seq_lens, self.block_size,
+                    self.num_layers, self.num_kv_heads))
+        return plan
 
 
 def compacted_reads(common, read_from: tuple[int, ...], block_size: int):
@@ -243,7 +273,7 @@ class KVPlugCPUImpl(LayerSummaries, CPUAttentionBackendImpl):
 
     def _bind(self, layer, kv_cache: torch.Tensor) -> bool:
         bound = super()._bind(layer, kv_cache)
-        if bound and self.worker.counted_slots:
+        if bound and self.worker.merged:
             num_blocks, _, block_size, _ = kv_cache.shape
             self.log_counts = torch.zeros(num_blocks, block_size, self.num_kv_heads)
         return bound
@@ -258,7 +288,7 @@ class KVPlugCPUImpl(LayerSummaries, CPUAttentionBackendImpl):
         if step is not None and step.draft:
             # draft keys are rewritten by verification; they never enter the summaries
             return
-        if (self.worker.any_selection or self.worker.counted_slots) and kv_cache.numel():
+        if (self.worker.any_selection or self.worker.merged) and kv_cache.numel():
             self._keep_summaries(layer, key, kv_cache, slot_mapping if step is None
                                  else step.summary_slots(slot_mapping))
             if self.log_counts is not None:   # new tokens stand for themselves
@@ -289,6 +319,8 @@ class KVPlugCPUImpl(LayerSummaries, CPUAttentionBackendImpl):
                                 output_scale, output_block_scale)
         elif "select" in plan.policy.stages:
             self._selection_forward(layer, query, key, value, kv_cache, plan, output)
+        elif plan.cells is not None:
+            self._cell_forward(layer, query, key, value, kv_cache, plan, output)
         else:
             self._merged_forward(layer, query, key, value, kv_cache, attn_metadata, plan,
                                  output)
@@ -388,6 +420,19 @@ class KVPlugCPUImpl(LayerSummaries, CPUAttentionBackendImpl):
                 counts["draft_kv_tokens_context"] += int(plan.seq_lens.sum()) * self.num_kv_heads
             else:
                 counts["sparse_decode_layers"] += 1
+
+    def _cell_forward(self, layer, query, key, value, kv_cache, plan, output) -> None:
+        """Prefill rows dense; decode rows through their kv-heads' own cells (vLLM's
+        kernel over the cache viewed as cells, :class:`CellReads`)."""
+        self._bind(layer, kv_cache)
+        n = plan.num_rows
+        if plan.rest is not None:
+            self._dense_forward(layer, query[n:], key[n:], value[n:], kv_cache, plan.rest,
+                                output[n:])
+        plan.cells.for_layer(self.layer_idx).run(
+            query[:n], kv_cache, scale=self.scale,
+            isa=layer.isa, softcap=self.logits_soft_cap, k_scale=layer._k_scale_float,
+            v_scale=layer._v_scale_float, kv_cache_dtype=self.kv_cache_dtype, out=output[:n])
 
     def _merged_forward(self, layer, query, key, value, kv_cache, md, plan, output) -> None:
         """A merging policy: prefill rows dense; once a decode row is compacted, its slots
@@ -592,28 +637,31 @@ def _vec_layout(isa: str, dtype: torch.dtype, block_size: int, head_dim: int) ->
 def compact(policy, block_table: torch.Tensor, record, scores, step: CompactionStep,
             isa: str) -> None:
     """Write each layer's kept span tokens into the last of the request's kept span blocks
-    (as many as that layer fills; with ``uneven_heads``, the whole region, padded); the
-    scheduler frees the blocks before the kept region once the step is committed."""
+    (as many as that layer fills; with ``uneven_heads``, each kv-head into whole cells of
+    the region, :func:`write_cells`); the scheduler frees the blocks before the kept region
+    once the step is committed."""
     layout = record.layout
     budgets = policy.layer_budgets(scores, layout.span_budget, layout.span)
-    head_cap = policy.largest_layer_budget(layout.span_budget, layout.span)
     context_blocks = block_table[:-(-layout.context // layout.block_size)]
-    firsts = []
+    region = block_table[layout.first_block:layout.tail_block]
+    firsts, head_cells = [], []
     for layer_idx, (layer_scores, budget) in enumerate(zip(scores, budgets)):
-        if policy.uneven_heads:     # its widest head sets a layer's slots: give it the region
-            first, keep = layout.first_block, budget
-        else:
-            first = layout.tail_block - layout.layer_blocks(budget)
-            keep = (layout.tail_block - first) * layout.block_size
+        cache = step.caches[layer_idx]
+        if policy.uneven_heads:
+            keys, values = context_kv(cache, context_blocks, layout.context, isa)
+            plan = policy.keep_plan(layer_scores, budget, layout.span, keys, values,
+                                    layout.block_size)
+            head_cells.append(write_cells(cache, region, plan, keys, values, isa))
+            continue
+        first = layout.tail_block - layout.layer_blocks(budget)
         firsts.append(first)
         if first == layout.tail_block:          # keeps none of the span
             continue
-        cache = step.caches[layer_idx]
+        keep = (layout.tail_block - first) * layout.block_size
         keys, values = context_kv(cache, context_blocks, layout.context, isa)
-        plan = policy.keep_plan(layer_scores, keep, layout.span, keys, values, head_cap)
+        plan = policy.keep_plan(layer_scores, keep, layout.span, keys, values)
         blocks = block_table[first:layout.tail_block]
-        kept_keys, kept_values, log_counts = padded(*gather_kept(plan, keys, values),
-                                                    blocks.shape[0] * layout.block_size)
+        kept_keys, kept_values, log_counts = gather_kept(plan, keys, values)
         write_kept(cache, blocks, kept_keys, kept_values, isa)
         if layer_idx in step.log_counts:
             step.log_counts[layer_idx][blocks] = 0 if log_counts is None else \
@@ -621,9 +669,37 @@ def compact(policy, block_table: torch.Tensor, record, scores, step: CompactionS
         elif log_counts is not None:
             raise RuntimeError(f"kvplug policy {policy.name!r} keeps counted slots, but layer "
                                f"{layer_idx} keeps no slot counts")
-    if any(first != layout.first_block for first in firsts):
+    if head_cells:
+        record.head_cells = HeadCells(region.shape[0], torch.stack(head_cells))
+    elif any(first != layout.first_block for first in firsts):
         record.layer_kept_blocks = tuple(layout.tail_block - first for first in firsts)
     tracker().counts["compacted_requests"] += 1
+
+
+def write_cells(kv_cache: torch.Tensor, region: torch.Tensor, plan, keys: torch.Tensor,
+                values: torch.Tensor, isa: str) -> torch.Tensor:
+    """Write a layer's uneven kv-heads (``plan`` keeping whole cells per head) into the
+    cells of its kept ``region`` blocks, head after head (:class:`HeadCells`); returns
+    the cells each head holds ``[H_kv]``."""
+    num_blocks, num_kv_heads, block_size, two_d = kv_cache.shape
+    real = (torch.ones_like(plan.indices, dtype=torch.bool) if plan.counts is None
+            else plan.counts > 0)
+    if plan.counts is not None and bool((plan.counts > 1).any()):
+        raise ValueError("kvplug: a layer whose kv-heads keep uneven numbers of slots stores "
+                         "them in cells of single tokens; this plan merges tokens")
+    per_head = real.sum(dim=1)
+    cells = per_head // block_size
+    if bool((per_head % block_size).any()) or int(cells.sum()) > region.shape[0] * num_kv_heads:
+        raise RuntimeError(f"kvplug: a layer keeps {per_head.tolist()} pairs per kv-head; "
+                           f"its region holds {region.shape[0] * num_kv_heads} whole cells of "
+                           f"{block_size}")
+    heads = torch.arange(num_kv_heads).repeat_interleave(per_head)
+    positions = plan.indices[real]                     # head 0's pairs, then head 1's, ...
+    targets = (region[:, None] * num_kv_heads + torch.arange(num_kv_heads)).flatten()
+    write_kept(kv_cache.view(num_blocks * num_kv_heads, 1, block_size, two_d),
+               targets[:int(cells.sum())], keys[positions, heads][:, None],
+               values[positions, heads][:, None], isa)
+    return cells
 
 
 def context_kv(kv_cache: torch.Tensor, blocks: torch.Tensor, context: int,

@@ -29,8 +29,8 @@ from dataclasses import dataclass, field
 import torch
 
 from kvplug.config import KVPlugConfig, PolicyConfig, resolve_config
-from kvplug.integrations.vllm.compaction import (CompactionStep, RequestCompaction,
-                                                 compaction_layout)
+from kvplug.integrations.vllm.compaction import (CompactionStep, HeadCells,
+                                                 RequestCompaction, compaction_layout)
 from kvplug.integrations.vllm.quantized import (QuantizedRequest, QuantizedRow, new_record,
                                                 plan_row)
 from kvplug.integrations.vllm.selection import logger, uses_kvplug
@@ -54,6 +54,9 @@ class Step:
     # per row, the first block each layer reads, where its layers keep different numbers of
     # blocks (else None); None when no row's layers differ
     layer_read_from: tuple[tuple[int, ...] | None, ...] | None = None
+    # per row, the cells its kv-heads keep, where they keep uneven numbers (else None);
+    # None when no row's do
+    head_cells: tuple[HeadCells | None, ...] | None = None
     # a self-speculation draft forward (reads through the config's draft policy)
     draft: bool = False
     # with the quantized store: what each row reads and packs (else None)
@@ -120,8 +123,10 @@ class WorkerPolicy:
                                  f"reads whole {unit}-token pages: make its chunk a multiple "
                                  f"of the KV block size {unit}")
         self.any_selection = any(isinstance(p, SelectionPolicy) for p in self.policies)
-        # counted slots are read by kvplug's count-weighted decode, decode rows apart
-        self.counted_slots = any(p.counted_slots for _, p in self.choices)
+        # kvplug reads decode rows apart for merged slots (weighed by their counts) and for
+        # kv-heads that keep uneven numbers of pairs (each in its own cells)
+        self.merged = any(p.store == "merged" for _, p in self.choices)
+        self.head_cells = any(p.uneven_heads for _, p in self.choices)
 
     @property
     def next_policy(self) -> Policy:
@@ -235,7 +240,7 @@ class RequestTracker:
         req_ids = tuple(batch.req_ids[: batch.num_reqs])
         compressing = "prefill_compress" in policy.stages
         quantized = [] if self.worker.quantized else None
-        states, read_from, layer_read_from, unverified = [], [], [], []
+        states, read_from, layer_read_from, head_cells, unverified = [], [], [], [], []
         ending, continuing, recompacting = [], [], []
         for row, req_id in enumerate(req_ids):
             request = runner.requests[req_id]
@@ -265,11 +270,13 @@ class RequestTracker:
             if record.layout is not None:
                 read_from.append(record.layout.first_block_at(computed))
                 layer_read_from.append(record.layer_first_blocks(computed))
+                head_cells.append(record.head_cells)
                 if record.layout.recompacts_in(computed, new):
                     recompacting.append((row, record, computed))
                 continue
             read_from.append(0)
             layer_read_from.append(None)
+            head_cells.append(None)
             if computed + new == request.num_tokens:  # the prefill run ends in this step
                 record.layout = compaction_layout(policy, computed + new, self.block_size)
                 if record.layout.first_block:        # else it keeps every token as it is
@@ -281,6 +288,8 @@ class RequestTracker:
         self.current = Step(req_ids, tuple(states), tuple(read_from) if compressing else None,
                             compaction, tuple(layer_read_from)
                             if any(f is not None for f in layer_read_from) else None,
+                            head_cells=tuple(head_cells)
+                            if any(c is not None for c in head_cells) else None,
                             quantized=None if quantized is None else tuple(quantized),
                             # kvplug's drafter folds the accepted drafts' keys in itself
                             unverified=torch.tensor(unverified) if self.worker.draft is not None

@@ -176,6 +176,11 @@ def _check_policy(engine_args, vllm_config, recreate):
         raise ValueError(f"kvplug policy {recompacting[0]!r} compresses a request's KV again "
                          "each time a decoded token fills a block, one token a step; "
                          "speculative decoding is not supported with it")
+    uneven = [p.name for p in policies if p.uneven_heads]
+    if uneven and vllm_config.speculative_config is not None:
+        raise ValueError(f"kvplug policy {uneven[0]!r} keeps each kv-head's pairs in cells of "
+                         "its own, which kvplug reads for rows of one decode token; speculative "
+                         "decoding is not supported with it")
     replaying = [p.name for p in policies if "replay" in p.stages]
     if replaying and "VLLM_EXECUTE_MODEL_TIMEOUT_SECONDS" not in os.environ:
         # a step that ends k prefills also runs their replays (docs/design.md)

@@ -72,7 +72,7 @@ class MergeIdentical(CompressionPolicy):
     def prefill_scores(self, layer_idx, queries, keys, scale):
         return LayerScores(torch.zeros(keys.shape[1], keys.shape[0]))
 
-    def keep_plan(self, scores, budget, span, keys, values, head_cap=None):
+    def keep_plan(self, scores, budget, span, keys, values, cell=None):
         firsts, counts = [], []
         for head in range(keys.shape[1]):
             kv = torch.cat([keys[:span, head], values[:span, head]], dim=-1)
@@ -167,11 +167,11 @@ def test_small_budget_keeps_budget_tokens_at_logical_positions(bundled, name):
         elif name == "kvzip":      # its kv-heads keep their own numbers: padded with count 0
             assert layer.log_counts is None or set(layer.log_counts.unique().tolist()) <= {
                 0.0, float("-inf")}
-            assert max(slots) <= 2 * budget          # no kv-head past its cap
         else:
             assert layer.log_counts is None
     if name == "kvzip":
         assert any(layer.log_counts is not None for layer in cache.layers)
+        assert max(kept) <= 2 * budget * 3           # no layer past its cap
 
 
 def test_kept_slots_are_the_planned_tokens_and_decoding_reads_those(bundled):

@@ -81,10 +81,11 @@ def test_keep_plan_keeps_the_layers_best_pairs_padding_heads_that_keep_fewer():
     assert even.indices.tolist() == [[4, 5], [4, 5]] and even.counts is None
 
 
-def test_no_kv_head_keeps_more_than_its_cap_and_the_rest_goes_to_the_next_best_pairs():
+def test_no_layer_keeps_more_than_its_cap_and_the_rest_goes_to_the_other_layers():
     """One layer scores above the others: uncapped it would take 40 pairs of one head;
-    capped at 2 x budget = 20 per head, its budget stops there and the other layers get
-    the remaining best pairs, each head's plan within the cap."""
+    capped at 2 x budget = 20 pairs per kv-head, its budget stops there and the other
+    layers get the rest; inside the layer its heads are not capped (the hot head keeps
+    more than 20)."""
     torch.manual_seed(2)
     hot = torch.rand(2, 50)
     hot[0, :40] += 10
@@ -92,13 +93,33 @@ def test_no_kv_head_keeps_more_than_its_cap_and_the_rest_goes_to_the_next_best_p
     policy = build_policy("kvzip", {"budget": 10})
     assert policy.largest_layer_budget(10, 50) == 20
     budgets = policy.layer_budgets(scores, 10, 50)
-    assert sum(budgets) == 30 and max(budgets) <= 20
-    plan = policy.keep_plan(scores[0], budgets[0], 50, None, None, head_cap=20)
-    kept = plan.counts.sum(dim=1) if plan.counts is not None else torch.full((2,), plan.size)
-    assert kept.max() == 20 and kept.sum() == 2 * budgets[0]
-    assert set(plan.indices[0][:20].tolist()) <= set(range(40))   # the hot head's best
+    assert sum(budgets) == 30 and budgets[0] == 20
+    plan = policy.keep_plan(scores[0], budgets[0], 50, None, None)
+    kept = plan.counts.sum(dim=1)
+    assert kept.tolist() == [40, 0]                 # the hot head's 40 best, past 20
+    assert plan.indices[0].tolist() == list(range(40))
     uncapped = build_policy("kvzip", {"budget": 10, "max_layer_ratio": 5})
-    assert uncapped.keep_plan(scores[0], 20, 50, None, None).indices.shape[1] == 40
+    assert uncapped.layer_budgets(scores, 10, 50)[0] > 20
+
+
+def test_with_cells_each_head_keeps_its_pairs_rounded_up_to_whole_cells():
+    """A layer keeping 3 x 10 pairs, cells of 8: each head keeps the pairs it keeps without
+    cells and its next best up to whole cells; a head keeping none keeps no cell."""
+    torch.manual_seed(3)
+    token = torch.rand(3, 64)
+    token[0] += 1.0                                  # head 0 holds most of the best pairs
+    token[2] -= 2.0                                  # head 2 none
+    policy = build_policy("kvzip", {"budget": 10})
+    loose = policy.keep_plan(LayerScores(token), 10, 64, None, None)
+    whole = policy.keep_plan(LayerScores(token), 10, 64, None, None, cell=8)
+    loose_kept, kept = loose.counts.sum(dim=1), whole.counts.sum(dim=1)
+    assert loose_kept[2] == 0 and loose_kept.sum() == 30
+    assert kept.tolist() == (-(-loose_kept // 8) * 8).tolist()
+    for head in range(2):
+        mine = whole.indices[head][:int(kept[head])].tolist()
+        assert set(mine) == set(token[head].topk(int(kept[head])).indices.tolist())
+        assert set(loose.indices[head][:int(loose_kept[head])].tolist()) <= set(mine)
+    assert bool((whole.indices < 64).all()) and bool((loose.indices < 64).all())
 
 
 @pytest.mark.parametrize("params, bad", [({"n_sink": -1}, "n_sink"),

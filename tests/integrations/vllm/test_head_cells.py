@@ -18,7 +18,9 @@ def test_cell_tables_read_each_heads_cells_then_the_blocks_after_the_region():
     """Row 0 keeps a 2-block region (blocks 5, 6: cells 15-20) and reads its tail block 7;
     at layer 0 its heads hold 1, 2, 1 cells, at layer 1 head 2 holds all 4.  Row 1 is not
     compacted: each head reads its cell of every block."""
-    rows = [HeadCells(2, torch.tensor([[1, 2, 1], [0, 0, 4]])), None]
+    ids = torch.tensor([[[15, 0, 0, 0], [16, 17, 0, 0], [18, 0, 0, 0]],
+                        [[0, 0, 0, 0], [0, 0, 0, 0], [15, 16, 17, 18]]])
+    rows = [HeadCells(2, torch.tensor([[1, 2, 1], [0, 0, 4]]), ids), None]
     table, lens = cell_tables(rows, torch.tensor([[5, 6, 7, 8], [1, 2, 0, 0]]),
                               torch.tensor([70, 40]), BLOCK, 2, H_KV)
     reads = lambda layer, row, head: table[layer, row * H_KV + head, :-(
@@ -47,13 +49,13 @@ def test_heads_kept_in_their_own_cells_read_as_exact_attention_over_their_pairs(
     plan = build_policy("kvzip", {"budget": 40}).keep_plan(
         LayerScores(token), 40, span, keys[:context], values[:context], BLOCK)
     region = blocks[3:6]
-    cells = write_cells(kv_cache, region, plan, keys[:context], values[:context], ISA)
+    cells, ids = write_cells(kv_cache, region, plan, keys[:context], values[:context], ISA)
     per_head = plan.counts.sum(dim=1)                            # 120 pairs, rounded up
     assert cells.tolist() == (per_head // BLOCK).tolist() and cells[1] > cells[0]
     write_kept(kv_cache, blocks[6:], torch.cat([keys[192:context], keys[context:]]),
                torch.cat([values[192:context], values[context:]]), ISA)     # tail + new token
 
-    table, lens = cell_tables([HeadCells(3, cells[None])], blocks[3:][None],
+    table, lens = cell_tables([HeadCells(3, cells[None], ids[None])], blocks[3:][None],
                               torch.tensor([context + 1 - 3 * BLOCK]), BLOCK, 1, H_KV)
     query = torch.randn(1, H_KV * GROUP, D)
     got = BlockRead(table[0], lens[0]).run(query, kv_cache, scale=D ** -0.5, isa=ISA)

@@ -345,6 +345,13 @@ class KVPlugCPUImpl(LayerSummaries, CPUAttentionBackendImpl):
         paged_queries(query[:tokens].view(shape), kv_cache, md.query_start_loc, md.seq_lens,
                       md.block_table, scale=self.scale, out=output[:tokens].view(shape))
 
+    def _rest_forward(self, layer, query, key, value, kv_cache, plan, output) -> None:
+        """The step's rows after ``plan``'s decode rows (prefill chunks), dense."""
+        n = plan.num_rows
+        if plan.rest is not None:
+            self._dense_forward(layer, query[n:], key[n:], value[n:], kv_cache, plan.rest,
+                                output[n:])
+
     def _reads_short_rows(self, layer, kv_cache: torch.Tensor) -> bool:
         """Whether :func:`paged_queries` computes this layer's attention exactly as vLLM's
         kernel would: plain causal softmax over a float32 'vec' cache (checked once)."""
@@ -402,9 +409,7 @@ class KVPlugCPUImpl(LayerSummaries, CPUAttentionBackendImpl):
     def _selection_forward(self, layer, query, key, value, kv_cache, plan, output) -> None:
         self._bind(layer, kv_cache)
         n = plan.num_rows
-        if plan.rest is not None:
-            self._dense_forward(layer, query[n:], key[n:], value[n:], kv_cache, plan.rest,
-                                output[n:])
+        self._rest_forward(layer, query, key, value, kv_cache, plan, output)
         selection = self._select(plan.policy, query[:n], plan.seq_lens, plan.block_table,
                                  plan.ctx, kv_cache.shape[2])
         if selection is None:
@@ -426,9 +431,7 @@ class KVPlugCPUImpl(LayerSummaries, CPUAttentionBackendImpl):
         kernel over the cache viewed as cells, :class:`CellReads`)."""
         self._bind(layer, kv_cache)
         n = plan.num_rows
-        if plan.rest is not None:
-            self._dense_forward(layer, query[n:], key[n:], value[n:], kv_cache, plan.rest,
-                                output[n:])
+        self._rest_forward(layer, query, key, value, kv_cache, plan, output)
         plan.cells.for_layer(self.layer_idx).run(
             query[:n], kv_cache, scale=self.scale,
             isa=layer.isa, softcap=self.logits_soft_cap, k_scale=layer._k_scale_float,
@@ -445,9 +448,7 @@ class KVPlugCPUImpl(LayerSummaries, CPUAttentionBackendImpl):
         if not compacted:
             super().forward(layer, query, key, value, kv_cache, md, output)
             return
-        if plan.rest is not None:
-            self._dense_forward(layer, query[n:], key[n:], value[n:], kv_cache, plan.rest,
-                                output[n:])
+        self._rest_forward(layer, query, key, value, kv_cache, plan, output)
         if self._reads_short_rows(layer, kv_cache):
             shape = (n, self.num_heads, self.head_size)
             paged_queries(query[:n].view(shape), kv_cache, torch.arange(n + 1), plan.seq_lens,

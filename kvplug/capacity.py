@@ -6,9 +6,9 @@ that process, so the scheduler is read directly after every step: requests
 running and waiting, the pool's free blocks, preemptions.  All requests are
 queued at once (distinct random prompts, prefix caching off); the engine admits
 what its pool holds.  Reported per backend: the most requests decoding at once,
-the decode tokens/s of the largest batch that ran decode-only steps (median
-engine step time), the fewest free blocks, preemptions, and the whole run's output
-tokens/s.  Results: ``capacity.json``, ``capacity.md`` and ``capacity.png``; each
+the decode tokens/s of the largest batch that ran decode-only steps (no prefill, no
+replay chunk; median engine step time), the fewest free blocks, preemptions, and the
+whole run's output tokens/s.  Results: ``capacity.json``, ``capacity.md`` and ``capacity.png``; each
 backend's run is kept (``run-*.json``) as it finishes, so a rerun only runs what is missing.
 """
 
@@ -161,7 +161,7 @@ def worker(spec_path: str, result_path: str) -> None:
     for i in range(spec["requests"]):
         ids = torch.randint(100, vocab - 100, (spec["context"],), generator=generator).tolist()
         engine.add_request(str(i), TokensPrompt(prompt_token_ids=ids), params)
-    steps, preempted, start = [], set(), time.perf_counter()
+    steps, preempted, replayed, start = [], set(), 0, time.perf_counter()
     with tqdm(total=spec["requests"], desc="finished", unit="req") as bar:
         while engine.has_unfinished_requests():
             begin = time.perf_counter()
@@ -171,11 +171,17 @@ def worker(spec_path: str, result_path: str) -> None:
             running = scheduler.running
             preempted |= {r.request_id for r in [*running, *scheduler.waiting]
                           if r.num_preemptions}
-            decoding = sum(r.num_computed_tokens >= r.num_prompt_tokens for r in running)
+            # a request whose replay is pending is past its prompt but held out of the steps
+            states = kv_vllm.request_states(llm)
+            decoding = (sum(r.num_computed_tokens >= r.num_prompt_tokens for r in running)
+                        - states.get("replaying", 0))
+            replays = states.get("replay_forwards", 0) - replayed
+            replayed += replays
             steps.append({"t": time.perf_counter() - start, "step_s": took,
-                          "running": len(running), "decoding": decoding,
+                          "running": len(running), "decoding": decoding, "replays": replays,
                           "waiting": len(scheduler.waiting), "free": pool.get_num_free_blocks(),
-                          "only_decodes": decoding == len(running) and bool(running)})
+                          "only_decodes": decoding == len(running) and bool(running)
+                          and not replays})
     elapsed = time.perf_counter() - start
     # the largest batch that ran decode-only steps (3 at least), and its step time
     batches = {}

@@ -29,8 +29,9 @@ def request_states(llm) -> dict[str, int]:
     """kvplug's per-request state counts, summed over the engine's workers.
 
     ``llm`` is a ``vllm.LLM``.  ``live`` is the number of states held now (0
-    once the engine has drained); ``created``, ``finished`` (finished or
-    aborted), ``preempted`` and ``resumed`` count events since start.
+    once the engine has drained), ``replaying`` the requests whose replay is pending;
+    ``created``, ``finished`` (finished or aborted), ``preempted``, ``resumed`` and
+    ``replay_forwards`` count events since start.
     """
     total: dict[str, int] = {}
     for counts in llm.collective_rpc("kvplug_request_states"):

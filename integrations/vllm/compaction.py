@@ -220,17 +220,19 @@ def patch_kv_cache_manager() -> None:
 
 def patch_scheduler() -> None:
     """Give the scheduler of an engine that may run a compressing policy a
-    :class:`BlockReclaimer` that follows the worker's policy (the scheduler and the
-    worker share one process: engine-start checks refuse a switching compressing
-    engine with more than one worker)."""
+    :class:`BlockReclaimer` that follows the worker's policy, and make it hold the requests
+    whose replay the worker has pending (the scheduler and the worker share one process:
+    engine-start checks refuse a switching or replaying compressing engine with more than
+    one worker)."""
     from vllm.v1.core.sched.scheduler import Scheduler
 
-    from kvplug.integrations.vllm.lifecycle import worker_policy
+    from kvplug.integrations.vllm.lifecycle import tracker, worker_policy
     from kvplug.integrations.vllm.selection import uses_kvplug
 
     init = Scheduler.__init__
     if getattr(init, "_kvplug_wrapped", False):
         return
+    schedule = Scheduler.schedule
 
     @functools.wraps(init)
     def __init__(self, vllm_config, *args, **kwargs):
@@ -240,8 +242,33 @@ def patch_scheduler() -> None:
             if any("prefill_compress" in p.stages for p in worker.policies):
                 attach_reclaimer(self.kv_cache_manager, worker)
 
+    @functools.wraps(schedule)
+    def _schedule(self, *args, **kwargs):
+        requests = tracker()
+        if requests is None or not requests.replays:
+            return schedule(self, *args, **kwargs)
+        # out of this step: no token, no block allocated, freed or preempted; each still
+        # takes one of the engine's request slots
+        held = [r for r in self.running if r.request_id in requests.replays]
+        self.running[:] = [r for r in self.running if r.request_id not in requests.replays]
+        limits = (self.max_num_running_reqs, self.max_num_active_reqs,
+                  self.max_num_scheduled_tokens)
+        self.max_num_running_reqs -= len(held)
+        self.max_num_active_reqs -= len(held)
+        # the step's replay chunk takes its share of the token budget (a token each for
+        # the running requests is always left)
+        self.max_num_scheduled_tokens = max(
+            self.max_num_scheduled_tokens - requests.next_replay_tokens(), len(self.running))
+        try:
+            return schedule(self, *args, **kwargs)
+        finally:
+            self.running[:0] = held
+            (self.max_num_running_reqs, self.max_num_active_reqs,
+             self.max_num_scheduled_tokens) = limits
+
     __init__._kvplug_wrapped = True
     Scheduler.__init__ = __init__
+    Scheduler.schedule = _schedule
 
 
 def attach_reclaimer(kv_cache_manager, worker) -> BlockReclaimer:

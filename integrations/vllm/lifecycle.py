@@ -203,6 +203,9 @@ class RequestTracker:
         self.compactions: dict[str, RequestCompaction] = {}  # requests of compressing policies
         self.drafts: dict[str, DraftStats] = {}  # requests that had drafts verified
         self.quantized: dict[str, QuantizedRequest] = {}  # requests of the quantized store
+        # requests whose replay is pending, oldest first (.replay.PendingReplay); the
+        # scheduler leaves them out of its steps until their replay is done
+        self.replays: dict[str, object] = {}
         self.counts: Counter[str] = Counter()  # created / finished / preempted / resumed
         self.steps = 0
         self.current: Step | None = None
@@ -210,8 +213,15 @@ class RequestTracker:
     def live(self) -> int:
         return len(self.states)
 
+    def next_replay_tokens(self) -> int:
+        """Tokens of the replay chunk the next step runs (0: none is pending)."""
+        if not self.replays:
+            return 0
+        return next(iter(self.replays.values())).chunks[0].input_ids.shape[1]
+
     def drop(self, req_id: str, why: str) -> None:
         self.compactions.pop(req_id, None)
+        self.replays.pop(req_id, None)
         self.quantized.pop(req_id, None)
         drafts = self.drafts.pop(req_id, None)
         state = self.states.pop(req_id, None)
@@ -243,6 +253,9 @@ class RequestTracker:
         states, read_from, layer_read_from, head_cells, unverified = [], [], [], [], []
         ending, continuing, recompacting = [], [], []
         for row, req_id in enumerate(req_ids):
+            if req_id in self.replays:
+                raise RuntimeError(f"kvplug: request {req_id} was scheduled while its replay "
+                                   "is pending (the scheduler must hold it)")
             request = runner.requests[req_id]
             state = self.states.get(req_id)
             if state is None:
@@ -380,8 +393,8 @@ def patch_model_runner() -> None:
         try:
             output = execute_model(self, *args, **kwargs)
             if _TRACKER is not None and _TRACKER.current is not None:
-                from kvplug.integrations.vllm.replay import run_replays
-                run_replays(self, _TRACKER.current)
+                from kvplug.integrations.vllm.replay import advance_replays
+                advance_replays(self)
             return output
         finally:
             if _TRACKER is not None:
@@ -396,7 +409,7 @@ def worker_request_states(worker) -> dict[str, int]:
     """RPC target (``collective_rpc("kvplug_request_states")``): live and lifetime counts."""
     if _TRACKER is None:
         return {"live": 0}
-    return {"live": _TRACKER.live(), **_TRACKER.counts}
+    return {"live": _TRACKER.live(), "replaying": len(_TRACKER.replays), **_TRACKER.counts}
 
 
 def worker_set_policy(worker, data: dict) -> None:

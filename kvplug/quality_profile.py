@@ -14,7 +14,8 @@ Variants (``--variants``), each at every ``--budgets`` ratio:
 
 * ``full``; an evicting policy by name, with parameters as ``kvplug eval`` takes them
   (``snapkv``, ``cake[max_layer_ratio=30]``; ``chelsea`` is refused: it merges, a mask
-  cannot stand for it);
+  cannot stand for it); a policy that scores by replaying the prompt (``kvzip``) replays
+  it over the dense cache (the policy's own chunks and scores; the replay's KV dropped);
 * ``NAME+sinkK``: the same, with the first ``K`` tokens kept in every layer and kv-head
   before the rest is chosen (StreamingLLM's attention sinks; the budget is unchanged);
 * ``NAME+shared``: one selection per layer, the kv-heads' scores averaged (TOVA-like);
@@ -86,12 +87,17 @@ class MaskedAttention:
         self.recorded: dict[int, Tensor] = {}
         self.masks: list[Tensor] | None = None   # per layer [H_kv, span or more] bool
         self.eviction: DecodeEviction | None = None
+        self.replay: Replay | None = None
         self.span = 0
 
     def __call__(self, module, query, key, value, attention_mask, **kwargs):
         from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
         layer = module.layer_idx
+        if self.replay is not None:                    # a replay chunk: scored, causal
+            self.replay.score(layer, query, key, module.scaling)
+            bias = evicted_bias(None, key.shape[2], query.shape[2], query.shape[1], query.dtype)
+            return sdpa_attention_forward(module, query, key, value, bias, **kwargs)
         if query.shape[2] == key.shape[2]:            # a prefill: dense, recorded
             self.recorded[layer] = query[0, :, -self.window:].transpose(0, 1).float()
             return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
@@ -119,6 +125,47 @@ class MaskedAttention:
         if keep is None:
             return mask
         return torch.zeros_like(mask).scatter_(1, kept.gather(1, keep), True)
+
+
+@dataclass
+class Replay:
+    """One replay chunk of a ``replay`` policy over the dense cache: each layer's queries
+    and keys (context then chunk, post-RoPE) score the chunk's context tokens into
+    ``scores[layer]`` ``[H_kv, span]``."""
+
+    policy: object
+    chunk: object
+    scores: list[Tensor]
+
+    def score(self, layer: int, query: Tensor, key: Tensor, scale: float) -> None:
+        self.scores[layer][:, self.chunk.start:self.chunk.end] = self.policy.replay_scores(
+            layer, query[0].transpose(0, 1).float(), key[0].transpose(0, 1).float(),
+            self.chunk, scale)
+
+
+def replay_scores(model, attention: MaskedAttention, cache, ids: Tensor, policy,
+                  tokenizer) -> list[Tensor]:
+    """Per layer ``[H_kv, span]``: ``policy``'s replay scores of the ``span`` prompt tokens
+    ``ids`` the dense ``cache`` holds, one forward per replay chunk at the positions after
+    the span, each chunk's KV cut from the cache again."""
+    from kvplug.integrations.replay import replay_chunks
+
+    span = ids.shape[1]
+    num_kv_heads = cache.layers[0].keys.shape[1]
+    scores = [policy.unscored(num_kv_heads, span) for _ in cache.layers]
+    try:
+        with torch.no_grad():
+            for chunk in replay_chunks(policy, ids, tokenizer):
+                attention.replay = Replay(policy, chunk, scores)
+                model.get_decoder()(input_ids=chunk.input_ids, past_key_values=cache,
+                                    position_ids=torch.arange(
+                                        span, span + chunk.input_ids.shape[1])[None],
+                                    use_cache=True)
+                cache.crop(span)
+    finally:
+        attention.replay = None
+        cache.crop(span)
+    return scores
 
 
 def evicted_bias(mask: Tensor | None, kv_len: int, num_new: int, num_heads: int,
@@ -184,10 +231,9 @@ def parse_variant(text: str, num_layers: int) -> Variant:
     if policy != "full":
         from kvplug.policies import POLICIES, CompressionPolicy, build_policy
         kind = POLICIES.get(policy, object)
-        if not issubclass(kind, CompressionPolicy) or kind.store != "evicted" \
-                or "replay" in kind.stages:
-            raise ValueError(f"variant {text!r}: {policy!r} is not a policy that evicts by the "
-                             "prefill's own attention (snapkv, cake, tova, full)")
+        if not issubclass(kind, CompressionPolicy) or kind.store != "evicted":
+            raise ValueError(f"variant {text!r}: {policy!r} is not a policy that evicts "
+                             "(snapkv, cake, tova, kvzip, full)")
         try:                                                    # bad parameters fail here
             build_policy(policy, {"budget_ratio": 0.5, **dict(params)})
         except ValueError as error:
@@ -220,11 +266,13 @@ def _policy(variant: Variant, ratio: float):
     return POLICIES[variant.policy](budget_ratio=ratio, **dict(variant.params))
 
 
-def keep_masks(variant: Variant, ratio: float,
-               records: Records) -> tuple[list[Tensor], list[int], int]:
+def keep_masks(variant: Variant, ratio: float, records: Records,
+               replayed: list[Tensor] | None = None) -> tuple[list[Tensor], list[int], int]:
     """Per layer the ``[H_kv, span]`` keep mask of ``variant`` at ``ratio`` of the span, each
     layer's budget in tokens (kvplug's own scoring, allocation and plan), and the most any
-    layer may keep (CAKE's ``max_layer_ratio`` cap; the budget for uniform policies)."""
+    layer may keep (CAKE's ``max_layer_ratio`` cap; the budget for uniform policies).
+    ``replayed``: a replay policy's scores (:func:`replay_scores`)."""
+    from kvplug.policies import LayerScores
     from kvplug.policies.compression import top_tokens
 
     span, num_layers = records.span, len(records.keys)
@@ -233,8 +281,11 @@ def keep_masks(variant: Variant, ratio: float,
         return [torch.ones(num_kv_heads, span, dtype=torch.bool)] * num_layers, [span] * num_layers, span
     policy = _policy(variant, ratio)
     budget = policy.token_budget(span)
-    scores = [policy.prefill_scores(l, q, k, records.scale)
-              for l, (q, k) in enumerate(zip(records.queries, records.keys))]
+    if replayed is not None:
+        scores = [LayerScores(s) for s in replayed]
+    else:
+        scores = [policy.prefill_scores(l, q, k, records.scale)
+                  for l, (q, k) in enumerate(zip(records.queries, records.keys))]
     budgets = policy.layer_budgets(scores, budget, span)
     cap = policy.largest_layer_budget(budget, span)
     masks = []
@@ -249,12 +300,13 @@ def keep_masks(variant: Variant, ratio: float,
             token[:, :variant.sinks] = float("inf")
         if variant.shared or variant.sinks:
             kept = top_tokens(token, layer_budget, span)
-        else:                      # the policy's own plan
-            kept = policy.keep_plan(score, layer_budget, span, records.keys[l],
-                                    records.values[l]).indices
-        mask = torch.zeros(num_kv_heads, span, dtype=torch.bool)
-        mask.scatter_(1, kept, True)
-        masks.append(mask)
+            masks.append(torch.zeros(num_kv_heads, span, dtype=torch.bool).scatter_(1, kept, True))
+            continue
+        plan = policy.keep_plan(score, layer_budget, span, records.keys[l], records.values[l])
+        real = torch.ones_like(plan.indices) if plan.counts is None else (plan.counts > 0).long()
+        # the policy's own plan; a slot of count 0 pads a kv-head that keeps fewer
+        masks.append(torch.zeros(num_kv_heads, span, dtype=torch.long)
+                     .scatter_add_(1, plan.indices, real) > 0)
     return masks, budgets, cap
 
 
@@ -431,9 +483,18 @@ def run(args: argparse.Namespace) -> dict:
 
         max_tokens = min(prompt.gen_tokens, args.max_new_tokens)
         dense = greedy(model, attention, cache, logits, None, rest, max_tokens, eos, done)
+        replayed = {}     # a replay policy's scores, per policy and parameters
         for variant, ratio in cells:
             key = f"{variant.name}@{ratio:g}" if ratio else variant.name
-            masks, budgets, cap = keep_masks(variant, ratio or 1.0, records)
+            scored = None
+            if variant.compresses and "replay" in _policy(variant, ratio).stages:
+                which = (variant.policy, variant.params)
+                if which not in replayed:
+                    replayed[which] = replay_scores(model, attention, cache,
+                                                    prompt.ids[:, :span],
+                                                    _policy(variant, ratio), tokenizer)
+                scored = replayed[which]
+            masks, budgets, cap = keep_masks(variant, ratio or 1.0, records, scored)
             tokens = dense if not variant.compresses else greedy(
                 model, attention, cache, logits, masks, rest, max_tokens, eos, done, dense,
                 decode_eviction(variant, ratio, budgets, span))

@@ -21,13 +21,18 @@ def model_and_ids(model_dir):
     return model, ids
 
 
-@pytest.mark.parametrize("variant,ratio", [("snapkv", 0.3), ("cake", 0.3), ("snapkv", 0.99)])
-def test_masked_decode_equals_compressed_cache(model_and_ids, variant, ratio):
-    """The same prompt through kvplug's CompressedCache (generate) and through the profile's
-    masks over a dense cache: the same logits at every decode step."""
+@pytest.mark.parametrize("variant,ratio", [("snapkv", 0.3), ("cake", 0.3), ("snapkv", 0.99),
+                                           ("kvzip", 0.3), ("kvzip[chunk_size=100]", 0.3)])
+def test_masked_decode_equals_compressed_cache(model_and_ids, model_dir, variant, ratio):
+    """The same prompt through kvplug's CompressedCache (generate; KVzip replays the prompt
+    after its prefill, in one chunk or three) and through the profile's masks over a dense
+    cache (KVzip's replay over it): the same logits at every decode step."""
     model, ids = model_and_ids
+    name, _, params = variant.partition("[")
+    params = dict(p.split("=") for p in params.rstrip("]").split(",") if p)
     new = 4
-    with kvhf.use_policy(model, variant, budget_ratio=ratio), torch.no_grad():
+    with kvhf.use_policy(model, name, budget_ratio=ratio,
+                         **{k: int(v) for k, v in params.items()}), torch.no_grad():
         out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False,
                              max_new_tokens=new, min_new_tokens=new, pad_token_id=2,
                              return_dict_in_generate=True, output_logits=True)
@@ -37,7 +42,12 @@ def test_masked_decode_equals_compressed_cache(model_and_ids, variant, ratio):
     try:
         cache, logits, records = qp.prefill(model, attention, ids)
         parsed = qp.parse_variant(variant, 30)
-        masks, budgets, _ = qp.keep_masks(parsed, ratio, records)
+        replayed = None
+        if name == "kvzip":
+            replayed = qp.replay_scores(model, attention, cache, ids, qp._policy(parsed, ratio),
+                                        AutoTokenizer.from_pretrained(model_dir))
+            assert cache.get_seq_length() == ids.shape[1]       # the replay's KV is cut
+        masks, budgets, _ = qp.keep_masks(parsed, ratio, records, replayed)
         assert sum(int(m.sum()) for m in masks) == sum(budgets) * 3   # 3 kv-heads
         torch.testing.assert_close(logits, out.logits[0][0], atol=1e-4, rtol=1e-4)
         attention.masks = list(masks)
@@ -102,7 +112,7 @@ def test_variants_keep_sinks_share_and_skip_layers():
     assert all(m[:, -1].all() and (m == m[:1]).all() for m in tova)
 
 
-@pytest.mark.parametrize("text", ["chelsea", "kvzip", "quest", "snapkv+sinks", "snapkv@first=1",
+@pytest.mark.parametrize("text", ["chelsea", "quest", "snapkv+sinks", "snapkv@first=1",
                                   "tova[window_size=3]", "cake[gamma=-1]",
                                   "snapkv@only=x"])
 def test_bad_variants_are_refused(text):

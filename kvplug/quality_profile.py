@@ -298,15 +298,17 @@ def keep_masks(variant: Variant, ratio: float, records: Records,
             token = token.mean(0, keepdim=True).expand_as(token)
         if variant.sinks:
             token[:, :variant.sinks] = float("inf")
+        counts = None
         if variant.shared or variant.sinks:
             kept = top_tokens(token, layer_budget, span)
-            masks.append(torch.zeros(num_kv_heads, span, dtype=torch.bool).scatter_(1, kept, True))
-            continue
-        plan = policy.keep_plan(score, layer_budget, span, records.keys[l], records.values[l])
-        real = torch.ones_like(plan.indices) if plan.counts is None else (plan.counts > 0).long()
-        # the policy's own plan; a slot of count 0 pads a kv-head that keeps fewer
+        else:                      # the policy's own plan
+            plan = policy.keep_plan(score, layer_budget, span, records.keys[l],
+                                    records.values[l])
+            kept, counts = plan.indices, plan.counts
+        # a slot of count 0 pads a kv-head that keeps fewer than the layer's widest
+        real = torch.ones_like(kept) if counts is None else (counts > 0).long()
         masks.append(torch.zeros(num_kv_heads, span, dtype=torch.long)
-                     .scatter_add_(1, plan.indices, real) > 0)
+                     .scatter_add_(1, kept, real) > 0)
     return masks, budgets, cap
 
 

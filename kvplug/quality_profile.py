@@ -161,10 +161,11 @@ def replay_scores(model, attention: MaskedAttention, cache, ids: Tensor, policy,
                                     position_ids=torch.arange(
                                         span, span + chunk.input_ids.shape[1])[None],
                                     use_cache=True)
-                cache.crop(span)
+                cache.crop(span - cache.get_seq_length())
     finally:
         attention.replay = None
-        cache.crop(span)
+        if cache.get_seq_length() > span:
+            cache.crop(span - cache.get_seq_length())
     return scores
 
 

@@ -113,6 +113,7 @@ def advance_replays(runner) -> None:
         context = record.layout.context
         ids = torch.from_numpy(runner.input_batch.token_ids_cpu[row, :context]).long()[None]
         chunks = replay_chunks(policy, ids, tokenizer_for(runner.model_config.tokenizer))
+        rope_reaching(runner.model, context + max(c.input_ids.shape[1] for c in chunks))
         scores = [policy.unscored(runner.model_config.get_total_num_kv_heads(), context)
                   for _ in range(requests.worker.num_layers)]
         requests.replays[step.req_ids[row]] = PendingReplay(
@@ -128,7 +129,6 @@ def _replay_chunk(runner, policy, pending: PendingReplay) -> None:
     context = pending.record.layout.context
     chunk = pending.chunks.pop(0)
     tokens = chunk.input_ids[0]
-    rope_reaching(runner.model, context + tokens.shape[0])
     blocks = pending.block_table[:-(-context // pending.record.layout.block_size)]
     forward = ReplayForward(policy, blocks, context, chunk, pending.scores)
     with set_forward_context({name: forward for name in layer_names}, runner.vllm_config,

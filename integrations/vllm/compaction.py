@@ -380,6 +380,7 @@ class CompactionStep:
     # replay forwards that run after the step's own (.replay.run_replays)
     replays: list[tuple] = field(default_factory=list)
     caches: dict[int, torch.Tensor] = field(default_factory=dict)        # layer -> its cache
+    tables: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> its block table
     log_counts: dict[int, torch.Tensor] = field(default_factory=dict)    # layer -> its counts
 
 

@@ -470,8 +470,8 @@ class KVPlugCPUImpl(LayerSummaries, CPUAttentionBackendImpl):
     def _compaction(self, layer, query, kv_cache, md, step: CompactionStep) -> None:
         """Keep the last queries of continuing prefill chunks; score the rows whose prefill
         ends; after the last layer, write what each layer keeps (every layer's cache is
-        in ``step.caches`` by then).  Rows whose decode fills a block past their region
-        re-compact this layer at once."""
+        in ``step.caches`` by then, and its block table in ``step.tables``).  Rows whose
+        decode fills a block past their region re-compact this layer at once."""
         if not step.ending and not step.continuing and not step.recompacting:
             return                                     # a step of decodes only
         policy = self.worker.policy
@@ -482,6 +482,7 @@ class KVPlugCPUImpl(LayerSummaries, CPUAttentionBackendImpl):
                             md.block_table[row].long(), md.rows.read_from[row], record,
                             computed, layer.isa)
         step.caches[self.layer_idx] = kv_cache
+        step.tables[self.layer_idx] = md.block_table
         if self.log_counts is not None:
             step.log_counts[self.layer_idx] = self.log_counts
         for row, record in step.continuing:
@@ -504,8 +505,9 @@ class KVPlugCPUImpl(LayerSummaries, CPUAttentionBackendImpl):
                 if replay:
                     step.replays.append((row, record, md.block_table[row].long(), layer.isa))
                 else:
-                    compact(policy, md.block_table[row].long(), record, step.scores[row], step,
-                            layer.isa)
+                    compact(policy, [step.tables[layer_idx][row].long()
+                                     for layer_idx in range(self.worker.num_layers)],
+                            record, step.scores[row], step, layer.isa)
 
     def _recompact(self, query, kv_cache, table, offset: int, record, computed: int,
                    isa: str) -> None:
@@ -635,33 +637,34 @@ def _vec_layout(isa: str, dtype: torch.dtype, block_size: int, head_dim: int) ->
             and torch.equal(key_cache[0, 0].reshape(head_dim, block_size).t(), known[:, 0]))
 
 
-def compact(policy, block_table: torch.Tensor, record, scores, step: CompactionStep,
+def compact(policy, tables: list[torch.Tensor], record, scores, step: CompactionStep,
             isa: str) -> None:
     """Write each layer's kept span tokens into the last of the request's kept span blocks
     (as many as that layer fills; with ``uneven_heads``, each kv-head into whole cells of
-    the region, :func:`write_cells`); the scheduler frees the blocks before the kept region
-    once the step is committed."""
+    the region, :func:`write_cells`); the scheduler frees the blocks before them once the
+    step is committed.  ``tables``: the request's block table in each layer (one table
+    for every layer, or each layer's own where each layer is a KV-cache group)."""
     layout = record.layout
     budgets = policy.layer_budgets(scores, layout.span_budget, layout.span)
-    context_blocks = block_table[:-(-layout.context // layout.block_size)]
-    region = block_table[layout.first_block:layout.tail_block]
+    context_blocks = -(-layout.context // layout.block_size)
     firsts, head_cells = [], []
     for layer_idx, (layer_scores, budget) in enumerate(zip(scores, budgets)):
-        cache = step.caches[layer_idx]
+        cache, table = step.caches[layer_idx], tables[layer_idx]
         if policy.uneven_heads:
-            keys, values = context_kv(cache, context_blocks, layout.context, isa)
+            keys, values = context_kv(cache, table[:context_blocks], layout.context, isa)
             plan = policy.keep_plan(layer_scores, budget, layout.span, keys, values,
                                     layout.block_size)
-            head_cells.append(write_cells(cache, region, plan, keys, values, isa))
+            head_cells.append(write_cells(cache, table[layout.first_block:layout.tail_block],
+                                          plan, keys, values, isa))
             continue
         first = layout.tail_block - layout.layer_blocks(budget)
         firsts.append(first)
         if first == layout.tail_block:          # keeps none of the span
             continue
         keep = (layout.tail_block - first) * layout.block_size
-        keys, values = context_kv(cache, context_blocks, layout.context, isa)
+        keys, values = context_kv(cache, table[:context_blocks], layout.context, isa)
         plan = policy.keep_plan(layer_scores, keep, layout.span, keys, values)
-        blocks = block_table[first:layout.tail_block]
+        blocks = table[first:layout.tail_block]
         kept_keys, kept_values, log_counts = gather_kept(plan, keys, values)
         write_kept(cache, blocks, kept_keys, kept_values, isa)
         if layer_idx in step.log_counts:
@@ -673,7 +676,8 @@ def compact(policy, block_table: torch.Tensor, record, scores, step: CompactionS
     if head_cells:
         width = max(ids.shape[1] for _, ids in head_cells)
         record.head_cells = HeadCells(
-            region.shape[0], torch.stack([cells for cells, _ in head_cells]),
+            layout.tail_block - layout.first_block,
+            torch.stack([cells for cells, _ in head_cells]),
             torch.stack([torch.nn.functional.pad(ids, (0, width - ids.shape[1]))
                          for _, ids in head_cells]))
     elif any(first != layout.first_block for first in firsts):

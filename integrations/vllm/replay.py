@@ -104,7 +104,7 @@ def advance_replays(runner) -> None:
         _replay_chunk(runner, policy, pending)
         if not pending.chunks:
             del requests.replays[req_id]
-            compact(policy, pending.block_table, pending.record,
+            compact(policy, [pending.block_table] * requests.worker.num_layers, pending.record,
                     [LayerScores(s) for s in pending.scores], pending.step, pending.isa)
     step = requests.current
     if step is None or step.compaction is None:

@@ -60,6 +60,10 @@ ENGINE_KEYS: dict[str, tuple[type, Any, str]] = {
                                "k at a time (TriForce's hierarchy; needs 'draft')"),
     "store": (dict, None, "store policy config ({\"policy\": \"zipcache\", ...}) the KV is kept "
                           "in under the selection policy"),
+    "layer_groups": (bool, True, "vLLM: where every policy evicts by per-layer budgets (CAKE), "
+                                 "keep each layer in a KV-cache group of its own, so each "
+                                 "layer frees its own blocks (false: one group, every layer "
+                                 "holds the largest layer budget)"),
 }
 
 
@@ -139,6 +143,7 @@ class KVPlugConfig(PolicyConfig):
     draft: PolicyConfig | None = None
     first_tier: FirstTierConfig | None = None
     store: PolicyConfig | None = None
+    layer_groups: bool = ENGINE_KEYS["layer_groups"][1]
     sources: tuple[str, ...] = ()
 
     def policy_configs(self) -> tuple[PolicyConfig, ...]:
@@ -156,6 +161,8 @@ class KVPlugConfig(PolicyConfig):
             switch += " first_tier=" + json.dumps(self.first_tier.as_dict())
         if self.store is not None:
             switch += " store=" + json.dumps(self.store.as_dict())
+        if not self.layer_groups:
+            switch += " layer_groups=false"
         return (f"kvplug config: policy={self.policy} params={policy.params()} "
                 f"log_every_steps={self.log_every_steps}{switch} "
                 f"from {', '.join(self.sources) or 'defaults'}")

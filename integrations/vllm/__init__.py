@@ -12,7 +12,8 @@ from kvplug.integrations.vllm.selection import BACKEND_NAME
 
 def register() -> None:
     """Register the ``KVPLUG`` backend and the hooks it needs (idempotent)."""
-    from kvplug.integrations.vllm import compaction, lifecycle, selection, speculation
+    from kvplug.integrations.vllm import (compaction, layer_groups, lifecycle, selection,
+                                         speculation)
 
     selection.register_backend_member()
     selection.patch_cpu_platform()
@@ -20,6 +21,7 @@ def register() -> None:
     lifecycle.patch_model_runner()
     lifecycle.patch_worker_rpc()
     compaction.patch_kv_cache_manager()
+    layer_groups.patch_kv_cache_spec()
     compaction.patch_scheduler()
     speculation.patch_model_runner()
     speculation.patch_lookahead()
@@ -73,9 +75,14 @@ def side_bytes(llm) -> int:
 def pool_bytes_per_token(llm) -> int:
     """Bytes the engine's KV pool holds per token, every layer and kv-head included, read
     from the tensors it allocated (a packed store's pages are smaller than the default's)."""
-    cache = llm.llm_engine.vllm_config.cache_config
-    return sum(llm.collective_rpc("kvplug_pool_bytes")) // (cache.num_gpu_blocks
-                                                            * cache.block_size)
+    pools = llm.collective_rpc("kvplug_pool_bytes")
+    return sum(nbytes // tokens for nbytes, tokens in pools)
+
+
+def pool_tokens(llm) -> int:
+    """Tokens the engine's KV pool holds, every layer's KV of each: its blocks times the
+    block size, over the KV-cache groups a token takes a block of."""
+    return min(tokens for _, tokens in llm.collective_rpc("kvplug_pool_bytes"))
 
 
 def set_policy(llm, config: dict) -> None:
@@ -94,5 +101,5 @@ def set_policy(llm, config: dict) -> None:
 
 
 __all__ = ["BACKEND_NAME", "register", "request_states", "attention_backends", "side_bytes",
-           "pool_bytes_per_token",
+           "pool_bytes_per_token", "pool_tokens",
            "set_policy"]

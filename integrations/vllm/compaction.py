@@ -12,7 +12,8 @@ positions, and attention reads the request from block ``first_block`` on.
 
 Both sides derive the layout from the same numbers (the policy, the block size
 and the context length when the prefill run starts), so nothing travels from the
-worker to the scheduler:
+worker to the scheduler (but, where each layer is a KV-cache group of its own,
+:mod:`.layer_groups`, the blocks each layer keeps, which its scores decide):
 
 * the scheduler (:class:`BlockReclaimer`) frees ``[0, first_block)`` once the
   prefill is committed, caps the request's prefix-cache hits at ``first_block``
@@ -117,11 +118,18 @@ class BlockReclaimer:
     a new request, or a preempted one that is recomputed), by the policy the engine
     runs then (``policy_now``: an engine may switch between its configured policies
     while no request runs), and dropped when vLLM frees the request.
+
+    Where each layer is a KV-cache group of its own (:mod:`.layer_groups`), each layer's
+    manager frees the blocks before that layer's own kept blocks, which ``layer_kept``
+    (request id -> blocks per layer, or None while every layer keeps the region) reads
+    from the worker once it compacted the request; until then, the region's.
     """
 
-    def __init__(self, policy_now: Callable[[], Policy], block_size: int) -> None:
+    def __init__(self, policy_now: Callable[[], Policy], block_size: int,
+                 layer_kept: Callable[[str], tuple[int, ...] | None] | None = None) -> None:
         self.policy_now = policy_now
         self.block_size = block_size
+        self.layer_kept = layer_kept
         self.layouts: dict[str, CompactionLayout] = {}
 
     def start(self, request) -> CompactionLayout | None:
@@ -139,12 +147,15 @@ class BlockReclaimer:
         layout = self.layouts.get(request_id)
         return None if layout is None else layout.first_block * self.block_size
 
-    def freed_blocks(self, request_id: str, committed_tokens: int) -> int:
-        """Blocks ``[0, n)`` to free once ``committed_tokens`` are computed and committed."""
+    def freed_blocks(self, request_id: str, committed_tokens: int,
+                     layer: int | None = None) -> int:
+        """Blocks ``[0, n)`` to free once ``committed_tokens`` are computed and committed (of
+        ``layer``'s KV-cache group where each layer is one; None: the groups of every layer)."""
         layout = self.layouts.get(request_id)
         if layout is None or committed_tokens < layout.context:
             return 0
-        return layout.first_block_at(committed_tokens)
+        kept = None if layer is None or self.layer_kept is None else self.layer_kept(request_id)
+        return layout.first_block_at(committed_tokens, None if kept is None else kept[layer])
 
     def drop(self, request_id: str) -> None:
         self.layouts.pop(request_id, None)
@@ -199,8 +210,8 @@ def patch_kv_cache_manager() -> None:
         if reclaimer is None:
             return remove_skipped_blocks(self, request_id, processed_computed_tokens,
                                          num_prompt_tokens)
-        self._remove_blocks_in_range(request_id, 0,
-                                     reclaimer.freed_blocks(request_id, processed_computed_tokens))
+        self._remove_blocks_in_range(request_id, 0, reclaimer.freed_blocks(
+            request_id, processed_computed_tokens, self._kvplug_layer))
 
     @functools.wraps(cache_blocks)
     def _cache_blocks(self, request, num_tokens, *args, **kwargs):
@@ -277,17 +288,33 @@ def attach_reclaimer(kv_cache_manager, worker) -> BlockReclaimer:
     blocks kvplug cannot reclaim."""
     from vllm.v1.core.single_type_kv_cache_manager import FullAttentionManager
 
+    from kvplug.integrations.vllm.layer_groups import group_layers
+
     managers = kv_cache_manager.coordinator.single_type_managers
     others = sorted({type(m).__name__ for m in managers if type(m) is not FullAttentionManager})
     if others:
         name = next(p.name for p in worker.policies if "prefill_compress" in p.stages)
         raise ValueError(f"kvplug policy {name!r} frees KV blocks of full-attention "
                          f"layers only; this model also has {others}")
-    reclaimer = BlockReclaimer(lambda: worker.next_policy, managers[0].block_size)
+    layers = group_layers(kv_cache_manager)
+    reclaimer = BlockReclaimer(lambda: worker.next_policy, managers[0].block_size,
+                               layer_kept_blocks if any(l is not None for l in layers) else None)
     kv_cache_manager._kvplug_reclaimer = reclaimer
-    for manager in managers:
+    for manager, layer in zip(managers, layers):
         manager._kvplug_reclaimer = reclaimer
+        manager._kvplug_layer = layer
     return reclaimer
+
+
+def layer_kept_blocks(request_id: str) -> tuple[int, ...] | None:
+    """The blocks each layer of a compacted request keeps, read from the worker's tracker
+    (this process's); None while every layer keeps the region (not compacted yet, or its
+    layers keep alike)."""
+    from kvplug.integrations.vllm.lifecycle import tracker
+
+    requests = tracker()
+    record = None if requests is None else requests.compactions.get(request_id)
+    return None if record is None else record.layer_kept_blocks
 
 
 # -- worker side ----------------------------------------------------------------------

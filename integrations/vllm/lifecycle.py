@@ -75,6 +75,14 @@ class Step:
         return slots
 
 
+def evicts_by_layer(policy: Policy) -> bool:
+    """Whether a policy only evicts, by budgets that differ per layer (CAKE): what a KV-cache
+    group per layer frees by each layer's budget (no selection, replay, merged or packed
+    store, or kv-heads in cells of their own)."""
+    return ("layer_budgets" in policy.stages and policy.store == "evicted"
+            and not policy.uneven_heads and not policy.stages & {"select", "replay"})
+
+
 class WorkerPolicy:
     """The policy a worker runs now, and the ones it may be switched to.
 
@@ -84,7 +92,7 @@ class WorkerPolicy:
     """
 
     def __init__(self, config: KVPlugConfig, num_layers: int, num_kv_heads: int,
-                 unit: int) -> None:
+                 unit: int, workers: int = 1) -> None:
         self.config = config
         self.num_layers = num_layers
         self.choices: list[tuple[PolicyConfig, Policy]] = []
@@ -127,6 +135,10 @@ class WorkerPolicy:
         # kv-heads that keep uneven numbers of pairs (each in its own cells)
         self.merged = any(p.store == "merged" for _, p in self.choices)
         self.head_cells = any(p.uneven_heads for _, p in self.choices)
+        # each layer a KV-cache group of its own, freeing its own blocks (.layer_groups);
+        # the scheduler reads each layer's kept blocks from this process's tracker
+        self.layer_groups = (config.layer_groups and workers == 1 and self.store is None
+                             and all(map(evicts_by_layer, self.policies)))
 
     @property
     def next_policy(self) -> Policy:
@@ -341,7 +353,8 @@ def worker_policy(vllm_config) -> WorkerPolicy:
         _WORKER = WorkerPolicy(resolve_config(vllm_config.additional_config),
                                model.get_num_layers(vllm_config.parallel_config),
                                model.get_total_num_kv_heads(),
-                               vllm_config.cache_config.block_size)
+                               vllm_config.cache_config.block_size,
+                               vllm_config.parallel_config.world_size)
     return _WORKER
 
 
@@ -442,10 +455,18 @@ def worker_side_bytes(worker) -> int:
                for store in getattr(layer.impl, "summaries", {}).values())
 
 
-def worker_pool_bytes(worker) -> int:
-    """RPC target: bytes of the KV pool the engine allocated to its attention layers."""
-    caches = [layer_cache(layer) for layer in _attention_layers(worker)]
-    return sum(cache.numel() * cache.element_size() for cache in caches)
+def worker_pool_bytes(worker) -> tuple[int, int]:
+    """RPC target: bytes of the KV pool the engine allocated to its attention layers (each
+    tensor once: with a KV-cache group per layer every layer views the same one), and the
+    tokens the pool holds (a token takes a block slot in every group)."""
+    storages = {}
+    for layer in _attention_layers(worker):
+        storage = layer_cache(layer).untyped_storage()
+        storages[storage.data_ptr()] = storage.nbytes()
+    config = worker.model_runner.kv_cache_config
+    tokens = config.num_blocks * worker.model_runner.cache_config.block_size \
+        // len(config.kv_cache_groups)
+    return sum(storages.values()), tokens
 
 
 def patch_worker_rpc() -> None:

@@ -195,7 +195,11 @@ def _check_policy(engine_args, vllm_config, recreate):
                         "--block-size to choose another multiple of 32)", SPARSE_BLOCK_SIZE,
                         selecting[0])
     model = vllm_config.model_config
-    WorkerPolicy(config, model.get_num_layers(vllm_config.parallel_config),
-                 model.get_total_num_kv_heads(), vllm_config.cache_config.block_size)
+    worker = WorkerPolicy(config, model.get_num_layers(vllm_config.parallel_config),
+                          model.get_total_num_kv_heads(), vllm_config.cache_config.block_size,
+                          workers)
+    if worker.layer_groups:
+        logger.info("kvplug: policy %r keeps a budget per layer: each layer is a KV-cache "
+                    "group of its own and frees its own blocks", worker.policy.name)
     logger.info(config.describe())
     return vllm_config

@@ -7,9 +7,13 @@
 "samples": {"prompt": ids, "n": N, "max_tokens": N, "temperature": T},
 "check_summaries": bool}``;
 ``switch`` needs the configs in ``switch_to``).
+``blocks`` counts blocks of every layer: where kvplug makes a KV-cache group per layer
+(a block holds one layer's KV), the pool gets that many per layer.
 The engine core runs in this process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``) so
 the scheduler's block pool is read directly after every step: free blocks,
-the blocks each running request holds (null blocks excluded), its computed tokens
+the blocks each running request holds (null blocks excluded; summed over the groups,
+and with a group per layer each layer's and the blocks the worker says each layer
+keeps), its computed tokens
 and the context its compaction layout was made for, running and preempted requests,
 each request's prefix-cache hit, the tokens the step scheduled, and with kvplug the
 requests whose replay is pending and the replay forwards and tokens run so far.
@@ -33,6 +37,21 @@ ENGINE_ARGS = dict(dtype="float32", max_model_len=1024, enforce_eager=True,
 
 def held_blocks(manager, req_id: str) -> int:
     return sum(not b.is_null for b in manager.req_to_blocks.get(req_id, ()))
+
+
+def layer_groups(model: str, kvplug: dict | None) -> int:
+    """KV-cache groups an engine with this kvplug config makes per layer group of the
+    model: one per layer where kvplug frees each layer by its own budget, else one."""
+    from transformers import AutoConfig
+
+    from kvplug.config import resolve_config
+    from kvplug.integrations.vllm.lifecycle import WorkerPolicy
+
+    if kvplug is None:
+        return 1
+    layers = AutoConfig.from_pretrained(model).num_hidden_layers
+    worker = WorkerPolicy(resolve_config({"kvplug": kvplug}, environ={}), layers, 1, 32)
+    return layers if worker.layer_groups else 1
 
 
 def summary_error(worker, scheduler, manager) -> float:
@@ -82,17 +101,20 @@ def main(model: str, config_path: str, prompts_path: str, out_path: str) -> None
         "attention_backend": "kvplug", "additional_config": {"kvplug": config["kvplug"]}}
     if config.get("speculative"):
         extra["speculative_config"] = config["speculative"]
+    # ``blocks``: blocks of every layer; a KV-cache group per layer takes a block per layer
+    groups = layer_groups(model, config["kvplug"])
     llm = LLM(model, **{**ENGINE_ARGS, **config.get("engine", {})},
-              num_gpu_blocks_override=config["blocks"], **extra)
+              num_gpu_blocks_override=config["blocks"] * groups, **extra)
     engine = llm.llm_engine
     scheduler = engine.engine_core.engine_core.scheduler
     pool = scheduler.kv_cache_manager.block_pool
-    manager = scheduler.kv_cache_manager.coordinator.single_type_managers[0]
+    managers = scheduler.kv_cache_manager.coordinator.single_type_managers
+    manager = managers[0]
     reclaimer = getattr(manager, "_kvplug_reclaimer", None)
     layouts = {} if reclaimer is None else reclaimer.layouts
     params = SamplingParams(max_tokens=config["max_tokens"], temperature=0.0, ignore_eos=True)
     prompts = json.load(open(prompts_path))
-    result = {"total_blocks": pool.get_num_free_blocks(), "passes": [],
+    result = {"total_blocks": pool.get_num_free_blocks(), "passes": [], "groups": len(managers),
               "pool_bytes_per_token": kv_vllm.pool_bytes_per_token(llm), "summary_error": 0.0}
     worker = engine.engine_core.engine_core.model_executor.driver_worker.worker
 
@@ -103,6 +125,18 @@ def main(model: str, config_path: str, prompts_path: str, out_path: str) -> None
         return {"replaying": sorted(requests.replays),
                 "replay_forwards": requests.counts["replay_forwards"],
                 "replay_tokens": requests.counts["replay_tokens"]}
+
+    def layers() -> dict:
+        """With a KV-cache group per layer: each request's blocks held in each layer, and
+        the blocks the worker says each layer keeps (None: the region, in every layer)."""
+        requests = tracker()
+        if len(managers) == 1:
+            return {}
+        return {"held_layers": {r.request_id: [held_blocks(m, r.request_id) for m in managers]
+                                for r in scheduler.running},
+                "layer_kept": {r.request_id: requests.compactions[r.request_id].layer_kept_blocks
+                               for r in scheduler.running
+                               if r.request_id in requests.compactions}}
 
     scheduled = []
     schedule = scheduler.schedule
@@ -129,14 +163,15 @@ def main(model: str, config_path: str, prompts_path: str, out_path: str) -> None
                     cached[out.request_id] = out.num_cached_tokens
             steps.append({"free": pool.get_num_free_blocks(),
                           "running": len(scheduler.running),
-                          "held": {r.request_id: held_blocks(manager, r.request_id)
+                          "held": {r.request_id: sum(held_blocks(m, r.request_id)
+                                                     for m in managers)
                                    for r in scheduler.running},
                           "computed": {r.request_id: r.num_computed_tokens
                                        for r in scheduler.running},
                           "context": {r.request_id: layouts[r.request_id].context
                                       for r in scheduler.running if r.request_id in layouts},
                           "preemptions": sum(r.num_preemptions for r in scheduler.running),
-                          "scheduled": scheduled[-1], **replays()})
+                          "scheduled": scheduled[-1], **replays(), **layers()})
             if config.get("check_summaries"):
                 result["summary_error"] = max(result["summary_error"],
                                               summary_error(worker, scheduler, manager))

@@ -84,37 +84,56 @@ def decoding_run(model_dir, prompts_file):
                 max_tokens=60, abort=["3"], abort_at=28, preempt_at=[35])
 
 
-def _layout_blocks(policy, context: int, computed: int):
-    """The blocks a request holds by its layout once ``computed`` tokens are scheduled:
-    those up to its last token, less the ones freed when ``computed - 1`` were committed."""
+def _layout_held(policy, step: dict, req_id: str) -> tuple[list[int], object]:
+    """The blocks a request holds by its layout once ``computed`` tokens are scheduled, per
+    KV-cache group: those up to its last token, less the ones freed when ``computed - 1``
+    were committed; with a group per layer, each layer's by the blocks the worker says it
+    keeps (the kept region until it compacted, or where its layers keep alike)."""
+    context, computed = step["context"][req_id], step["computed"][req_id]
     layout = compaction_layout(policy, context, BLOCK)
-    freed = layout.first_block_at(computed - 1) if computed - 1 >= layout.context else 0
-    return -(-computed // BLOCK) - freed, layout
+    kept = step.get("layer_kept", {}).get(req_id) or [None] * len(
+        step.get("held_layers", {}).get(req_id, [None]))
+    committed = computed - 1 >= layout.context
+    return [-(-computed // BLOCK) - (layout.first_block_at(computed - 1, k) if committed else 0)
+            for k in kept], layout
+
+
+def _held_per_group(step: dict, req_id: str) -> list[int]:
+    return step.get("held_layers", {}).get(req_id) or [step["held"][req_id]]
 
 
 def test_decode_compression_holds_each_request_to_its_layout(decoding_run):
-    """Read from the scheduler after every step: every request holds the blocks its layout
-    (derived here from the same numbers) says, and once decoding never more than its kept
-    region and one block, however far it decodes; what is not held is free."""
+    """Read from the scheduler after every step: every request holds in each layer the
+    blocks its layout (derived here from the same numbers and, as each layer is a KV-cache
+    group of its own, the blocks the worker says each layer keeps) says, and once decoding
+    never more than its kept region and one block, however far it decodes; what is not
+    held is free."""
     policy = POLICIES["cake"](**{k: v for k, v in DECODING.items() if k != "policy"})
     (one_pass,) = decoding_run["passes"]
+    assert decoding_run["groups"] == 30        # a KV-cache group per layer
+    assert decoding_run["pool_bytes_per_token"] == 30 * 3 * 512   # the pool counted once
     for step in one_pass["steps"]:
-        for req_id, held in step["held"].items():
-            context, computed = step["context"][req_id], step["computed"][req_id]
-            want, layout = _layout_blocks(policy, context, computed)
-            assert held == want, (req_id, context, computed)
-            if computed > context:
-                assert held <= layout.kept_blocks + 1
+        for req_id in step["held"]:
+            want, layout = _layout_held(policy, step, req_id)
+            held = _held_per_group(step, req_id)
+            assert held == want, (req_id, step["context"][req_id], step["computed"][req_id])
+            if step["computed"][req_id] > step["context"][req_id]:
+                assert max(held) <= layout.kept_blocks + 1
     assert one_pass["free_after"] == decoding_run["total_blocks"]
     before = [s for s in one_pass["steps"] if not s["preemptions"]]
     at_224 = [s for s in before if len(s["held"]) == 4
               and min(s["computed"].values()) > PROMPT_TOKENS + 24]
-    assert at_224 and all(h == COMPACTED_LAYOUT for s in at_224 for h in s["held"].values())
+    assert at_224
+    for step in at_224:       # each layer its own kept blocks and the partial block
+        for req_id, kept in step["layer_kept"].items():
+            assert _held_per_group(step, req_id) == [k + 1 for k in kept]
+            # the layers keep different budgets, and fewer blocks than the shared region
+            assert len(set(kept)) > 1 and sum(kept) + 30 < 30 * COMPACTED_LAYOUT
     last = one_pass["steps"][-2]
     assert len(last["held"]) == 3 and not any(r.startswith("3-") for r in last["held"])
-    for req_id, held in last["held"].items():     # recomputed at ~235 tokens, past 256 now
+    for req_id in last["held"]:     # recomputed at ~235 tokens, past 256 now
         assert last["computed"][req_id] >= 256
-        assert held == compaction_layout(policy, last["context"][req_id], BLOCK).kept_blocks + 1
+        assert _held_per_group(last, req_id) == [k + 1 for k in last["layer_kept"][req_id]]
     decoding = [s for s in one_pass["steps"]
                 if all(s["computed"][r] > s["context"][r] for r in s["held"])]
     assert decoding and all(s["free"] + sum(s["held"].values()) == decoding_run["total_blocks"]
@@ -224,10 +243,13 @@ def test_every_compressing_policy_frees_blocks_or_is_refused(model_dir, prompts_
     one_pass = run["passes"][0]
     layout = compaction_layout(POLICIES[name](**{k: v for k, v in config.items()
                                                  if k != "policy"}), PROMPT_TOKENS, BLOCK)
-    decoding = [step["held"] for step in one_pass["steps"] if len(step["held"]) == 4
+    decoding = [step for step in one_pass["steps"] if len(step["held"]) == 4
                 and all(n > PROMPT_TOKENS for n in step["computed"].values())]
-    assert decoding and all(held == layout.kept_blocks + 1
-                            for step in decoding for held in step.values())
+    assert decoding
+    for step in decoding:     # with a KV-cache group per layer, each layer's kept blocks
+        for req_id in step["held"]:
+            kept = step.get("layer_kept", {}).get(req_id) or [layout.kept_blocks] * run["groups"]
+            assert _held_per_group(step, req_id) == [k + 1 for k in kept]
     assert all(len(tokens) == 16 for tokens in one_pass["outputs"].values())
     assert one_pass["free_after"] == run["total_blocks"] and run["states"]["live"] == 0
     assert run["states"]["compacted_requests"] == 4

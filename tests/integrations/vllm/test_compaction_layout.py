@@ -45,3 +45,19 @@ def test_the_scheduler_frees_what_the_moving_region_leaves_behind():
     assert reclaimer.shareable_tokens("r") == 3 * BLOCK     # rewritten blocks are never shared
     reclaimer.drop("r")
     assert reclaimer.freed_blocks("r", 256) == 0
+
+
+def test_with_a_group_per_layer_each_layer_frees_before_its_own_kept_blocks():
+    """Each layer's manager frees the blocks before that layer's kept blocks, as the worker
+    reports them once it compacted; before that (or for a request whose layers keep
+    alike), the region's, as with one group."""
+    policy = build_policy("cake", {"budget": 48})
+    kept = {}
+    reclaimer = BlockReclaimer(lambda: policy, BLOCK, kept.get)
+    reclaimer.start(SimpleNamespace(request_id="r", num_computed_tokens=0, num_tokens=200))
+    assert [reclaimer.freed_blocks("r", 200, layer) for layer in (None, 0, 1)] == [3, 3, 3]
+    kept["r"] = (1, 3, 0)
+    assert [reclaimer.freed_blocks("r", 200, layer) for layer in (None, 0, 1, 2)] == [3, 5, 3, 6]
+    # decode moves every layer's kept blocks on together
+    assert [reclaimer.freed_blocks("r", 224, layer) for layer in (0, 1, 2)] == [6, 4, 7]
+    assert reclaimer.shareable_tokens("r") == 3 * BLOCK

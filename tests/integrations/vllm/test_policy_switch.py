@@ -55,3 +55,22 @@ def test_a_packed_pool_is_one_policy_and_reads_whole_pages():
     with pytest.raises(ValueError, match=r"'quest' reads 16-token chunks; over the packed pool "
                                          r"of 'zipcache' a selection reads whole 128-token"):
         worker({**QUEST, "store": {"policy": "zipcache"}})
+
+
+CAKE = {"policy": "cake", "budget": 64}
+
+
+@pytest.mark.parametrize("kvplug, workers, layer_groups", [
+    (CAKE, 1, True),                    # per-layer budgets of evicted tokens
+    (CAKE, 2, False),                   # the scheduler cannot read the worker's kept blocks
+    ({**CAKE, "layer_groups": False}, 1, False),        # the user's choice: one group
+    ({**CAKE, "switch_to": [{"policy": "full"}]}, 1, False),   # full keeps every layer alike
+    ({"policy": "snapkv", "budget": 64}, 1, False),     # every layer keeps the same budget
+    ({"policy": "kvzip", "budget": 64}, 1, False),      # its heads keep uneven cells, replayed
+    ({"policy": "full"}, 1, False),
+])
+def test_a_group_per_layer_where_every_policy_evicts_by_per_layer_budgets(kvplug, workers,
+                                                                        layer_groups):
+    config = resolve_config({"kvplug": kvplug}, environ={})
+    worker = WorkerPolicy(config, num_layers=30, num_kv_heads=3, unit=32, workers=workers)
+    assert worker.layer_groups is layer_groups

@@ -181,7 +181,7 @@ def _measure(spec: dict[str, Any]) -> dict[str, Any]:
     rng = np.random.default_rng(spec["seed"])
     params = SamplingParams(max_tokens=1 + n, ignore_eos=True, detokenize=False)
     timed_generate(llm, _prompts(rng, allowed, 1, 16), params)  # warm-up (kvplug's side stores too)
-    pool_tokens = cc.num_gpu_blocks * cc.block_size
+    pool_tokens = kv_vllm.pool_tokens(llm)
     side_bytes_per_token = kv_vllm.side_bytes(llm) / pool_tokens if backend == "kvplug" else 0
     cells = []
     for context in spec["contexts"]:
@@ -196,7 +196,8 @@ def _measure(spec: dict[str, Any]) -> dict[str, Any]:
     return {"backend": backend, "cells": cells,
             "versions": {"vllm": vllm.__version__, "torch": torch.__version__},
             "attention_backends": backends,
-            "pool_blocks": cc.num_gpu_blocks, "block_size": cc.block_size,
+            "pool_blocks": cc.num_gpu_blocks, "pool_tokens": pool_tokens,
+            "block_size": cc.block_size,
             "kv_bytes_per_token": kv_bytes_per_token,
             "side_bytes_per_token": side_bytes_per_token,
             "engine": {"max_model_len": mc.max_model_len, "dtype": str(mc.dtype),
@@ -282,7 +283,7 @@ def build_rows(results: list[dict[str, Any]], decode_tokens: int, policy) -> lis
                          "side_bytes_per_token": res["side_bytes_per_token"],
                          "kv_tokens_read_per_step": read,
                          "kv_bytes_read_per_step": read * bpt,
-                         "requests_fit": res["pool_blocks"] * bs // ceil_to_block(ctx + n, bs),
+                         "requests_fit": res["pool_tokens"] // ceil_to_block(ctx + n, bs),
                          **speculation_stats(runs)})
     base = {(r["batch"], r["context"]): r["decode_tok_s"]
             for r in rows if r["backend"] == "default"}
@@ -476,7 +477,7 @@ def run(args: argparse.Namespace) -> int:
                      "env": {k: env[k] for k in ("VLLM_CPU_KVCACHE_SPACE",
                                                  "VLLM_CPU_NUM_OF_RESERVED_CPU",
                                                  "VLLM_ALLOW_LONG_MAX_MODEL_LEN") if k in env}},
-        "pool_tokens": default["pool_blocks"] * default["block_size"],
+        "pool_tokens": default["pool_tokens"],
         "wall_s": round(time.monotonic() - t0, 1),
         "backends": {r["backend"]: {k: r[k] for k in ("attention_backends", "pool_blocks",
                                                       "block_size", "kv_bytes_per_token", "cells")}

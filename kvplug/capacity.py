@@ -52,12 +52,22 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="output directory")
 
 
+def _config(text: str) -> dict:
+    """A ``--config``: the policy with its parameters and any engine keys given (validated
+    as a kvplug config; a bad name or value raises before any engine starts)."""
+    from kvplug.config import ENGINE_KEYS, PolicyConfig, resolve_config
+
+    data = json.loads(text)
+    config = resolve_config({"kvplug": data}, environ={})
+    engine = {key: value for key, value in data.items() if key in ENGINE_KEYS}
+    return {**PolicyConfig(config.policy, config.params).as_dict(), **engine}
+
+
 def run(args: argparse.Namespace) -> int:
-    from kvplug.config import PolicyConfig
     from kvplug.models import fetch_model
 
     model = str(fetch_model(args.model))
-    configs = [PolicyConfig.parse(json.loads(c), "--config").as_dict() for c in args.config]
+    configs = [_config(c) for c in args.config]
     args.out.mkdir(parents=True, exist_ok=True)
     results = []
     backends = [(None, "auto"), *[(None, dtype) for dtype in args.default_kv_dtype],
@@ -104,16 +114,20 @@ def _table(report: dict) -> str:
              "is read from the engine's scheduler after each step.", "",
              "| backend | KV bytes per token | pool blocks (tokens) | requests "
              "| most decoding at once | vs default "
-             "| decode tok/s (batch, steps) | vs default | fewest free blocks | preemptions "
+             "| decode tok/s (batch, steps) | vs default | fewest free blocks (tokens) "
+             "| preemptions "
              "| output tok/s (whole run) |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in report["results"]:
+        # a token takes a block slot in each KV-cache group (one per layer with layer groups)
+        tokens = r["block_size"] / r.get("kv_cache_groups", 1)
         lines.append(
             f"| {r['label']} | {r.get('kv_bytes_per_token', '')} | "
-            f"{r['pool_blocks']} ({r['pool_blocks'] * r['block_size']}) | "
+            f"{r['pool_blocks']} ({r['pool_blocks'] * tokens:.0f}) | "
             f"{r['requests']} | {r['max_decoding']} | {r['max_decoding'] / base['max_decoding']:.1f}x | "
             f"{r['decode_tok_s']:.1f} ({r['decode_batch']}, {r['decode_steps']}) | "
             f"{r['decode_tok_s'] / base['decode_tok_s']:.2f}x | "
-            f"{r['min_free']} | {r['preemptions']} | {r['output_tok_s']:.1f} |")
+            f"{r['min_free']} ({r['min_free'] * tokens:.0f}) | {r['preemptions']} | "
+            f"{r['output_tok_s']:.1f} |")
     return "\n".join(lines) + "\n"
 
 
@@ -191,6 +205,7 @@ def worker(spec_path: str, result_path: str) -> None:
     batch = max((b for b, times in batches.items() if len(times) >= 3), default=max(batches))
     result = {"requests": spec["requests"], "block_size": llm.llm_engine.vllm_config
               .cache_config.block_size, "pool_blocks": pool.num_gpu_blocks - 1,
+              "kv_cache_groups": len(scheduler.kv_cache_manager.coordinator.single_type_managers),
               "kv_bytes_per_token": kv_vllm.pool_bytes_per_token(llm),
               "max_decoding": max(s["decoding"] for s in steps), "decode_batch": batch,
               "decode_steps": len(batches[batch]),

@@ -56,10 +56,13 @@ def test_bad_policy_fails_before_any_engine(argv, named, tmp_path):
     assert not (tmp_path / "o").exists()
 
 
-def _result(backend, ttft, decode, pool_blocks=10):
+def _result(backend, ttft, decode, pool_blocks=10, groups=1):
+    """``groups``: the KV-cache groups a token takes a block of (one per layer with layer
+    groups)."""
     runs = [{"ttft_s": t, "decode_s": d, "first_token_spread_s": 0.0, "wall_s": t + d}
             for t, d in zip(ttft, decode)]
     return {"backend": backend, "block_size": 128, "pool_blocks": pool_blocks,
+            "pool_tokens": pool_blocks * 128 // groups,
             "kv_bytes_per_token": BPT, "side_bytes_per_token": 0.0,
             "cells": [{"batch": 4, "context": 1000, "runs": runs}]}
 
@@ -84,6 +87,10 @@ def test_rows_speedup_and_fit():
     assert default["requests_fit"] == 1
     big = bench.build_rows([_result("default", [1.0], [1.0], pool_blocks=728)], N, policy)
     assert big[0]["requests_fit"] == 728 * 128 // 1152
+    # a block per layer (30 KV-cache groups): the same tokens in 30x the blocks
+    layers = bench.build_rows([_result("kvplug", [1.0], [1.0], pool_blocks=728 * 30,
+                                       groups=30)], N, policy)
+    assert layers[0]["requests_fit"] == 728 * 128 // 1152
 
 
 def test_no_default_cell_means_no_speedup():

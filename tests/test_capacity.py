@@ -20,3 +20,16 @@ def test_a_packed_pool_holds_more_blocks_and_reports_its_own_bytes(model_dir, tm
     assert tokens[1] > 5.5 * tokens[0]
     assert all(r["max_decoding"] == 2 and r["preemptions"] == 0 for r in (default, zipcache))
     assert "| vLLM default |" in (tmp_path / "capacity.md").read_text()
+
+
+def test_a_config_keeps_its_engine_keys_and_names_a_bad_one():
+    import pytest
+
+    from kvplug.capacity import _config
+
+    config = _config('{"policy": "cake", "budget_ratio": 0.125, "layer_groups": false}')
+    assert config["layer_groups"] is False and config["budget_ratio"] == 0.125
+    plain = _config('{"policy": "cake", "budget_ratio": 0.125}')
+    assert plain == {k: v for k, v in config.items() if k != "layer_groups"}
+    with pytest.raises(ValueError, match="'layer_groups' must be bool"):
+        _config('{"policy": "cake", "budget_ratio": 0.125, "layer_groups": 1}')

@@ -93,8 +93,9 @@ class CAKE(CompressionPolicy):
     kernel_size: int = param(5, "average-pooling width over neighbouring tokens (odd; 1: "
                                 "none)", min=1)
     max_layer_ratio: float = param(2.0, "kvplug engine limit, not CAKE's: no layer keeps more "
-                                         "than this times the budget (the engine reserves "
-                                         "that for every layer)", min=1.0)
+                                         "than this times the budget (an engine storing every "
+                                         "layer in the same blocks reserves that for each)",
+                                   min=1.0)
 
     def __post_init__(self) -> None:
         super().__post_init__()

@@ -201,5 +201,12 @@ def _check_policy(engine_args, vllm_config, recreate):
     if worker.layer_groups:
         logger.info("kvplug: policy %r keeps a budget per layer: each layer is a KV-cache "
                     "group of its own and frees its own blocks", worker.policy.name)
+        cache = vllm_config.cache_config
+        if cache.num_gpu_blocks_override:
+            # a block of the pool then holds one layer's KV: the override keeps counting
+            # blocks of every layer, the tokens the user sized the pool for
+            cache.num_gpu_blocks_override *= worker.num_layers
+            logger.info("kvplug: --num-gpu-blocks-override counts blocks of every layer: "
+                        "%d one-layer blocks", cache.num_gpu_blocks_override)
     logger.info(config.describe())
     return vllm_config

@@ -7,8 +7,8 @@
 "samples": {"prompt": ids, "n": N, "max_tokens": N, "temperature": T},
 "check_summaries": bool}``;
 ``switch`` needs the configs in ``switch_to``).
-``blocks`` counts blocks of every layer: where kvplug makes a KV-cache group per layer
-(a block holds one layer's KV), the pool gets that many per layer.
+``blocks`` counts blocks of every layer (where kvplug makes a KV-cache group per layer, a
+block holds one layer's KV and the engine's pool gets ``blocks`` per layer).
 The engine core runs in this process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``) so
 the scheduler's block pool is read directly after every step: free blocks,
 the blocks each running request holds (null blocks excluded; summed over the groups,
@@ -37,21 +37,6 @@ ENGINE_ARGS = dict(dtype="float32", max_model_len=1024, enforce_eager=True,
 
 def held_blocks(manager, req_id: str) -> int:
     return sum(not b.is_null for b in manager.req_to_blocks.get(req_id, ()))
-
-
-def layer_groups(model: str, kvplug: dict | None) -> int:
-    """KV-cache groups an engine with this kvplug config makes per layer group of the
-    model: one per layer where kvplug frees each layer by its own budget, else one."""
-    from transformers import AutoConfig
-
-    from kvplug.config import resolve_config
-    from kvplug.integrations.vllm.lifecycle import WorkerPolicy
-
-    if kvplug is None:
-        return 1
-    layers = AutoConfig.from_pretrained(model).num_hidden_layers
-    worker = WorkerPolicy(resolve_config({"kvplug": kvplug}, environ={}), layers, 1, 32)
-    return layers if worker.layer_groups else 1
 
 
 def summary_error(worker, scheduler, manager) -> float:
@@ -101,10 +86,8 @@ def main(model: str, config_path: str, prompts_path: str, out_path: str) -> None
         "attention_backend": "kvplug", "additional_config": {"kvplug": config["kvplug"]}}
     if config.get("speculative"):
         extra["speculative_config"] = config["speculative"]
-    # ``blocks``: blocks of every layer; a KV-cache group per layer takes a block per layer
-    groups = layer_groups(model, config["kvplug"])
     llm = LLM(model, **{**ENGINE_ARGS, **config.get("engine", {})},
-              num_gpu_blocks_override=config["blocks"] * groups, **extra)
+              num_gpu_blocks_override=config["blocks"], **extra)
     engine = llm.llm_engine
     scheduler = engine.engine_core.engine_core.scheduler
     pool = scheduler.kv_cache_manager.block_pool

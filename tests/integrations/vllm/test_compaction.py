@@ -111,6 +111,8 @@ def test_decode_compression_holds_each_request_to_its_layout(decoding_run):
     policy = POLICIES["cake"](**{k: v for k, v in DECODING.items() if k != "policy"})
     (one_pass,) = decoding_run["passes"]
     assert decoding_run["groups"] == 30        # a KV-cache group per layer
+    # --num-gpu-blocks-override counts blocks of every layer: 200 per layer (less vLLM's null)
+    assert decoding_run["total_blocks"] == 200 * 30 - 1
     assert decoding_run["pool_bytes_per_token"] == 30 * 3 * 512   # the pool counted once
     for step in one_pass["steps"]:
         for req_id in step["held"]:

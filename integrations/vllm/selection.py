@@ -132,7 +132,7 @@ def _check_policy(engine_args, vllm_config, recreate):
 
     from kvplug.config import resolve_config
     from kvplug.integrations.capabilities import VLLM_CPU, VLLM_CUDA, check_engine
-    from kvplug.integrations.vllm.lifecycle import WorkerPolicy
+    from kvplug.integrations.vllm.lifecycle import WorkerPolicy, evicts_by_layer
 
     from kvplug.integrations.vllm.speculation import SELF_DRAFTER_PATH, is_self_drafting
 
@@ -207,6 +207,12 @@ def _check_policy(engine_args, vllm_config, recreate):
         parallel.distributed_executor_backend = "uni"
         logger.info("kvplug: policy %r: the scheduler reads the worker's request state, so "
                     "the worker runs in the engine core's process", worker.policy.name)
+    by_layer = [p.name for p in policies if evicts_by_layer(p)]
+    if by_layer and not worker.layer_groups:
+        logger.info("kvplug: policy %r keeps a budget per layer, but every layer is in one "
+                    "KV-cache group (layer_groups=%s, %d workers, policies %s): each layer "
+                    "holds the largest layer budget", by_layer[0], config.layer_groups, workers,
+                    [p.name for p in policies])
     if worker.layer_groups:
         logger.info("kvplug: policy %r keeps a budget per layer: each layer is a KV-cache "
                     "group of its own and frees its own blocks", worker.policy.name)

@@ -156,6 +156,22 @@ def test_decode_compression_survives_abort_and_preemption(decoding_run):
     assert states["decode_compactions"] == 7
 
 
+def test_a_group_per_layer_frees_more_and_keeps_the_same_tokens(model_dir, prompts_file,
+                                                               decoding_run):
+    """The same run with every layer in one KV-cache group (``layer_groups: false``): each
+    request holds the region in every layer, and greedy decoding gives the same tokens, as
+    the layers keep the same tokens either way."""
+    run = stepped_run(model_dir, prompts_file, "decoding-one-group",
+                      kvplug={**DECODING, "layer_groups": False}, blocks=200, max_tokens=60,
+                      abort=["3"], abort_at=28, preempt_at=[35])
+    assert run["groups"] == 1 and run["total_blocks"] == 199
+    one_group, per_layer = run["passes"][0], decoding_run["passes"][0]
+    assert one_group["outputs"] == per_layer["outputs"]
+    at_224 = [s for s in one_group["steps"] if len(s["held"]) == 4 and not s["preemptions"]
+              and min(s["computed"].values()) > PROMPT_TOKENS + 24]
+    assert at_224 and all(h == COMPACTED_LAYOUT for s in at_224 for h in s["held"].values())
+
+
 def test_decode_compression_over_prefix_cache_hits_gives_the_same_tokens(model_dir,
                                                                        prompts_file):
     """CAKE compressing at decode, two passes: the second finds the first's published

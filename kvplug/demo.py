@@ -111,15 +111,19 @@ def request_stats(log: Path, request_id: str, timeout: float = 30) -> str | None
 
 
 class PoolUse:
-    """Polls the server's ``/metrics`` while a request runs: the share of the KV pool in
-    use (``vllm:kv_cache_usage_perc``) and the pool's size (``vllm:cache_config_info``)."""
+    """Polls the server's ``/metrics`` while a request runs: the share of the KV pool's
+    blocks in use (``vllm:kv_cache_usage_perc``) and the pool's blocks
+    (``vllm:cache_config_info``); the tokens the pool holds are the engine's own count (its
+    log's ``KV cache size``: a token takes a block in each KV-cache group)."""
 
-    def __init__(self, url: str, every_s: float = 0.05) -> None:
+    def __init__(self, url: str, log: Path, every_s: float = 0.05) -> None:
         import threading
 
         self.url, self.every_s = url + "/metrics", every_s
         self.samples: list[float] = []
         self.blocks = self.block_size = 0
+        found = re.search(r"KV cache size: ([\d,]+) tokens", log.read_text(errors="replace"))
+        self.pool_tokens = int(found.group(1).replace(",", "")) if found else 0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._poll, daemon=True)
 
@@ -150,17 +154,18 @@ class PoolUse:
             time.sleep(self.every_s)
 
     def tokens(self, share: float) -> int:
-        return round(share * self.blocks * self.block_size)
+        return round(share * self.pool_tokens)
 
     def summary(self) -> str:
         """The most of the pool the request held, and the least once past that peak (its
         decode, after a compressing policy freed what it evicted)."""
-        if not self.samples or not self.blocks:
+        if not self.samples or not self.blocks or not self.pool_tokens:
             return "not reported by the server"
         peak = max(self.samples)
         after = [s for s in self.samples[self.samples.index(peak):] if s > 0] or [peak]
         return (f"peak {self.tokens(peak)} tokens ({peak:.1%}), decoding {self.tokens(min(after))} "
-                f"tokens ({min(after):.1%}) of a {self.blocks} x {self.block_size}-token pool")
+                f"tokens ({min(after):.1%}) of a {self.pool_tokens}-token pool ({self.blocks} "
+                f"blocks of {self.block_size})")
 
 
 def serve_once(args: argparse.Namespace, model: str, sample, env: dict, label: str) -> bool:
@@ -187,7 +192,7 @@ def serve_once(args: argparse.Namespace, model: str, sample, env: dict, label: s
         wait_ready(proc, url, log)
         print(f"{tag} server ready in {time.monotonic() - t0:.0f}s", flush=True)
         client = OpenAI(base_url=url + "/v1", api_key="unused")
-        with PoolUse(url) as pool:
+        with PoolUse(url, log) as pool:
             t0 = time.monotonic()
             resp = client.completions.create(model="kvplug-demo", prompt=sample.prompt,
                                              max_tokens=args.max_tokens, temperature=0.0)

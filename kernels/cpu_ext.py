@@ -3,9 +3,11 @@
 Triton has no CPU backend here, and some reads cannot be vectorized in torch without
 writing a full-precision copy of what they read (ZipCache's packed pages): those have a
 C++ kernel, built with torch's extension loader (g++ and ninja, both needed) for the
-machine's own instruction set into ``~/.cache/kvplug/cpu_ext/<cpu>`` (override with
-``KVPLUG_CPU_EXT_DIR``).  :func:`cpu_ext` builds or loads it; the first call takes
-about a minute, later ones (and other processes) load the built library.
+machine's own instruction set into ``~/.cache/kvplug/cpu_ext/<cpu>-<sources>`` (override
+the root with ``KVPLUG_CPU_EXT_DIR``).  :func:`cpu_ext` builds or loads it; the first call
+takes about a minute, later ones (and other processes) load the built library.  Each
+checkout of the sources builds into its own directory: ninja rebuilds whenever the source
+paths in its build file change, so checkouts sharing one would rebuild each other's.
 """
 
 from __future__ import annotations
@@ -23,8 +25,9 @@ SOURCES = ("bindings.cpp", "quant_pages_cpu.cpp", "paged_queries_cpu.cpp")
 FLAGS = ["-O3", "-march=native", "-ffast-math", "-fopenmp"]
 
 
-def _cpu_tag() -> str:
-    """The build's machine: ``-march=native`` code must not run on another CPU."""
+def _build_tag() -> str:
+    """The build's machine (``-march=native`` code must not run on another CPU) and the
+    sources' directory."""
     flags = ""
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -34,7 +37,9 @@ def _cpu_tag() -> str:
                     break
     except OSError:
         flags = platform.processor()
-    return f"{platform.machine()}-{hashlib.sha1(flags.encode()).hexdigest()[:12]}"
+    sources = hashlib.sha1(str(Path(__file__).with_name("csrc").resolve()).encode())
+    return (f"{platform.machine()}-{hashlib.sha1(flags.encode()).hexdigest()[:12]}"
+            f"-{sources.hexdigest()[:8]}")
 
 
 @functools.cache
@@ -44,7 +49,7 @@ def cpu_ext():
     from torch.utils.cpp_extension import load
 
     build = Path(os.environ.get("KVPLUG_CPU_EXT_DIR",
-                                Path.home() / ".cache" / "kvplug" / "cpu_ext")) / _cpu_tag()
+                                Path.home() / ".cache" / "kvplug" / "cpu_ext")) / _build_tag()
     build.mkdir(parents=True, exist_ok=True)
     sources = [str(Path(__file__).with_name("csrc") / name) for name in SOURCES]
     logger.info("kvplug: loading its CPU kernels (built once into %s)", build)
